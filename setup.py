@@ -1,0 +1,80 @@
+"""Build the one compiled extension, bpfast._core, with OpenMP where the compiler has it.
+
+OpenMP is detected by compiling and linking a tiny program with -fopenmp; where that
+fails (Apple clang without libomp, for example) the build warns and goes on serially:
+Cython's prange then compiles to a plain loop.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+OPENMP_TEST = r"""
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel reduction(+:n)
+    n += 1;
+    return n > 0 ? 0 : 1;
+}
+"""
+
+
+def openmp_flags():
+    """Return (compile_args, link_args) for OpenMP, or ([], []) when unavailable."""
+    if os.environ.get("BPFAST_DISABLE_OPENMP"):
+        return [], []
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    tmp = tempfile.mkdtemp()
+    try:
+        src = os.path.join(tmp, "omp_test.c")
+        with open(src, "w") as f:
+            f.write(OPENMP_TEST)
+        cmd = cc.split() + ["-fopenmp", src, "-o", os.path.join(tmp, "omp_test")]
+        ok = subprocess.run(cmd, capture_output=True).returncode == 0
+    except OSError:
+        ok = False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not ok:
+        warnings.warn("bpfast: OpenMP not found; building the serial version", stacklevel=1)
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+compile_args, link_args = openmp_flags()
+if sys.platform != "win32":
+    # -O3, but never -ffast-math (it breaks the exact PyTorch formulas and NaN checks)
+    # and never -march=native (wheels must run on any x86-64 / aarch64 CPU).
+    compile_args += ["-O3", "-fno-math-errno"]
+
+extension = Extension(
+    "bpfast._core",
+    ["src/bpfast/_core.pyx"],
+    include_dirs=[np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
+setup(
+    ext_modules=cythonize(
+        [extension],
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    )
+)

@@ -1,0 +1,14 @@
+"""bpfast: fast, exact backpropagation for dense neural networks on the CPU."""
+__version__ = "0.1.0"
+
+from ._threads import get_num_threads, set_num_threads, show_config
+from .layers import ACTIVATIONS, Dense
+from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, Huber, Loss
+from .network import History, Network
+from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+
+__all__ = [
+    "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy", "CrossEntropy", "Dense",
+    "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer", "RMSprop", "SGD",
+    "get_num_threads", "set_num_threads", "show_config",
+]

@@ -1,0 +1,1248 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""bpfast's compiled core: every arithmetic loop of training and inference.
+
+Each kernel is written once over ``cython.floating`` and works on raw row-major
+buffers (pointer + sizes), the way BLAS does; memoryview-free so that one training
+step costs a single Python call and no buffer acquisition. The Python layer
+validates every argument before anything here runs: these functions trust their
+inputs.
+
+Threads: matrix products go to BLAS, which threads itself. Elementwise passes and
+the optimizer run under OpenMP ``prange`` only above ``PARALLEL_MIN_WORK``
+elements, split into contiguous blocks, never around a BLAS call. Reductions
+(bias gradients, loss sums) keep one summation order whatever the thread count.
+"""
+
+cimport cython
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport (exp, expf, log, logf, log1p, log1pf, expm1, expm1f, tanh,
+                        tanhf, erf, erff, sqrt, sqrtf, fabs, pow)
+from libc.string cimport memcpy
+from libc.stdlib cimport malloc, free
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+ctypedef cnp.npy_intp intp
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define BPFAST_OPENMP 1
+    #else
+    #define BPFAST_OPENMP 0
+    static int omp_get_max_threads(void) { return 1; }
+    #endif
+    """
+    int BPFAST_OPENMP
+    int omp_get_max_threads() noexcept nogil
+
+
+# --------------------------------------------------------------------------- codes
+# The Python layer refers to activations, losses and optimizers by these names;
+# the index in each tuple is the code the kernels switch on.
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu",
+               "softplus", "gelu", "softmax")
+cdef enum:
+    ACT_IDENTITY, ACT_SIGMOID, ACT_TANH, ACT_RELU, ACT_LEAKY_RELU, ACT_ELU
+    ACT_SOFTPLUS, ACT_GELU, ACT_SOFTMAX
+
+LOSSES = ("mse", "l1", "huber", "cross_entropy", "cross_entropy_probs",
+          "binary_cross_entropy", "binary_cross_entropy_probs")
+cdef enum:
+    LOSS_MSE, LOSS_L1, LOSS_HUBER, LOSS_CE_LOGITS, LOSS_CE_PROBS
+    LOSS_BCE_LOGITS, LOSS_BCE_PROBS
+
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
+cdef enum:
+    OPT_SGD, OPT_ADAM, OPT_RMSPROP, OPT_ADAGRAD
+
+# Below this many elements an elementwise pass runs on one thread: starting a
+# parallel region costs more than it saves (measured in bench/README.md).
+PARALLEL_MIN_WORK = 1 << 15
+cdef Py_ssize_t _parallel_min_work = PARALLEL_MIN_WORK
+cdef int _n_threads = omp_get_max_threads()
+
+# PyTorch's constants: BCELoss clamps log at -100 and divides by max(p(1-p), 1e-12).
+cdef double LOG_CLAMP = -100.0
+cdef double PROB_EPS = 1e-12
+cdef double SOFTPLUS_THRESHOLD = 20.0
+cdef double SQRT1_2 = 0.70710678118654752440
+cdef double GELU_PDF_SCALE = 0.39894228040143267794  # 1 / sqrt(2 pi)
+
+
+def openmp_enabled():
+    """Whether this build was compiled with OpenMP."""
+    return bool(BPFAST_OPENMP)
+
+
+def set_num_threads(int n):
+    """Set the OpenMP thread count used by bpfast's elementwise kernels."""
+    global _n_threads
+    _n_threads = max(1, n) if BPFAST_OPENMP else 1
+
+
+def get_num_threads():
+    """The OpenMP thread count used by bpfast's elementwise kernels."""
+    return _n_threads
+
+
+cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
+    return 1 if work < _parallel_min_work else _n_threads
+
+
+# --------------------------------------------------------------------------- math
+cdef inline floating _exp(floating x) noexcept nogil:
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+cdef inline floating _log(floating x) noexcept nogil:
+    if floating is float:
+        return logf(x)
+    else:
+        return log(x)
+
+cdef inline floating _log1p(floating x) noexcept nogil:
+    if floating is float:
+        return log1pf(x)
+    else:
+        return log1p(x)
+
+cdef inline floating _expm1(floating x) noexcept nogil:
+    if floating is float:
+        return expm1f(x)
+    else:
+        return expm1(x)
+
+cdef inline floating _tanh(floating x) noexcept nogil:
+    if floating is float:
+        return tanhf(x)
+    else:
+        return tanh(x)
+
+cdef inline floating _erf(floating x) noexcept nogil:
+    if floating is float:
+        return erff(x)
+    else:
+        return erf(x)
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+cdef inline floating _sigmoid(floating x) noexcept nogil:
+    # exp of a non-positive argument only, so it never overflows.
+    cdef floating e
+    if x >= 0:
+        return 1 / (1 + _exp(-x))
+    e = _exp(x)
+    return e / (1 + e)
+
+cdef inline floating _log_sigmoid(floating x) noexcept nogil:
+    # log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), as PyTorch's log_sigmoid.
+    return (x if x < 0 else 0) - _log1p(_exp(-fabs(x)))
+
+
+# --------------------------------------------------------------------------- BLAS
+cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
+                      const floating* a, int lda, const floating* b, int ldb,
+                      floating beta, floating* c, int ldc) noexcept nogil:
+    """Row-major C (m x n) = op(A) op(B) + beta C, with op(X) = X.T when trans_X.
+
+    A row-major matrix is the column-major storage of its transpose, so C.T =
+    op(B).T op(A).T is one column-major BLAS call with the operands swapped:
+    no copies, whatever the transposes.
+    """
+    cdef char ta = b'T' if trans_a else b'N'
+    cdef char tb = b'T' if trans_b else b'N'
+    cdef floating one = 1
+    if floating is float:
+        sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda,
+              &beta, c, &ldc)
+    else:
+        dgemm(&tb, &ta, &n, &m, &k, &one, <double*>b, &ldb, <double*>a, &lda,
+              &beta, c, &ldc)
+
+
+# --------------------------------------------------------------------------- activations
+cdef void bias_activation_rows(floating* z, floating* a, const floating* bias,
+                               Py_ssize_t row_begin, Py_ssize_t row_end,
+                               Py_ssize_t width, int activation,
+                               double param) noexcept nogil:
+    """z += bias; a = g(z) on rows [row_begin, row_end). a may alias z."""
+    cdef Py_ssize_t i, j
+    cdef floating *zr
+    cdef floating *ar
+    cdef floating v, row_max, total, p = <floating>param
+    for i in range(row_begin, row_end):
+        zr = z + i * width
+        ar = a + i * width
+        if bias != NULL:
+            for j in range(width):
+                zr[j] = zr[j] + bias[j]
+        if activation == ACT_IDENTITY:
+            if ar != zr:
+                for j in range(width):
+                    ar[j] = zr[j]
+        elif activation == ACT_SIGMOID:
+            for j in range(width):
+                ar[j] = _sigmoid(zr[j])
+        elif activation == ACT_TANH:
+            for j in range(width):
+                ar[j] = _tanh(zr[j])
+        elif activation == ACT_RELU:
+            # "not <= 0" lets NaN through, as PyTorch's relu does.
+            for j in range(width):
+                v = zr[j]
+                ar[j] = 0 if v <= 0 else v
+        elif activation == ACT_LEAKY_RELU:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v if v > 0 else v * p
+        elif activation == ACT_ELU:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v if v > 0 else p * _expm1(v)
+        elif activation == ACT_SOFTPLUS:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v if v > SOFTPLUS_THRESHOLD else _log1p(_exp(v))
+        elif activation == ACT_GELU:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v * <floating>0.5 * (1 + _erf(v * <floating>SQRT1_2))
+        elif activation == ACT_SOFTMAX:
+            row_max = zr[0]
+            for j in range(1, width):
+                if zr[j] > row_max:
+                    row_max = zr[j]
+            total = 0
+            for j in range(width):
+                ar[j] = _exp(zr[j] - row_max)
+                total = total + ar[j]
+            for j in range(width):
+                ar[j] = ar[j] / total
+
+
+cdef void activation_backward_rows(floating* grad, const floating* a, const floating* z,
+                                   Py_ssize_t row_begin, Py_ssize_t row_end,
+                                   Py_ssize_t width, int activation,
+                                   double param) noexcept nogil:
+    """grad = dL/da -> dL/dz in place, on rows [row_begin, row_end).
+
+    Uses the output a where the derivative is a function of it (sigmoid, tanh,
+    relu, softmax) and the pre-activation z otherwise (leaky_relu, elu, softplus,
+    gelu), so every derivative is exact for any parameter value.
+    """
+    cdef Py_ssize_t i, j
+    cdef floating *gr
+    cdef const floating *ar
+    cdef const floating *zr
+    cdef floating v, e, dot, p = <floating>param
+    for i in range(row_begin, row_end):
+        gr = grad + i * width
+        ar = a + i * width
+        zr = z + i * width
+        if activation == ACT_SIGMOID:
+            for j in range(width):
+                gr[j] = gr[j] * (1 - ar[j]) * ar[j]
+        elif activation == ACT_TANH:
+            for j in range(width):
+                gr[j] = gr[j] * (1 - ar[j] * ar[j])
+        elif activation == ACT_RELU:
+            for j in range(width):
+                if ar[j] <= 0:
+                    gr[j] = 0
+        elif activation == ACT_LEAKY_RELU:
+            for j in range(width):
+                if not zr[j] > 0:
+                    gr[j] = gr[j] * p
+        elif activation == ACT_ELU:
+            for j in range(width):
+                v = zr[j]
+                if v <= 0:
+                    gr[j] = gr[j] * p * _exp(v)
+        elif activation == ACT_SOFTPLUS:
+            for j in range(width):
+                v = zr[j]
+                if not v > SOFTPLUS_THRESHOLD:
+                    e = _exp(v)
+                    gr[j] = gr[j] * e / (e + 1)
+        elif activation == ACT_GELU:
+            for j in range(width):
+                v = zr[j]
+                gr[j] = gr[j] * (<floating>0.5 * (1 + _erf(v * <floating>SQRT1_2))
+                                 + v * <floating>GELU_PDF_SCALE * _exp(v * v * <floating>-0.5))
+        elif activation == ACT_SOFTMAX:
+            # Jacobian-vector product of softmax: a * (g - <g, a>).
+            dot = 0
+            for j in range(width):
+                dot = dot + gr[j] * ar[j]
+            for j in range(width):
+                gr[j] = ar[j] * (gr[j] - dot)
+
+
+cdef void column_sums(const floating* x, floating* sums, Py_ssize_t n_rows,
+                      Py_ssize_t width, Py_ssize_t col_begin,
+                      Py_ssize_t col_end) noexcept nogil:
+    """sums[j] = sum_i x[i, j] for j in [col_begin, col_end), rows in order 0..n-1."""
+    cdef Py_ssize_t i, j
+    cdef const floating* xr
+    for j in range(col_begin, col_end):
+        sums[j] = 0
+    for i in range(n_rows):
+        xr = x + i * width
+        for j in range(col_begin, col_end):
+            sums[j] = sums[j] + xr[j]
+
+
+# Parallel drivers: split rows (or columns) into one contiguous block per thread.
+cdef void bias_activation(floating* z, floating* a, const floating* bias, Py_ssize_t n_rows,
+                          Py_ssize_t width, int activation, double param) noexcept nogil:
+    cdef int t, n_threads = _threads_for(n_rows * width)
+    if n_threads == 1 or n_rows < 2:
+        bias_activation_rows(z, a, bias, 0, n_rows, width, activation, param)
+        return
+    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+        bias_activation_rows(z, a, bias, t * n_rows // n_threads,
+                             (t + 1) * n_rows // n_threads, width, activation, param)
+
+
+cdef void activation_backward(floating* grad, const floating* a, const floating* z,
+                              Py_ssize_t n_rows, Py_ssize_t width, int activation,
+                              double param) noexcept nogil:
+    cdef int t, n_threads
+    if activation == ACT_IDENTITY:
+        return
+    n_threads = _threads_for(n_rows * width)
+    if n_threads == 1 or n_rows < 2:
+        activation_backward_rows(grad, a, z, 0, n_rows, width, activation, param)
+        return
+    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+        activation_backward_rows(grad, a, z, t * n_rows // n_threads,
+                                 (t + 1) * n_rows // n_threads, width, activation, param)
+
+
+cdef void bias_gradient(const floating* dz, floating* grad_bias, Py_ssize_t n_rows,
+                        Py_ssize_t width) noexcept nogil:
+    # Split over columns, never over rows: every thread count sums in one order.
+    cdef int t, n_threads = _threads_for(n_rows * width)
+    if n_threads == 1 or width < 64:
+        column_sums(dz, grad_bias, n_rows, width, 0, width)
+        return
+    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+        column_sums(dz, grad_bias, n_rows, width, t * width // n_threads,
+                    (t + 1) * width // n_threads)
+
+
+# --------------------------------------------------------------------------- losses
+cdef struct LossParams:
+    int kind
+    double param          # MSE: 1 or 1/2 (half); Huber: delta
+
+
+cdef void loss_rows(const LossParams* loss, const floating* out, const floating* target,
+                    const intp* labels, floating* grad, double* row_loss,
+                    Py_ssize_t row_begin, Py_ssize_t row_end, Py_ssize_t width,
+                    double grad_scale) noexcept nogil:
+    """Per-row loss sums into row_loss and, if grad != NULL, grad_scale * dloss/dout.
+
+    target is (n, width) for every loss but cross-entropy with labels (n,).
+    Sums are accumulated in double.
+    """
+    cdef Py_ssize_t i, j
+    cdef const floating *o
+    cdef const floating *t
+    cdef floating *g
+    cdef floating d, v, row_max, scale = <floating>grad_scale
+    cdef floating delta = <floating>loss.param, prob, target_sum
+    cdef double acc, total, lse
+    cdef int kind = loss.kind
+    for i in range(row_begin, row_end):
+        o = out + i * width
+        t = target + i * width if target != NULL else NULL
+        g = grad + i * width if grad != NULL else NULL
+        acc = 0
+        if kind == LOSS_MSE:
+            for j in range(width):
+                d = o[j] - t[j]
+                acc += d * d
+                if g != NULL:
+                    g[j] = scale * d
+        elif kind == LOSS_L1:
+            for j in range(width):
+                d = o[j] - t[j]
+                acc += fabs(d)
+                if g != NULL:
+                    g[j] = scale if d > 0 else (-scale if d < 0 else 0 * d)
+        elif kind == LOSS_HUBER:
+            for j in range(width):
+                d = o[j] - t[j]
+                v = fabs(d)
+                acc += <floating>0.5 * v * v if v < delta else delta * (v - <floating>0.5 * delta)
+                if g != NULL:
+                    g[j] = scale * (-delta if d < -delta else (delta if d > delta else d))
+        elif kind == LOSS_CE_LOGITS:
+            # log-sum-exp with the row max subtracted; gradient softmax * sum(y) - y.
+            row_max = o[0]
+            for j in range(1, width):
+                if o[j] > row_max:
+                    row_max = o[j]
+            total = 0
+            for j in range(width):
+                total += _exp(o[j] - row_max)
+            lse = log(total)
+            if labels != NULL:
+                acc = lse - (o[labels[i]] - row_max)
+                target_sum = 1
+            else:
+                target_sum = 0
+                for j in range(width):
+                    acc -= t[j] * ((o[j] - row_max) - lse)
+                    target_sum = target_sum + t[j]
+            if g != NULL:
+                for j in range(width):
+                    prob = <floating>exp((o[j] - row_max) - lse)
+                    g[j] = scale * (prob * target_sum - (t[j] if labels == NULL else 0))
+                if labels != NULL:
+                    g[labels[i]] = g[labels[i]] - scale
+        elif kind == LOSS_CE_PROBS:
+            # outputs are probabilities (a softmax already applied by the caller)
+            for j in range(width):
+                v = t[j] if labels == NULL else (1 if j == labels[i] else 0)
+                prob = o[j]
+                if v != 0:
+                    acc -= v * max(log(prob), LOG_CLAMP)
+                if g != NULL:
+                    g[j] = -scale * v / (prob if prob > PROB_EPS else <floating>PROB_EPS)
+        elif kind == LOSS_BCE_LOGITS:
+            for j in range(width):
+                acc += (1 - t[j]) * o[j] - _log_sigmoid(o[j])
+                if g != NULL:
+                    g[j] = scale * (_sigmoid(o[j]) - t[j])
+        elif kind == LOSS_BCE_PROBS:
+            for j in range(width):
+                prob = o[j]
+                acc += ((t[j] - 1) * max(log1p(-prob), LOG_CLAMP)
+                        - t[j] * max(log(prob), LOG_CLAMP))
+                if g != NULL:
+                    v = (1 - prob) * prob
+                    g[j] = scale * (prob - t[j]) / (v if v > PROB_EPS else <floating>PROB_EPS)
+        row_loss[i] = acc
+
+
+cdef double loss_and_gradient(const LossParams* loss, const floating* out,
+                              const floating* target, const intp* labels, floating* grad,
+                              double* row_loss, Py_ssize_t n_rows,
+                              Py_ssize_t width) noexcept nogil:
+    """Mean loss (PyTorch's reduction) and, if grad != NULL, its gradient dL/dout."""
+    cdef int t, n_threads = _threads_for(n_rows * width * 8)
+    cdef Py_ssize_t i
+    cdef double total = 0, denominator, grad_scale
+    # cross-entropy averages over samples, every other loss over all elements
+    if loss.kind == LOSS_CE_LOGITS or loss.kind == LOSS_CE_PROBS:
+        denominator = <double>n_rows
+    else:
+        denominator = <double>n_rows * <double>width
+    grad_scale = 1.0 / denominator
+    if loss.kind == LOSS_MSE:
+        grad_scale = 2.0 * loss.param / denominator
+    if n_threads == 1 or n_rows < 2:
+        loss_rows(loss, out, target, labels, grad, row_loss, 0, n_rows, width, grad_scale)
+    else:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+            loss_rows(loss, out, target, labels, grad, row_loss, t * n_rows // n_threads,
+                      (t + 1) * n_rows // n_threads, width, grad_scale)
+    for i in range(n_rows):  # one summation order for any thread count
+        total += row_loss[i]
+    if loss.kind == LOSS_MSE:
+        total *= loss.param
+    return total / denominator
+
+
+# --------------------------------------------------------------------------- optimizers
+cdef struct OptimizerParams:
+    int kind
+    double lr, momentum, dampening, weight_decay, beta1, beta2, eps, alpha, lr_decay
+    bint nesterov, amsgrad, centered, decoupled_weight_decay
+    # row of each state buffer in the (n_states, n_parameters) state array, -1 if absent
+    int momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, square_avg, grad_avg, sum
+
+
+cdef void optimizer_update_range(const OptimizerParams* o, long long step,
+                                 floating* param, const floating* grad, floating* state,
+                                 Py_ssize_t n, Py_ssize_t begin,
+                                 Py_ssize_t end) noexcept nogil:
+    """One update of param[begin:end], PyTorch's single-tensor formulas, in its order."""
+    cdef Py_ssize_t i
+    cdef floating g, avg, denom
+    cdef floating lr = <floating>o.lr, wd = <floating>o.weight_decay
+    cdef floating momentum = <floating>o.momentum
+    cdef floating one_minus_dampening = <floating>(1.0 - o.dampening)
+    cdef floating beta1 = <floating>o.beta1, beta2 = <floating>o.beta2
+    cdef floating eps = <floating>o.eps, alpha = <floating>o.alpha
+    cdef floating step_size, bias_correction2_sqrt, clr, decay
+    cdef floating *buf = state + o.momentum_buffer * n
+    cdef floating *exp_avg = state + o.exp_avg * n
+    cdef floating *exp_avg_sq = state + o.exp_avg_sq * n
+    cdef floating *max_exp_avg_sq = state + o.max_exp_avg_sq * n
+    cdef floating *square_avg = state + o.square_avg * n
+    cdef floating *grad_avg = state + o.grad_avg * n
+    cdef floating *state_sum = state + o.sum * n
+    cdef floating lerp_weight = 1 - beta1
+    if o.kind == OPT_SGD:
+        for i in range(begin, end):
+            g = grad[i]
+            if wd != 0:
+                g = g + wd * param[i]
+            if momentum != 0:
+                if step == 1:
+                    buf[i] = g
+                else:
+                    buf[i] = buf[i] * momentum + one_minus_dampening * g
+                if o.nesterov:
+                    g = g + momentum * buf[i]
+                else:
+                    g = buf[i]
+            param[i] = param[i] + (-lr) * g
+    elif o.kind == OPT_ADAM:
+        step_size = <floating>(o.lr / (1.0 - pow(o.beta1, <double>step)))
+        bias_correction2_sqrt = <floating>sqrt(1.0 - pow(o.beta2, <double>step))
+        decay = <floating>(1.0 - o.lr * o.weight_decay)
+        for i in range(begin, end):
+            g = grad[i]
+            if wd != 0:
+                if o.decoupled_weight_decay:
+                    param[i] = param[i] * decay
+                else:
+                    g = g + wd * param[i]
+            # exp_avg.lerp_(g, 1 - beta1), with torch.lerp's two formulas
+            if lerp_weight < 0.5:
+                exp_avg[i] = exp_avg[i] + lerp_weight * (g - exp_avg[i])
+            else:
+                exp_avg[i] = g - (g - exp_avg[i]) * (1 - lerp_weight)
+            exp_avg_sq[i] = exp_avg_sq[i] * beta2 + (1 - beta2) * (g * g)
+            if o.amsgrad:
+                if exp_avg_sq[i] > max_exp_avg_sq[i] or exp_avg_sq[i] != exp_avg_sq[i]:
+                    max_exp_avg_sq[i] = exp_avg_sq[i]
+                denom = _sqrt(max_exp_avg_sq[i]) / bias_correction2_sqrt + eps
+            else:
+                denom = _sqrt(exp_avg_sq[i]) / bias_correction2_sqrt + eps
+            param[i] = param[i] + (-step_size) * (exp_avg[i] / denom)
+    elif o.kind == OPT_RMSPROP:
+        for i in range(begin, end):
+            g = grad[i]
+            if wd != 0:
+                g = g + wd * param[i]
+            square_avg[i] = square_avg[i] * alpha + (1 - alpha) * (g * g)
+            if o.centered:
+                if 1 - alpha < 0.5:
+                    grad_avg[i] = grad_avg[i] + (1 - alpha) * (g - grad_avg[i])
+                else:
+                    grad_avg[i] = g - (g - grad_avg[i]) * alpha
+                avg = _sqrt(square_avg[i] + (-1) * (grad_avg[i] * grad_avg[i]))
+            else:
+                avg = _sqrt(square_avg[i])
+            avg = avg + eps
+            if momentum > 0:
+                buf[i] = buf[i] * momentum + g / avg
+                param[i] = param[i] + (-lr) * buf[i]
+            else:
+                param[i] = param[i] + (-lr) * (g / avg)
+    elif o.kind == OPT_ADAGRAD:
+        clr = <floating>(o.lr / (1.0 + (step - 1) * o.lr_decay))
+        for i in range(begin, end):
+            g = grad[i]
+            if wd != 0:
+                g = g + wd * param[i]
+            state_sum[i] = state_sum[i] + g * g
+            param[i] = param[i] + (-clr) * (g / (_sqrt(state_sum[i]) + eps))
+
+
+cdef void optimizer_update(const OptimizerParams* o, long long step, floating* param,
+                           const floating* grad, floating* state,
+                           Py_ssize_t n) noexcept nogil:
+    cdef int t, n_threads = _threads_for(n)
+    if n_threads == 1:
+        optimizer_update_range(o, step, param, grad, state, n, 0, n)
+        return
+    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+        optimizer_update_range(o, step, param, grad, state, n, t * n // n_threads,
+                               (t + 1) * n // n_threads)
+
+
+# --------------------------------------------------------------------------- the network
+cdef struct LayerSpec:
+    int n_in, n_out
+    int activation
+    double param               # leaky_relu slope or elu alpha
+    Py_ssize_t weight_offset   # into the flat parameter / gradient buffers
+    Py_ssize_t bias_offset     # -1: no bias
+    Py_ssize_t a_column        # start of this layer's block in the activation workspace
+    Py_ssize_t z_column        # same in the pre-activation workspace; -1: z not kept
+
+
+cdef struct Workspace:
+    # Per-layer blocks of `capacity` rows each: layer l's output is the row-major
+    # (m, n_out) matrix at acts + capacity * a_column.
+    Py_ssize_t capacity
+    Py_ssize_t max_width
+    void* acts
+    void* zs
+    void* delta        # two (capacity, max_width) ping-pong buffers of dL/dz
+    double* row_loss
+
+
+cdef inline floating* _layer_output(const LayerSpec* layer, const Workspace* ws,
+                                    floating* acts) noexcept nogil:
+    return acts + ws.capacity * layer.a_column
+
+
+cdef inline floating* _layer_z(const LayerSpec* layer, const Workspace* ws, floating* acts,
+                               floating* zs) noexcept nogil:
+    # the pre-activation z, or the output itself where z is not kept (computed in place)
+    if layer.z_column < 0:
+        return _layer_output(layer, ws, acts)
+    return zs + ws.capacity * layer.z_column
+
+
+cdef void dense_forward(const LayerSpec* layer, const floating* params, const floating* x,
+                        Py_ssize_t n_rows, floating* z, floating* a) noexcept nogil:
+    """z = x W^T + b, a = g(z); a may alias z. One GEMM, then one pass over z."""
+    gemm(False, True, <int>n_rows, layer.n_out, layer.n_in, x, layer.n_in,
+         params + layer.weight_offset, layer.n_in, 0, z, layer.n_out)
+    bias_activation(z, a, params + layer.bias_offset if layer.bias_offset >= 0 else NULL,
+                    n_rows, layer.n_out, layer.activation, layer.param)
+
+
+cdef void dense_backward(const LayerSpec* layer, const floating* params, floating* grads,
+                         const floating* x, Py_ssize_t n_rows, const floating* dz,
+                         floating* grad_x) noexcept nogil:
+    """dW = dz^T x, db = column sums of dz, and (if grad_x != NULL) dx = dz W."""
+    gemm(True, False, layer.n_out, layer.n_in, <int>n_rows, dz, layer.n_out, x, layer.n_in,
+         0, grads + layer.weight_offset, layer.n_in)
+    if layer.bias_offset >= 0:
+        bias_gradient(dz, grads + layer.bias_offset, n_rows, layer.n_out)
+    if grad_x != NULL:
+        gemm(False, False, <int>n_rows, layer.n_in, layer.n_out, dz, layer.n_out,
+             params + layer.weight_offset, layer.n_in, 0, grad_x, layer.n_in)
+
+
+cdef void network_forward(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                          const floating* params, const floating* x,
+                          Py_ssize_t n_rows) noexcept nogil:
+    cdef int l
+    cdef floating* acts = <floating*>ws.acts
+    cdef floating* zs = <floating*>ws.zs
+    cdef const floating* inp = x
+    for l in range(n_layers):
+        dense_forward(&layers[l], params, inp, n_rows, _layer_z(&layers[l], ws, acts, zs),
+                      _layer_output(&layers[l], ws, acts))
+        inp = _layer_output(&layers[l], ws, acts)
+
+
+cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                           const floating* params, floating* grads, const floating* x,
+                           Py_ssize_t n_rows, floating* grad_x) noexcept nogil:
+    """Back-propagate dL/dz of the last layer (in delta buffer 0) through every layer.
+
+    Fills every weight and bias gradient, and dL/dx into grad_x unless it is NULL.
+    """
+    cdef int l
+    cdef floating* acts = <floating*>ws.acts
+    cdef floating* zs = <floating*>ws.zs
+    cdef floating* dz = <floating*>ws.delta
+    cdef floating* spare = dz + ws.capacity * ws.max_width
+    cdef floating* swap
+    cdef const LayerSpec* below
+    for l in range(n_layers - 1, 0, -1):
+        below = &layers[l - 1]
+        dense_backward(&layers[l], params, grads, _layer_output(below, ws, acts), n_rows,
+                       dz, spare)
+        activation_backward(spare, _layer_output(below, ws, acts),
+                            _layer_z(below, ws, acts, zs), n_rows, below.n_out,
+                            below.activation, below.param)
+        swap = dz
+        dz = spare
+        spare = swap
+    dense_backward(&layers[0], params, grads, x, n_rows, dz, grad_x)
+
+
+cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                                 const LossParams* loss, const floating* target,
+                                 const intp* labels, Py_ssize_t n_rows) noexcept nogil:
+    """The loss of the last forward pass, and dL/dz of the last layer in delta buffer 0.
+
+    softmax + cross-entropy on probabilities and sigmoid + binary cross-entropy on
+    probabilities are fused: the loss is taken from the logits z by log-sum-exp and
+    dL/dz = (p * sum(y) - y) / n directly, stable where log(p) is not. Every other
+    pairing computes dL/da and multiplies by the exact activation derivative.
+    """
+    cdef const LayerSpec* last = &layers[n_layers - 1]
+    cdef floating* acts = <floating*>ws.acts
+    cdef floating* out = _layer_output(last, ws, acts)
+    cdef floating* z = _layer_z(last, ws, acts, <floating*>ws.zs)
+    cdef floating* dz = <floating*>ws.delta
+    cdef LossParams fused = loss[0]
+    cdef double value
+    if loss.kind == LOSS_CE_PROBS and last.activation == ACT_SOFTMAX:
+        fused.kind = LOSS_CE_LOGITS
+    elif loss.kind == LOSS_BCE_PROBS and last.activation == ACT_SIGMOID:
+        fused.kind = LOSS_BCE_LOGITS
+    if fused.kind != loss.kind:
+        return loss_and_gradient(&fused, z, target, labels, dz, ws.row_loss, n_rows,
+                                 last.n_out)
+    value = loss_and_gradient(loss, out, target, labels, dz, ws.row_loss, n_rows, last.n_out)
+    activation_backward(dz, out, z, n_rows, last.n_out, last.activation, last.param)
+    return value
+
+
+cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                          floating* params, floating* grads, const floating* x,
+                          const floating* target, const intp* labels, Py_ssize_t n_rows,
+                          const LossParams* loss, const OptimizerParams* optimizer,
+                          long long step, floating* state,
+                          Py_ssize_t n_params) noexcept nogil:
+    """Forward, loss, backward and (if optimizer != NULL) one update: one training step.
+
+    Returns the loss of the forward pass, before the update.
+    """
+    cdef double value
+    network_forward(layers, n_layers, ws, params, x, n_rows)
+    value = output_loss_gradient(layers, n_layers, ws, loss, target, labels, n_rows)
+    network_backward(layers, n_layers, ws, params, grads, x, n_rows, <floating*>NULL)
+    if optimizer != NULL:
+        optimizer_update(optimizer, step, params, grads, state, n_params)
+    return value
+
+
+cdef void gather_rows(const floating* source, const intp* rows, Py_ssize_t n_rows,
+                      Py_ssize_t width, floating* dest) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n_rows):
+        memcpy(dest + i * width, source + rows[i] * width, width * sizeof(floating))
+
+
+cdef void gather_labels(const intp* source, const intp* rows, Py_ssize_t n_rows,
+                        intp* dest) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n_rows):
+        dest[i] = source[rows[i]]
+
+
+cdef double training_epoch(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                           floating* params, floating* grads, const floating* x,
+                           const floating* target, const intp* labels, Py_ssize_t n_samples,
+                           const intp* order, Py_ssize_t batch_size, floating* x_batch,
+                           floating* target_batch, intp* label_batch,
+                           const LossParams* loss, const OptimizerParams* optimizer,
+                           long long* step, floating* state,
+                           Py_ssize_t n_params) noexcept nogil:
+    """One pass over the data in batches (the last one partial); the mean loss.
+
+    With order == NULL the batches are consecutive rows of x, used in place;
+    otherwise each batch's rows are gathered from x in that order.
+    """
+    cdef Py_ssize_t begin, n_rows
+    cdef int n_in = layers[0].n_in, n_out = layers[n_layers - 1].n_out
+    cdef double total = 0
+    cdef const floating* xb
+    cdef const floating* tb
+    cdef const intp* lb
+    begin = 0
+    while begin < n_samples:
+        n_rows = min(batch_size, n_samples - begin)
+        if order == NULL:
+            xb = x + begin * n_in
+            tb = target + begin * n_out if target != NULL else NULL
+            lb = labels + begin if labels != NULL else NULL
+        else:
+            gather_rows(x, order + begin, n_rows, n_in, x_batch)
+            xb = x_batch
+            tb = NULL
+            lb = NULL
+            if target != NULL:
+                gather_rows(target, order + begin, n_rows, n_out, target_batch)
+                tb = target_batch
+            if labels != NULL:
+                gather_labels(labels, order + begin, n_rows, label_batch)
+                lb = label_batch
+        step[0] += 1
+        total += n_rows * training_step(layers, n_layers, ws, params, grads, xb, tb, lb,
+                                        n_rows, loss, optimizer, step[0], state, n_params)
+        begin += n_rows
+    return total / n_samples
+
+
+cdef void predict_chunk(const LayerSpec* layers, int n_layers, const floating* params,
+                        const floating* x, Py_ssize_t n_rows, floating* scratch,
+                        Py_ssize_t scratch_width, floating* out) noexcept nogil:
+    """Inference on n_rows rows: hidden layers ping-pong in scratch, the last into out."""
+    cdef int l
+    cdef const floating* inp = x
+    cdef floating* dest
+    for l in range(n_layers):
+        if l == n_layers - 1:
+            dest = out
+        else:
+            dest = scratch + (l % 2) * n_rows * scratch_width
+        dense_forward(&layers[l], params, inp, n_rows, dest, dest)
+        inp = dest
+
+
+# --------------------------------------------------------------------------- Python-facing
+cdef inline void* _data(object array):
+    return cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+cdef inline void* _data_or_null(object array):
+    return NULL if array is None else cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+cdef Py_ssize_t first_nonfinite_index(const floating* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating v
+    for i in range(n):
+        v = x[i]
+        if v - v != 0:  # NaN or +-inf; (x - x) is 0 for every finite x
+            return i
+    return -1
+
+
+def first_nonfinite(array):
+    """Flat index of the first NaN or infinity in a C-contiguous float array, or -1."""
+    cdef Py_ssize_t n = array.size, index
+    cdef void* data = _data(array)
+    cdef bint is_double = array.dtype == np.float64
+    with nogil:
+        if is_double:
+            index = first_nonfinite_index(<double*>data, n)
+        else:
+            index = first_nonfinite_index(<float*>data, n)
+    return index
+
+
+cdef class LossConfig:
+    """A loss as the kernels see it: its code and one parameter (MSE scale, Huber delta)."""
+    cdef LossParams p
+
+    def __init__(self, str name, double param=1.0):
+        self.p.kind = LOSSES.index(name)
+        self.p.param = param
+
+    @property
+    def name(self):
+        return LOSSES[self.p.kind]
+
+    def evaluate(self, out, target, labels, grad):
+        """Mean loss of out (n, k) against target (n, k) or labels (n,); fills grad if given.
+
+        Arrays are C-contiguous, out/target/grad of one float dtype, labels intp:
+        the caller checks.
+        """
+        cdef Py_ssize_t n_rows = out.shape[0], width = out.shape[1]
+        cdef object row_loss = np.empty(n_rows)
+        cdef double* row_loss_ptr = <double*>_data(row_loss)
+        cdef void* out_ptr = _data(out)
+        cdef void* target_ptr = _data_or_null(target)
+        cdef intp* label_ptr = <intp*>_data_or_null(labels)
+        cdef void* grad_ptr = _data_or_null(grad)
+        cdef bint is_double = out.dtype == np.float64
+        cdef double value
+        with nogil:
+            if is_double:
+                value = loss_and_gradient(&self.p, <double*>out_ptr, <double*>target_ptr,
+                                          label_ptr, <double*>grad_ptr, row_loss_ptr,
+                                          n_rows, width)
+            else:
+                value = loss_and_gradient(&self.p, <float*>out_ptr, <float*>target_ptr,
+                                          label_ptr, <float*>grad_ptr, row_loss_ptr,
+                                          n_rows, width)
+        return value
+
+
+cdef class OptimizerConfig:
+    """An optimizer's hyperparameters, step count and state, as the kernels see them.
+
+    The state is one (n_states, n_parameters) array, allocated when the optimizer
+    first steps a network; from then on it belongs to that network's Engine.
+    """
+    cdef OptimizerParams p
+    cdef public long long step_count
+    cdef readonly object state
+    cdef readonly tuple state_names
+    cdef readonly object owner
+    cdef double initial_accumulator_value
+
+    def __init__(self, str name, *, double lr, double momentum=0.0, double dampening=0.0,
+                 bint nesterov=False, double weight_decay=0.0, double beta1=0.9,
+                 double beta2=0.999, double eps=1e-8, bint amsgrad=False, double alpha=0.99,
+                 bint centered=False, double lr_decay=0.0,
+                 double initial_accumulator_value=0.0, bint decoupled_weight_decay=False):
+        cdef int kind = OPTIMIZERS.index(name)
+        self.p = OptimizerParams(
+            kind=kind, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, alpha=alpha,
+            lr_decay=lr_decay, nesterov=nesterov, amsgrad=amsgrad, centered=centered,
+            decoupled_weight_decay=decoupled_weight_decay, momentum_buffer=-1, exp_avg=-1,
+            exp_avg_sq=-1, max_exp_avg_sq=-1, square_avg=-1, grad_avg=-1, sum=-1)
+        # the rows of the state array, named as PyTorch names its state
+        names = []
+        if kind == OPT_SGD and momentum != 0:
+            names = ["momentum_buffer"]
+        elif kind == OPT_ADAM:
+            names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        elif kind == OPT_RMSPROP:
+            names = (["square_avg"] + (["momentum_buffer"] if momentum > 0 else [])
+                     + (["grad_avg"] if centered else []))
+        elif kind == OPT_ADAGRAD:
+            names = ["sum"]
+        self.state_names = tuple(names)
+        row = {name: i for i, name in enumerate(names)}.get
+        self.p.momentum_buffer = row("momentum_buffer", -1)
+        self.p.exp_avg = row("exp_avg", -1)
+        self.p.exp_avg_sq = row("exp_avg_sq", -1)
+        self.p.max_exp_avg_sq = row("max_exp_avg_sq", -1)
+        self.p.square_avg = row("square_avg", -1)
+        self.p.grad_avg = row("grad_avg", -1)
+        self.p.sum = row("sum", -1)
+        self.initial_accumulator_value = initial_accumulator_value
+        self.step_count = 0
+        self.state = None
+        self.owner = None
+
+    @property
+    def lr(self):
+        return self.p.lr
+
+    @lr.setter
+    def lr(self, double value):
+        self.p.lr = value
+
+    cdef int bind(self, Engine engine) except -1:
+        """Belong to engine (allocating the state on first use) or refuse another one."""
+        if self.owner is engine:
+            return 0
+        if self.owner is not None:
+            raise ValueError("this optimizer already steps another Network; an optimizer "
+                             "keeps per-parameter state, so create one per network")
+        self.state = np.full((len(self.state_names), engine.n_parameters),
+                             self.initial_accumulator_value, dtype=engine.dtype)
+        self.owner = engine
+        return 0
+
+    def step(self, Engine engine):
+        """One update of engine's parameters from its gradients."""
+        self.bind(engine)
+        cdef void* state = _data(self.state)
+        engine.acquire()
+        try:
+            self.step_count += 1
+            with nogil:
+                if engine.is_double:
+                    optimizer_update(&self.p, self.step_count, <double*>engine.params_ptr,
+                                     <double*>engine.grads_ptr, <double*>state,
+                                     engine.n_parameters)
+                else:
+                    optimizer_update(&self.p, self.step_count, <float*>engine.params_ptr,
+                                     <float*>engine.grads_ptr, <float*>state,
+                                     engine.n_parameters)
+        finally:
+            engine.busy = False
+
+
+cdef class Engine:
+    """A network's compiled side: its layer table, flat buffers and workspaces.
+
+    Workspaces are sized for `capacity` rows and grow (never per step) when a
+    larger batch arrives. One Engine runs one computation at a time: a second
+    thread calling in while it is busy gets a RuntimeError, never shared scratch.
+    """
+    cdef LayerSpec* layers
+    cdef readonly int n_layers
+    cdef readonly Py_ssize_t n_parameters, n_inputs, n_outputs, capacity
+    cdef readonly object dtype, parameters, gradients
+    cdef readonly Py_ssize_t forward_rows   # rows cached by the last forward(), -1: none
+    cdef bint is_double, busy
+    cdef Py_ssize_t itemsize
+    cdef void* params_ptr
+    cdef void* grads_ptr
+    cdef Py_ssize_t a_width, z_width, max_width
+    cdef Workspace ws
+    cdef object acts, zs, delta, row_loss, x_batch, target_batch, label_batch
+
+    def __cinit__(self):
+        self.layers = NULL
+
+    def __dealloc__(self):
+        free(self.layers)
+
+    def __init__(self, layer_table, parameters, gradients):
+        """layer_table rows: (n_in, n_out, activation code, param, weight_offset, bias_offset)."""
+        cdef int l, n = len(layer_table)
+        cdef LayerSpec* spec
+        self.layers = <LayerSpec*>malloc(n * sizeof(LayerSpec))
+        if self.layers == NULL:
+            raise MemoryError()
+        self.n_layers = n
+        self.parameters = parameters
+        self.gradients = gradients
+        self.params_ptr = _data(parameters)
+        self.grads_ptr = _data(gradients)
+        self.dtype = parameters.dtype
+        self.is_double = self.dtype == np.float64
+        self.itemsize = self.dtype.itemsize
+        self.n_parameters = parameters.shape[0]
+        self.a_width = self.z_width = self.max_width = 0
+        for l in range(n):
+            spec = &self.layers[l]
+            (spec.n_in, spec.n_out, spec.activation, spec.param, spec.weight_offset,
+             spec.bias_offset) = layer_table[l]
+            spec.a_column = self.a_width
+            self.a_width += spec.n_out
+            self.max_width = max(self.max_width, spec.n_in, spec.n_out)
+            # keep z where the derivative needs it, and for a softmax or sigmoid
+            # output, whose fused cross-entropy works from the logits
+            if (spec.activation in (ACT_LEAKY_RELU, ACT_ELU, ACT_SOFTPLUS, ACT_GELU)
+                    or (l == n - 1 and spec.activation in (ACT_SOFTMAX, ACT_SIGMOID))):
+                spec.z_column = self.z_width
+                self.z_width += spec.n_out
+            else:
+                spec.z_column = -1
+        self.n_inputs = self.layers[0].n_in
+        self.n_outputs = self.layers[n - 1].n_out
+        self.capacity = 0
+        self.forward_rows = -1
+        self.busy = False
+        self.reserve(1)
+
+    def reserve(self, Py_ssize_t n_rows):
+        """Make the workspaces hold batches of n_rows rows (they only grow)."""
+        if n_rows <= self.capacity:
+            return
+        self.acts = np.empty(n_rows * self.a_width, dtype=self.dtype)
+        self.zs = np.empty(max(1, n_rows * self.z_width), dtype=self.dtype)
+        self.delta = np.empty(2 * n_rows * self.max_width, dtype=self.dtype)
+        self.row_loss = np.empty(n_rows, dtype=np.float64)
+        self.x_batch = np.empty((n_rows, self.n_inputs), dtype=self.dtype)
+        self.target_batch = np.empty((n_rows, self.n_outputs), dtype=self.dtype)
+        self.label_batch = np.empty(n_rows, dtype=np.intp)
+        self.capacity = n_rows
+        self.ws.capacity = n_rows
+        self.ws.max_width = self.max_width
+        self.ws.acts = _data(self.acts)
+        self.ws.zs = _data(self.zs)
+        self.ws.delta = _data(self.delta)
+        self.ws.row_loss = <double*>_data(self.row_loss)
+        self.forward_rows = -1
+
+    cdef int acquire(self) except -1:
+        if self.busy:
+            raise RuntimeError("this Network is already running a computation in another "
+                               "thread; use one Network per thread")
+        self.busy = True
+        return 0
+
+    def layer_output(self, int layer):
+        """A copy of a layer's output cached by the last forward() (for tests and debugging)."""
+        if self.forward_rows < 0:
+            raise ValueError("no forward pass is cached")
+        cdef LayerSpec* spec = &self.layers[layer]
+        cdef Py_ssize_t start = self.capacity * spec.a_column
+        return self.acts[start:start + self.forward_rows * spec.n_out].reshape(
+            self.forward_rows, spec.n_out).copy()
+
+    def train_step(self, x, target, labels, LossConfig loss, OptimizerConfig optimizer):
+        """Forward + loss + backward (+ one update unless optimizer is None); the loss.
+
+        x: (n, n_in) C-contiguous of the engine's dtype; target: (n, n_out) of that
+        dtype, or labels: (n,) intp, the other None. The caller checks.
+        """
+        cdef Py_ssize_t n_rows = x.shape[0]
+        cdef void* x_ptr = _data(x)
+        cdef void* target_ptr = _data_or_null(target)
+        cdef intp* label_ptr = <intp*>_data_or_null(labels)
+        cdef const OptimizerParams* opt_params = NULL
+        cdef void* state = NULL
+        cdef double value
+        if n_rows > self.capacity:
+            self.reserve(n_rows)
+        if optimizer is not None:
+            optimizer.bind(self)
+            opt_params = &optimizer.p
+            state = _data(optimizer.state)
+        self.acquire()
+        try:
+            self.forward_rows = -1
+            if optimizer is not None:
+                optimizer.step_count += 1
+            with nogil:
+                if self.is_double:
+                    value = training_step(self.layers, self.n_layers, &self.ws,
+                                          <double*>self.params_ptr, <double*>self.grads_ptr,
+                                          <double*>x_ptr, <double*>target_ptr, label_ptr,
+                                          n_rows, &loss.p, opt_params,
+                                          optimizer.step_count if opt_params != NULL else 0,
+                                          <double*>state, self.n_parameters)
+                else:
+                    value = training_step(self.layers, self.n_layers, &self.ws,
+                                          <float*>self.params_ptr, <float*>self.grads_ptr,
+                                          <float*>x_ptr, <float*>target_ptr, label_ptr,
+                                          n_rows, &loss.p, opt_params,
+                                          optimizer.step_count if opt_params != NULL else 0,
+                                          <float*>state, self.n_parameters)
+        finally:
+            self.busy = False
+        return value
+
+    def train_epoch(self, x, target, labels, order, Py_ssize_t batch_size,
+                    LossConfig loss, OptimizerConfig optimizer):
+        """One epoch of mini-batch steps in compiled code; the mean loss over samples.
+
+        order: intp permutation of the rows, or None for consecutive batches.
+        """
+        cdef Py_ssize_t n_samples = x.shape[0]
+        cdef void* x_ptr = _data(x)
+        cdef void* target_ptr = _data_or_null(target)
+        cdef intp* label_ptr = <intp*>_data_or_null(labels)
+        cdef intp* order_ptr = <intp*>_data_or_null(order)
+        cdef void* state
+        cdef void* x_batch
+        cdef void* target_batch
+        cdef intp* label_batch
+        cdef double value
+        if batch_size > self.capacity:
+            self.reserve(batch_size)
+        optimizer.bind(self)
+        state = _data(optimizer.state)
+        x_batch = _data(self.x_batch)
+        target_batch = _data(self.target_batch)
+        label_batch = <intp*>_data(self.label_batch)
+        self.acquire()
+        try:
+            self.forward_rows = -1
+            with nogil:
+                if self.is_double:
+                    value = training_epoch(self.layers, self.n_layers, &self.ws,
+                                           <double*>self.params_ptr, <double*>self.grads_ptr,
+                                           <double*>x_ptr, <double*>target_ptr, label_ptr,
+                                           n_samples, order_ptr, batch_size,
+                                           <double*>x_batch, <double*>target_batch,
+                                           label_batch, &loss.p, &optimizer.p,
+                                           &optimizer.step_count, <double*>state,
+                                           self.n_parameters)
+                else:
+                    value = training_epoch(self.layers, self.n_layers, &self.ws,
+                                           <float*>self.params_ptr, <float*>self.grads_ptr,
+                                           <float*>x_ptr, <float*>target_ptr, label_ptr,
+                                           n_samples, order_ptr, batch_size,
+                                           <float*>x_batch, <float*>target_batch,
+                                           label_batch, &loss.p, &optimizer.p,
+                                           &optimizer.step_count, <float*>state,
+                                           self.n_parameters)
+        finally:
+            self.busy = False
+        return value
+
+    def forward(self, x):
+        """Forward pass keeping every layer's output for backward(); a copy of the output.
+
+        x is copied into the workspace, so the caller may change it before backward().
+        """
+        cdef Py_ssize_t n_rows = x.shape[0]
+        if n_rows > self.capacity:
+            self.reserve(n_rows)
+        cdef void* x_ptr = _data(x)
+        cdef void* x_batch = _data(self.x_batch)
+        cdef Py_ssize_t x_bytes = x.nbytes
+        self.acquire()
+        try:
+            with nogil:
+                memcpy(x_batch, x_ptr, x_bytes)
+                if self.is_double:
+                    network_forward(self.layers, self.n_layers, &self.ws,
+                                    <double*>self.params_ptr, <double*>x_batch, n_rows)
+                else:
+                    network_forward(self.layers, self.n_layers, &self.ws,
+                                    <float*>self.params_ptr, <float*>x_batch, n_rows)
+            self.forward_rows = n_rows
+        finally:
+            self.busy = False
+        return self.layer_output(self.n_layers - 1)
+
+    def backward(self, grad_output, bint want_grad_input):
+        """Back-propagate dL/d(output) of the cached forward pass into the gradients.
+
+        grad_output: (forward_rows, n_outputs) C-contiguous of the engine's dtype.
+        Returns dL/dx (a new array) if want_grad_input, else None.
+        """
+        cdef Py_ssize_t n_rows = self.forward_rows
+        cdef const LayerSpec* last = &self.layers[self.n_layers - 1]
+        grad_input = (np.empty((n_rows, self.n_inputs), dtype=self.dtype)
+                      if want_grad_input else None)
+        cdef void* grad_x = _data_or_null(grad_input)
+        cdef void* grad_out = _data(grad_output)
+        cdef void* x_batch = _data(self.x_batch)
+        cdef void* out = <char*>self.ws.acts + (self.capacity * last.a_column
+                                                * self.itemsize)
+        cdef void* z = (out if last.z_column < 0 else
+                        <char*>self.ws.zs + self.capacity * last.z_column
+                        * self.itemsize)
+        self.acquire()
+        try:
+            with nogil:
+                memcpy(self.ws.delta, grad_out, n_rows * last.n_out * self.itemsize)
+                if self.is_double:
+                    activation_backward(<double*>self.ws.delta, <double*>out, <double*>z,
+                                        n_rows, last.n_out, last.activation, last.param)
+                    network_backward(self.layers, self.n_layers, &self.ws,
+                                     <double*>self.params_ptr, <double*>self.grads_ptr,
+                                     <double*>x_batch, n_rows, <double*>grad_x)
+                else:
+                    activation_backward(<float*>self.ws.delta, <float*>out, <float*>z,
+                                        n_rows, last.n_out, last.activation, last.param)
+                    network_backward(self.layers, self.n_layers, &self.ws,
+                                     <float*>self.params_ptr, <float*>self.grads_ptr,
+                                     <float*>x_batch, n_rows, <float*>grad_x)
+        finally:
+            self.busy = False
+        return grad_input
+
+    def predict(self, x, Py_ssize_t chunk_rows):
+        """Inference in chunks of chunk_rows rows, caching nothing; a new (n, n_outputs) array.
+
+        Uses its own scratch, so it never disturbs a cached forward pass.
+        """
+        cdef Py_ssize_t n_rows = x.shape[0], begin, rows
+        chunk_rows = max(1, min(chunk_rows, n_rows))
+        out = np.empty((n_rows, self.n_outputs), dtype=self.dtype)
+        scratch = np.empty(max(1, 2 * chunk_rows * self.max_width), dtype=self.dtype)
+        cdef char* x_ptr = <char*>_data(x)
+        cdef char* out_ptr = <char*>_data(out)
+        cdef void* scratch_ptr = _data(scratch)
+        cdef Py_ssize_t item = self.itemsize
+        with nogil:
+            begin = 0
+            while begin < n_rows:
+                rows = min(chunk_rows, n_rows - begin)
+                if self.is_double:
+                    predict_chunk(self.layers, self.n_layers, <double*>self.params_ptr,
+                                  <double*>(x_ptr + begin * self.n_inputs * item), rows,
+                                  <double*>scratch_ptr, self.max_width,
+                                  <double*>(out_ptr + begin * self.n_outputs * item))
+                else:
+                    predict_chunk(self.layers, self.n_layers, <float*>self.params_ptr,
+                                  <float*>(x_ptr + begin * self.n_inputs * item), rows,
+                                  <float*>scratch_ptr, self.max_width,
+                                  <float*>(out_ptr + begin * self.n_outputs * item))
+                begin += rows
+        return out

@@ -1,0 +1,98 @@
+"""Argument checks shared by the public classes.
+
+Every check raises before anything changes, with a message that names the
+argument and says what is wrong. Kept in one place so losses, optimizers and
+the network refuse bad input with the same words.
+"""
+import numbers
+
+import numpy as np
+
+from . import _core
+
+DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+def check_dtype(dtype):
+    """The numpy dtype for "float32"/"float64" (or those dtypes); anything else is an error."""
+    try:
+        key = np.dtype(dtype).name
+    except TypeError:
+        key = None
+    if key not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return DTYPES[key]
+
+
+def check_int(name, value, minimum=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(name, value, minimum=None, maximum=None, min_inclusive=True,
+               max_inclusive=True):
+    """A finite real number within the bounds; bools, strings and NaN are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value < minimum or (value == minimum and not min_inclusive)):
+        bound = ">=" if min_inclusive else ">"
+        raise ValueError(f"{name} must be {bound} {minimum}, got {value}")
+    if maximum is not None and (value > maximum or (value == maximum and not max_inclusive)):
+        bound = "<=" if max_inclusive else "<"
+        raise ValueError(f"{name} must be {bound} {maximum}, got {value}")
+    return value
+
+
+def check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")
+    return value
+
+
+def check_finite(name, array):
+    """Refuse NaN and infinity, naming the position of the first one."""
+    index = _core.first_nonfinite(array)
+    if index >= 0:
+        position = np.unravel_index(index, array.shape)
+        where = (f"row {position[0]}, column {position[1]}" if array.ndim == 2
+                 else f"index {position[0]}")
+        raise ValueError(f"{name} contains {array.flat[index]} at {where}; "
+                         "it must be finite")
+
+
+def as_float_array(name, value, dtype, ndim):
+    """A C-contiguous array of dtype with ndim dimensions, finite; copied only if needed.
+
+    Integer input is converted; bool, complex, string and object arrays are refused.
+    """
+    if (type(value) is np.ndarray and value.dtype == dtype and value.ndim == ndim
+            and value.flags.c_contiguous):
+        array = value  # the fast path of a training step: no copy, no conversion
+    else:
+        array = np.asarray(value)
+        kind = array.dtype.kind
+        if kind not in "fiu":
+            raise TypeError(f"{name} must hold real numbers, got an array of dtype "
+                            f"{array.dtype}")
+        if array.ndim != ndim:
+            raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
+        array = np.ascontiguousarray(array, dtype=dtype)
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
+    check_finite(name, array)
+    return array

@@ -1,0 +1,102 @@
+"""Dense layers and the activation names."""
+import numpy as np
+
+from . import _core
+from ._validation import check_bool, check_choice, check_int, check_real
+
+#: Activation names a Dense layer accepts (``None`` means "identity").
+ACTIVATIONS = _core.ACTIVATIONS
+
+#: Weight initialisations by name; ``None`` picks He for the relu family, Glorot otherwise.
+INITS = ("he", "glorot", "normal", "pytorch")
+
+_RELU_FAMILY = ("relu", "leaky_relu", "elu")
+
+
+class Dense:
+    """A fully connected layer: ``y = g(x @ weight.T + bias)``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Sizes of the input and output.
+    activation : str or None
+        One of :data:`ACTIVATIONS`; ``None`` is the identity (logits).
+        ``"softmax"`` is only allowed on a network's last layer.
+    bias : bool
+        Whether the layer has a bias vector.
+    init : {"he", "glorot", "normal", "pytorch"} or None
+        Weight initialisation. ``None``: He normal for relu/leaky_relu/elu,
+        Glorot uniform otherwise. ``"normal"`` is the textbook N(0, 0.01^2);
+        ``"pytorch"`` is torch.nn.Linear's U(-1/sqrt(in), 1/sqrt(in)), bias too.
+        Biases are zero except for ``"pytorch"``.
+    negative_slope : float, optional
+        Slope of ``leaky_relu`` for negative inputs (default 0.01).
+    alpha : float, optional
+        The ``elu`` parameter (default 1.0).
+
+    Attributes
+    ----------
+    weight : ndarray of shape (out_features, in_features)
+        A writable view into the owning network's ``parameters``.
+    bias : ndarray of shape (out_features,) or None
+    grad_weight, grad_bias : ndarray
+        Views into the network's ``gradients``.
+
+    The arrays exist once the layer is part of a :class:`~bpfast.Network`; a
+    layer belongs to one network.
+    """
+
+    def __init__(self, in_features, out_features, activation=None, *, bias=True, init=None,
+                 negative_slope=None, alpha=None):
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.out_features = check_int("out_features", out_features, minimum=1)
+        self.activation = check_choice(
+            "activation", "identity" if activation is None else activation, ACTIVATIONS)
+        self.use_bias = check_bool("bias", bias)
+        self.init = None if init is None else check_choice("init", init, INITS)
+        if negative_slope is not None and self.activation != "leaky_relu":
+            raise ValueError("negative_slope is only for activation='leaky_relu'")
+        if alpha is not None and self.activation != "elu":
+            raise ValueError("alpha is only for activation='elu'")
+        if self.activation == "leaky_relu":
+            self.activation_param = check_real(
+                "negative_slope", 0.01 if negative_slope is None else negative_slope)
+        elif self.activation == "elu":
+            self.activation_param = check_real("alpha", 1.0 if alpha is None else alpha)
+        else:
+            self.activation_param = 0.0
+        self.weight = self.bias = self.grad_weight = self.grad_bias = None
+        self._network = None
+
+    @property
+    def n_parameters(self):
+        return self.out_features * (self.in_features + self.use_bias)
+
+    def initial_values(self, rng):
+        """Fresh float64 (weight, bias) drawn from rng by this layer's init scheme."""
+        fan_in, fan_out = self.in_features, self.out_features
+        shape = (fan_out, fan_in)
+        scheme = self.init or ("he" if self.activation in _RELU_FAMILY else "glorot")
+        bias = np.zeros(fan_out)
+        if scheme == "he":
+            weight = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape)
+        elif scheme == "glorot":
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            weight = rng.uniform(-limit, limit, size=shape)
+        elif scheme == "normal":
+            weight = rng.normal(0.0, 0.01, size=shape)
+        else:  # "pytorch"
+            limit = 1.0 / np.sqrt(fan_in)
+            weight = rng.uniform(-limit, limit, size=shape)
+            bias = rng.uniform(-limit, limit, size=fan_out)
+        return weight, bias
+
+    def __repr__(self):
+        extra = "" if self.use_bias else ", bias=False"
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.activation_param}"
+        elif self.activation == "elu":
+            extra += f", alpha={self.activation_param}"
+        return (f"Dense({self.in_features}, {self.out_features}, "
+                f"activation={self.activation!r}{extra})")

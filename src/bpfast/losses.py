@@ -1,0 +1,191 @@
+"""Loss functions: their hyperparameters and target checks. The arithmetic is in _core.
+
+Every loss uses PyTorch's 'mean' reduction: cross-entropy averages over samples,
+the others over all elements. ``loss(out, y)`` is the value, ``loss.gradient(out,
+y)`` is dL/dout with out's shape, the same quantity that back-propagates inside
+``Network.train_step``.
+"""
+import numpy as np
+
+from . import _core
+from ._validation import as_float_array, check_bool, check_real
+
+__all__ = ["Loss", "MSE", "L1", "Huber", "CrossEntropy", "BinaryCrossEntropy", "get_loss"]
+
+
+class Loss:
+    """Base class: a loss with a compiled configuration ``_config``."""
+
+    #: whether integer class labels of shape (n,) are accepted as targets
+    accepts_labels = False
+    #: the last-layer activation whose output this loss expects when from_logits=False
+    output_activation = None
+
+    def __init__(self, core_name, param=1.0):
+        self._config = _core.LossConfig(core_name, param)
+
+    def __call__(self, output, target):
+        """The mean loss of ``output`` (n, k) against ``target``, as a Python float."""
+        output, dense, labels = self._prepare(output, target)
+        return self._config.evaluate(output, dense, labels, None)
+
+    def gradient(self, output, target):
+        """dL/d(output): an array of output's shape and dtype."""
+        output, dense, labels = self._prepare(output, target)
+        grad = np.empty_like(output)
+        self._config.evaluate(output, dense, labels, grad)
+        return grad
+
+    def _prepare(self, output, target):
+        output = np.asarray(output)
+        dtype = output.dtype if output.dtype in (np.float32, np.float64) else np.float64
+        output = as_float_array("output", output, dtype, 2)
+        dense, labels = self.prepare_target(target, output.shape[0], output.shape[1], dtype)
+        return output, dense, labels
+
+    def prepare_target(self, target, n_samples, n_outputs, dtype):
+        """Check target against n_samples x n_outputs; return (dense (n, k) or None, labels or None).
+
+        A target of shape (n,) is accepted for a single output. Anything that does
+        not match is a ValueError: nothing is broadcast silently.
+        """
+        target_array = np.asarray(target)
+        if target_array.ndim == 1 and n_outputs == 1 and not self.accepts_labels:
+            target_array = target_array.reshape(-1, 1)
+        if target_array.shape != (n_samples, n_outputs):
+            raise ValueError(f"target has shape {target_array.shape}, expected "
+                             f"({n_samples}, {n_outputs}) to match the output")
+        dense = as_float_array("target", target_array, dtype, 2)
+        self._check_values(dense)
+        return dense, None
+
+    def _check_values(self, dense):
+        pass
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class MSE(Loss):
+    """Mean squared error, mean over all elements: ``mean((out - y)**2)``.
+
+    Parameters
+    ----------
+    half : bool
+        Multiply by 1/2 (the textbook and scikit-learn convention), so the
+        gradient is ``(out - y) / numel``.
+    """
+
+    def __init__(self, half=False):
+        self.half = check_bool("half", half)
+        super().__init__("mse", 0.5 if self.half else 1.0)
+
+    def __repr__(self):
+        return f"MSE(half={self.half})"
+
+
+class L1(Loss):
+    """Mean absolute error, as torch.nn.L1Loss (gradient sign(out - y) / numel, 0 at 0)."""
+
+    def __init__(self):
+        super().__init__("l1")
+
+
+class Huber(Loss):
+    """Huber loss, as torch.nn.HuberLoss: quadratic below ``delta``, linear above."""
+
+    def __init__(self, delta=1.0):
+        self.delta = check_real("delta", delta, minimum=0.0, min_inclusive=False)
+        super().__init__("huber", self.delta)
+
+    def __repr__(self):
+        return f"Huber(delta={self.delta})"
+
+
+class CrossEntropy(Loss):
+    """Cross-entropy, as torch.nn.CrossEntropyLoss, averaged over samples.
+
+    Parameters
+    ----------
+    from_logits : bool
+        True (default): the output is logits and the loss applies log-softmax
+        itself (log-sum-exp, stable for any logits). False: the output is already
+        probabilities (a softmax last layer); in training, such a network uses the
+        fused, stable gradient ``(p - y) / n``.
+
+    Targets are integer class labels of shape (n,) or probabilities of shape
+    (n, k); probability rows need not sum to 1 (PyTorch's formula is used as is).
+    """
+
+    accepts_labels = True
+    output_activation = "softmax"
+
+    def __init__(self, from_logits=True):
+        self.from_logits = check_bool("from_logits", from_logits)
+        super().__init__("cross_entropy" if self.from_logits else "cross_entropy_probs")
+
+    def prepare_target(self, target, n_samples, n_outputs, dtype):
+        target_array = np.asarray(target)
+        if target_array.ndim != 1:
+            return super().prepare_target(target_array, n_samples, n_outputs, dtype)
+        if target_array.shape[0] != n_samples:
+            raise ValueError(f"target has {target_array.shape[0]} labels for "
+                             f"{n_samples} samples")
+        if target_array.dtype.kind not in "iu":
+            if target_array.dtype.kind == "f" and np.array_equal(
+                    target_array, np.round(target_array)):
+                pass  # whole numbers stored as floats are labels too
+            else:
+                raise TypeError("class labels must be integers, got dtype "
+                                f"{target_array.dtype}")
+        if target_array.size == 0:
+            raise ValueError("target is empty")
+        low, high = target_array.min(), target_array.max()
+        if low < 0 or high >= n_outputs:
+            bad = low if low < 0 else high
+            raise ValueError(f"class label {bad} is out of range for {n_outputs} outputs "
+                             f"(labels must be in [0, {n_outputs - 1}])")
+        labels = (target_array if target_array.dtype == np.intp and target_array.flags.c_contiguous
+                  else np.ascontiguousarray(target_array, dtype=np.intp))
+        return None, labels
+
+    def __repr__(self):
+        return f"CrossEntropy(from_logits={self.from_logits})"
+
+
+class BinaryCrossEntropy(Loss):
+    """Binary cross-entropy, mean over all elements.
+
+    ``from_logits=True`` (default) is torch.nn.BCEWithLogitsLoss, stable for any
+    logits; ``from_logits=False`` is torch.nn.BCELoss on probabilities (logs clamped
+    at -100), and a sigmoid last layer then trains with the fused ``(p - y) / numel``.
+    Targets lie in [0, 1].
+    """
+
+    output_activation = "sigmoid"
+
+    def __init__(self, from_logits=True):
+        self.from_logits = check_bool("from_logits", from_logits)
+        super().__init__("binary_cross_entropy" if self.from_logits
+                         else "binary_cross_entropy_probs")
+
+    def _check_values(self, dense):
+        if dense.min() < 0 or dense.max() > 1:
+            raise ValueError("binary cross-entropy targets must lie in [0, 1]")
+
+    def __repr__(self):
+        return f"BinaryCrossEntropy(from_logits={self.from_logits})"
+
+
+_BY_NAME = {"mse": MSE, "l1": L1, "huber": Huber, "cross_entropy": CrossEntropy,
+            "binary_cross_entropy": BinaryCrossEntropy}
+
+
+def get_loss(loss):
+    """A Loss instance from an instance or a name ("mse", "cross_entropy", ...)."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str) and loss in _BY_NAME:
+        return _BY_NAME[loss]()
+    raise ValueError(f"unknown loss {loss!r}; valid: a Loss instance or one of "
+                     f"{', '.join(_BY_NAME)}")

@@ -1,0 +1,135 @@
+"""Optimizers: hyperparameters and state. The update arithmetic is in _core.
+
+Each follows PyTorch's documented update rule, defaults and order of operations
+(its single-tensor implementation), so a model moved between the two steps the
+same. The state lives in one flat (n_states, n_parameters) array beside the
+network's parameters; ``state`` exposes its rows by PyTorch's names.
+"""
+from . import _core
+from ._validation import check_bool, check_real
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get_optimizer"]
+
+
+class Optimizer:
+    """Base class: an optimizer with a compiled configuration ``_config``.
+
+    An optimizer belongs to the first network it steps; stepping another is a
+    ValueError (its state is per parameter).
+    """
+
+    def __init__(self, core_name, **hyperparameters):
+        self._config = _core.OptimizerConfig(core_name, **hyperparameters)
+
+    def step(self, network):
+        """One update of ``network.parameters`` from ``network.gradients``."""
+        self._config.step(network._engine)
+
+    @property
+    def lr(self):
+        """The learning rate; may be changed between steps."""
+        return self._config.lr
+
+    @lr.setter
+    def lr(self, value):
+        self._config.lr = check_real("lr", value, minimum=0.0)
+
+    @property
+    def step_count(self):
+        """Updates made so far."""
+        return self._config.step_count
+
+    @property
+    def state(self):
+        """The state buffers by PyTorch's names (views of one array); empty before the first step."""
+        if self._config.state is None:
+            return {}
+        return dict(zip(self._config.state_names, self._config.state))
+
+
+def _check_betas(betas):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    return (check_real("betas[0]", betas[0], 0.0, 1.0, max_inclusive=False),
+            check_real("betas[1]", betas[1], 0.0, 1.0, max_inclusive=False))
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum, as torch.optim.SGD."""
+
+    def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+        lr = check_real("lr", lr, minimum=0.0)
+        momentum = check_real("momentum", momentum, minimum=0.0)
+        dampening = check_real("dampening", dampening)
+        nesterov = check_bool("nesterov", nesterov)
+        weight_decay = check_real("weight_decay", weight_decay, minimum=0.0)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov momentum requires a momentum and zero dampening")
+        super().__init__("sgd", lr=lr, momentum=momentum, dampening=dampening,
+                         nesterov=nesterov, weight_decay=weight_decay)
+
+
+class Adam(Optimizer):
+    """Adam (and AMSGrad with ``amsgrad=True``), as torch.optim.Adam."""
+
+    _decoupled = False
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
+        beta1, beta2 = _check_betas(betas)
+        super().__init__(
+            "adam", lr=check_real("lr", lr, minimum=0.0), beta1=beta1, beta2=beta2,
+            eps=check_real("eps", eps, minimum=0.0),
+            weight_decay=check_real("weight_decay", weight_decay, minimum=0.0),
+            amsgrad=check_bool("amsgrad", amsgrad),
+            decoupled_weight_decay=self._decoupled)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay, as torch.optim.AdamW."""
+
+    _decoupled = True
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False):
+        super().__init__(lr, betas, eps, weight_decay, amsgrad)
+
+
+class RMSprop(Optimizer):
+    """RMSprop, as torch.optim.RMSprop (``centered`` and ``momentum`` included)."""
+
+    def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False):
+        super().__init__(
+            "rmsprop", lr=check_real("lr", lr, minimum=0.0),
+            alpha=check_real("alpha", alpha, 0.0, 1.0),
+            eps=check_real("eps", eps, minimum=0.0),
+            weight_decay=check_real("weight_decay", weight_decay, minimum=0.0),
+            momentum=check_real("momentum", momentum, minimum=0.0),
+            centered=check_bool("centered", centered))
+
+
+class Adagrad(Optimizer):
+    """Adagrad, as torch.optim.Adagrad."""
+
+    def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+                 eps=1e-10):
+        super().__init__(
+            "adagrad", lr=check_real("lr", lr, minimum=0.0),
+            lr_decay=check_real("lr_decay", lr_decay, minimum=0.0),
+            weight_decay=check_real("weight_decay", weight_decay, minimum=0.0),
+            initial_accumulator_value=check_real(
+                "initial_accumulator_value", initial_accumulator_value, minimum=0.0),
+            eps=check_real("eps", eps, minimum=0.0))
+
+
+_BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad}
+
+
+def get_optimizer(optimizer):
+    """An Optimizer instance from an instance or a name ("sgd", "adam", ...; defaults)."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, str) and optimizer in _BY_NAME:
+        return _BY_NAME[optimizer]()
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid: an Optimizer instance or "
+                     f"one of {', '.join(_BY_NAME)}")
