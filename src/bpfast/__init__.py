@@ -1,6 +1,7 @@
 """bpfast: fast, exact backpropagation for dense neural networks on the CPU."""
 __version__ = "0.1.0"
 
+# _threads first: it loads the compiled core with the right OpenMP settings
 from ._threads import get_num_threads, set_num_threads, show_config
 from .layers import ACTIVATIONS, Dense
 from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, Huber, Loss

@@ -62,15 +62,17 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
 cdef enum:
     OPT_SGD, OPT_ADAM, OPT_RMSPROP, OPT_ADAGRAD
 
-# Below this many elements an elementwise pass runs on one thread: starting a
-# parallel region costs more than it saves (measured in bench/README.md).
-PARALLEL_MIN_WORK = 1 << 15
+# Below this many elements an elementwise pass runs on one thread: waking the
+# (passive) OpenMP workers costs more than the pass saves (bench/README.md).
+PARALLEL_MIN_WORK = 1 << 17
 cdef Py_ssize_t _parallel_min_work = PARALLEL_MIN_WORK
 cdef int _n_threads = omp_get_max_threads()
 
 # PyTorch's constants: BCELoss clamps log at -100 and divides by max(p(1-p), 1e-12).
 cdef double LOG_CLAMP = -100.0
 cdef double PROB_EPS = 1e-12
+# BCELoss's gradient clamp is the float literal 1e-12f in PyTorch's kernel.
+cdef double BCE_GRAD_EPS = <double><float>1e-12
 cdef double SOFTPLUS_THRESHOLD = 20.0
 cdef double SQRT1_2 = 0.70710678118654752440
 cdef double GELU_PDF_SCALE = 0.39894228040143267794  # 1 / sqrt(2 pi)
@@ -397,9 +399,13 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
             for j in range(1, width):
                 if o[j] > row_max:
                     row_max = o[j]
+            # one exp per element, kept in grad until the sum is known
             total = 0
             for j in range(width):
-                total += _exp(o[j] - row_max)
+                v = _exp(o[j] - row_max)
+                total += v
+                if g != NULL:
+                    g[j] = v
             lse = log(total)
             if labels != NULL:
                 acc = lse - (o[labels[i]] - row_max)
@@ -410,11 +416,13 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
                     acc -= t[j] * ((o[j] - row_max) - lse)
                     target_sum = target_sum + t[j]
             if g != NULL:
-                for j in range(width):
-                    prob = <floating>exp((o[j] - row_max) - lse)
-                    g[j] = scale * (prob * target_sum - (t[j] if labels == NULL else 0))
                 if labels != NULL:
+                    for j in range(width):
+                        g[j] = scale * <floating>(g[j] / total)
                     g[labels[i]] = g[labels[i]] - scale
+                else:
+                    for j in range(width):
+                        g[j] = scale * (<floating>(g[j] / total) * target_sum - t[j])
         elif kind == LOSS_CE_PROBS:
             # outputs are probabilities (a softmax already applied by the caller)
             for j in range(width):
@@ -436,7 +444,7 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
                         - t[j] * max(log(prob), LOG_CLAMP))
                 if g != NULL:
                     v = (1 - prob) * prob
-                    g[j] = scale * (prob - t[j]) / (v if v > PROB_EPS else <floating>PROB_EPS)
+                    g[j] = scale * (prob - t[j]) / (v if v > BCE_GRAD_EPS else <floating>BCE_GRAD_EPS)
         row_loss[i] = acc
 
 
@@ -484,7 +492,7 @@ cdef void optimizer_update_range(const OptimizerParams* o, long long step,
                                  Py_ssize_t end) noexcept nogil:
     """One update of param[begin:end], PyTorch's single-tensor formulas, in its order."""
     cdef Py_ssize_t i
-    cdef floating g, avg, denom
+    cdef floating g, p, m, v, avg, denom
     cdef floating lr = <floating>o.lr, wd = <floating>o.weight_decay
     cdef floating momentum = <floating>o.momentum
     cdef floating one_minus_dampening = <floating>(1.0 - o.dampening)
@@ -517,45 +525,45 @@ cdef void optimizer_update_range(const OptimizerParams* o, long long step,
     elif o.kind == OPT_ADAM:
         step_size = <floating>(o.lr / (1.0 - pow(o.beta1, <double>step)))
         bias_correction2_sqrt = <floating>sqrt(1.0 - pow(o.beta2, <double>step))
-        decay = <floating>(1.0 - o.lr * o.weight_decay)
+        # AdamW's decay multiplies by exactly 1 when it is off; Adam's L2 term is
+        # added only when on. Branches left in the loop are invariant (vectorizable).
+        decay = <floating>(1.0 - o.lr * o.weight_decay) if o.decoupled_weight_decay else 1
+        if o.decoupled_weight_decay:
+            wd = 0
         for i in range(begin, end):
+            p = param[i] * decay
             g = grad[i]
             if wd != 0:
-                if o.decoupled_weight_decay:
-                    param[i] = param[i] * decay
-                else:
-                    g = g + wd * param[i]
+                g = g + wd * p
             # exp_avg.lerp_(g, 1 - beta1), with torch.lerp's two formulas
-            if lerp_weight < 0.5:
-                exp_avg[i] = exp_avg[i] + lerp_weight * (g - exp_avg[i])
-            else:
-                exp_avg[i] = g - (g - exp_avg[i]) * (1 - lerp_weight)
-            exp_avg_sq[i] = exp_avg_sq[i] * beta2 + (1 - beta2) * (g * g)
+            m = exp_avg[i]
+            m = m + lerp_weight * (g - m) if lerp_weight < 0.5 else g - (g - m) * (1 - lerp_weight)
+            exp_avg[i] = m
+            v = exp_avg_sq[i] * beta2 + (1 - beta2) * (g * g)
+            exp_avg_sq[i] = v
             if o.amsgrad:
-                if exp_avg_sq[i] > max_exp_avg_sq[i] or exp_avg_sq[i] != exp_avg_sq[i]:
-                    max_exp_avg_sq[i] = exp_avg_sq[i]
-                denom = _sqrt(max_exp_avg_sq[i]) / bias_correction2_sqrt + eps
-            else:
-                denom = _sqrt(exp_avg_sq[i]) / bias_correction2_sqrt + eps
-            param[i] = param[i] + (-step_size) * (exp_avg[i] / denom)
+                v = max_exp_avg_sq[i] if max_exp_avg_sq[i] >= v else v
+                max_exp_avg_sq[i] = v
+            denom = _sqrt(v) / bias_correction2_sqrt + eps
+            param[i] = p + (-step_size) * (m / denom)
     elif o.kind == OPT_RMSPROP:
+        lerp_weight = 1 - alpha
         for i in range(begin, end):
             g = grad[i]
             if wd != 0:
                 g = g + wd * param[i]
-            square_avg[i] = square_avg[i] * alpha + (1 - alpha) * (g * g)
+            v = square_avg[i] * alpha + (1 - alpha) * (g * g)
+            square_avg[i] = v
             if o.centered:
-                if 1 - alpha < 0.5:
-                    grad_avg[i] = grad_avg[i] + (1 - alpha) * (g - grad_avg[i])
-                else:
-                    grad_avg[i] = g - (g - grad_avg[i]) * alpha
-                avg = _sqrt(square_avg[i] + (-1) * (grad_avg[i] * grad_avg[i]))
-            else:
-                avg = _sqrt(square_avg[i])
-            avg = avg + eps
+                m = grad_avg[i]
+                m = m + lerp_weight * (g - m) if lerp_weight < 0.5 else g - (g - m) * alpha
+                grad_avg[i] = m
+                v = v + (-1) * (m * m)
+            avg = _sqrt(v) + eps
             if momentum > 0:
-                buf[i] = buf[i] * momentum + g / avg
-                param[i] = param[i] + (-lr) * buf[i]
+                m = buf[i] * momentum + g / avg
+                buf[i] = m
+                param[i] = param[i] + (-lr) * m
             else:
                 param[i] = param[i] + (-lr) * (g / avg)
     elif o.kind == OPT_ADAGRAD:
@@ -816,6 +824,45 @@ cdef Py_ssize_t first_nonfinite_index(const floating* x, Py_ssize_t n) noexcept 
         if v - v != 0:  # NaN or +-inf; (x - x) is 0 for every finite x
             return i
     return -1
+
+
+def ready_array(object array, object dtype, int ndim):
+    """True when array needs no conversion or check: an ndarray of exactly dtype, ndim
+    dimensions, C-contiguous, non-empty and finite. The fast path of every call."""
+    if not cnp.PyArray_CheckExact(array):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>array
+    if (cnp.PyArray_NDIM(a) != ndim or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or cnp.PyArray_SIZE(a) == 0 or <object>cnp.PyArray_DESCR(a) is not dtype):
+        return False
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(a), index
+    cdef void* data = cnp.PyArray_DATA(a)
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    if type_num == cnp.NPY_DOUBLE:
+        with nogil:
+            index = first_nonfinite_index(<double*>data, n)
+    elif type_num == cnp.NPY_FLOAT:
+        with nogil:
+            index = first_nonfinite_index(<float*>data, n)
+    else:
+        return False
+    return index < 0
+
+
+def ready_labels(object labels, Py_ssize_t n_rows, Py_ssize_t n_classes):
+    """True when labels is a C-contiguous intp ndarray of n_rows labels in [0, n_classes)."""
+    if not cnp.PyArray_CheckExact(labels):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>labels
+    if (cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_TYPE(a) != cnp.NPY_INTP
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_DIMS(a)[0] != n_rows):
+        return False
+    cdef const intp* data = <const intp*>cnp.PyArray_DATA(a)
+    cdef Py_ssize_t i
+    for i in range(n_rows):
+        if data[i] < 0 or data[i] >= n_classes:
+            return False
+    return n_rows > 0
 
 
 def first_nonfinite(array):

@@ -80,18 +80,14 @@ def as_float_array(name, value, dtype, ndim):
 
     Integer input is converted; bool, complex, string and object arrays are refused.
     """
-    if (type(value) is np.ndarray and value.dtype == dtype and value.ndim == ndim
-            and value.flags.c_contiguous):
-        array = value  # the fast path of a training step: no copy, no conversion
-    else:
-        array = np.asarray(value)
-        kind = array.dtype.kind
-        if kind not in "fiu":
-            raise TypeError(f"{name} must hold real numbers, got an array of dtype "
-                            f"{array.dtype}")
-        if array.ndim != ndim:
-            raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
-        array = np.ascontiguousarray(array, dtype=dtype)
+    if _core.ready_array(value, dtype, ndim):
+        return value  # the fast path of a training step: no copy, no conversion, checked in C
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
+    array = np.ascontiguousarray(array, dtype=dtype)
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
     check_finite(name, array)

@@ -125,6 +125,8 @@ class CrossEntropy(Loss):
         super().__init__("cross_entropy" if self.from_logits else "cross_entropy_probs")
 
     def prepare_target(self, target, n_samples, n_outputs, dtype):
+        if _core.ready_labels(target, n_samples, n_outputs):
+            return None, target  # the fast path: intp labels in range, checked in C
         target_array = np.asarray(target)
         if target_array.ndim != 1:
             return super().prepare_target(target_array, n_samples, n_outputs, dtype)
