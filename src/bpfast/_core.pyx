@@ -261,13 +261,12 @@ cdef void activation_backward_rows(floating* grad, const floating* a, const floa
             for j in range(width):
                 gr[j] = gr[j] * (1 - ar[j] * ar[j])
         elif activation == ACT_RELU:
+            # selects, not conditional stores, so the loops vectorize
             for j in range(width):
-                if ar[j] <= 0:
-                    gr[j] = 0
+                gr[j] = 0 if ar[j] <= 0 else gr[j]
         elif activation == ACT_LEAKY_RELU:
             for j in range(width):
-                if not zr[j] > 0:
-                    gr[j] = gr[j] * p
+                gr[j] = gr[j] if zr[j] > 0 else gr[j] * p
         elif activation == ACT_ELU:
             for j in range(width):
                 v = zr[j]
@@ -507,20 +506,19 @@ cdef void optimizer_update_range(const OptimizerParams* o, long long step,
     cdef floating *grad_avg = state + o.grad_avg * n
     cdef floating *state_sum = state + o.sum * n
     cdef floating lerp_weight = 1 - beta1
+    # flags as locals: read through `o` they could alias the stores below, which
+    # keeps the compiler from hoisting the branches and vectorizing the loops
+    cdef bint nesterov = o.nesterov, amsgrad = o.amsgrad, centered = o.centered
+    cdef bint first_step = step == 1
     if o.kind == OPT_SGD:
         for i in range(begin, end):
             g = grad[i]
             if wd != 0:
                 g = g + wd * param[i]
             if momentum != 0:
-                if step == 1:
-                    buf[i] = g
-                else:
-                    buf[i] = buf[i] * momentum + one_minus_dampening * g
-                if o.nesterov:
-                    g = g + momentum * buf[i]
-                else:
-                    g = buf[i]
+                m = g if first_step else buf[i] * momentum + one_minus_dampening * g
+                buf[i] = m
+                g = g + momentum * m if nesterov else m
             param[i] = param[i] + (-lr) * g
     elif o.kind == OPT_ADAM:
         step_size = <floating>(o.lr / (1.0 - pow(o.beta1, <double>step)))
@@ -541,7 +539,7 @@ cdef void optimizer_update_range(const OptimizerParams* o, long long step,
             exp_avg[i] = m
             v = exp_avg_sq[i] * beta2 + (1 - beta2) * (g * g)
             exp_avg_sq[i] = v
-            if o.amsgrad:
+            if amsgrad:
                 v = max_exp_avg_sq[i] if max_exp_avg_sq[i] >= v else v
                 max_exp_avg_sq[i] = v
             denom = _sqrt(v) / bias_correction2_sqrt + eps
@@ -554,7 +552,7 @@ cdef void optimizer_update_range(const OptimizerParams* o, long long step,
                 g = g + wd * param[i]
             v = square_avg[i] * alpha + (1 - alpha) * (g * g)
             square_avg[i] = v
-            if o.centered:
+            if centered:
                 m = grad_avg[i]
                 m = m + lerp_weight * (g - m) if lerp_weight < 0.5 else g - (g - m) * alpha
                 grad_avg[i] = m
