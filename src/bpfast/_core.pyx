@@ -973,16 +973,24 @@ cdef class OptimizerConfig:
     def lr(self, double value):
         self.p.lr = value
 
+    def check_owner(self, Engine engine):
+        """Refuse an engine other than the one this optimizer already steps."""
+        if self.owner is not None and self.owner is not engine:
+            raise ValueError("this optimizer already steps another Network; an optimizer "
+                             "keeps per-parameter state, so create one per network")
+
     cdef int bind(self, Engine engine) except -1:
         """Belong to engine (allocating the state on first use) or refuse another one."""
         if self.owner is engine:
             return 0
-        if self.owner is not None:
-            raise ValueError("this optimizer already steps another Network; an optimizer "
-                             "keeps per-parameter state, so create one per network")
-        self.state = np.full((len(self.state_names), engine.n_parameters),
-                             self.initial_accumulator_value, dtype=engine.dtype)
-        self.owner = engine
+        self.check_owner(engine)
+        state = np.full((len(self.state_names), engine.n_parameters),
+                        self.initial_accumulator_value, dtype=engine.dtype)
+        # the allocation may let another thread bind this optimizer meanwhile
+        self.check_owner(engine)
+        if self.owner is None:
+            self.state = state
+            self.owner = engine
         return 0
 
     def step(self, Engine engine):
@@ -1119,14 +1127,15 @@ cdef class Engine:
         cdef const OptimizerParams* opt_params = NULL
         cdef void* state = NULL
         cdef double value
-        if n_rows > self.capacity:
-            self.reserve(n_rows)
-        if optimizer is not None:
-            optimizer.bind(self)
-            opt_params = &optimizer.p
-            state = _data(optimizer.state)
+        # acquire first: nothing may reallocate the workspaces of a running step
         self.acquire()
         try:
+            if optimizer is not None:
+                optimizer.bind(self)
+                opt_params = &optimizer.p
+                state = _data(optimizer.state)
+            if n_rows > self.capacity:
+                self.reserve(n_rows)
             self.forward_rows = -1
             if optimizer is not None:
                 optimizer.step_count += 1
@@ -1165,15 +1174,15 @@ cdef class Engine:
         cdef void* target_batch
         cdef intp* label_batch
         cdef double value
-        if batch_size > self.capacity:
-            self.reserve(batch_size)
-        optimizer.bind(self)
-        state = _data(optimizer.state)
-        x_batch = _data(self.x_batch)
-        target_batch = _data(self.target_batch)
-        label_batch = <intp*>_data(self.label_batch)
         self.acquire()
         try:
+            optimizer.bind(self)
+            state = _data(optimizer.state)
+            if batch_size > self.capacity:
+                self.reserve(batch_size)
+            x_batch = _data(self.x_batch)
+            target_batch = _data(self.target_batch)
+            label_batch = <intp*>_data(self.label_batch)
             self.forward_rows = -1
             with nogil:
                 if self.is_double:
@@ -1204,13 +1213,14 @@ cdef class Engine:
         x is copied into the workspace, so the caller may change it before backward().
         """
         cdef Py_ssize_t n_rows = x.shape[0]
-        if n_rows > self.capacity:
-            self.reserve(n_rows)
         cdef void* x_ptr = _data(x)
-        cdef void* x_batch = _data(self.x_batch)
+        cdef void* x_batch
         cdef Py_ssize_t x_bytes = x.nbytes
         self.acquire()
         try:
+            if n_rows > self.capacity:
+                self.reserve(n_rows)
+            x_batch = _data(self.x_batch)
             with nogil:
                 memcpy(x_batch, x_ptr, x_bytes)
                 if self.is_double:
@@ -1232,18 +1242,22 @@ cdef class Engine:
         """
         cdef Py_ssize_t n_rows = self.forward_rows
         cdef const LayerSpec* last = &self.layers[self.n_layers - 1]
+        cdef void* grad_x
+        cdef void* grad_out = _data(grad_output)
+        cdef void* x_batch
+        cdef void* out
+        cdef void* z
         grad_input = (np.empty((n_rows, self.n_inputs), dtype=self.dtype)
                       if want_grad_input else None)
-        cdef void* grad_x = _data_or_null(grad_input)
-        cdef void* grad_out = _data(grad_output)
-        cdef void* x_batch = _data(self.x_batch)
-        cdef void* out = <char*>self.ws.acts + (self.capacity * last.a_column
-                                                * self.itemsize)
-        cdef void* z = (out if last.z_column < 0 else
-                        <char*>self.ws.zs + self.capacity * last.z_column
-                        * self.itemsize)
+        grad_x = _data_or_null(grad_input)
         self.acquire()
         try:
+            if self.forward_rows != n_rows:
+                raise ValueError("the cached forward pass changed; call forward() again")
+            x_batch = _data(self.x_batch)
+            out = <char*>self.ws.acts + self.capacity * last.a_column * self.itemsize
+            z = (out if last.z_column < 0 else
+                 <char*>self.ws.zs + self.capacity * last.z_column * self.itemsize)
             with nogil:
                 memcpy(self.ws.delta, grad_out, n_rows * last.n_out * self.itemsize)
                 if self.is_double:

@@ -214,6 +214,7 @@ class Network:
         batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
         shuffle = check_bool("shuffle", shuffle)
         X, target, labels = self._prepare_batch(X, y, loss)
+        optimizer._config.check_owner(self._engine)  # before the shuffle draws anything
         n_samples = X.shape[0]
         batch_size = n_samples if batch_size is None else min(batch_size, n_samples)
         history = History()
