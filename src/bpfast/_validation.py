@@ -64,6 +64,16 @@ def check_choice(name, value, choices):
     return value
 
 
+def instance_by_name(what, value, base, by_name):
+    """value if it is a base instance, else a default instance for the name value."""
+    if isinstance(value, base):
+        return value
+    if isinstance(value, str) and value in by_name:
+        return by_name[value]()
+    raise ValueError(f"unknown {what} {value!r}; valid: a {base.__name__} instance or one of "
+                     f"{', '.join(by_name)}")
+
+
 def check_finite(name, array):
     """Refuse NaN and infinity, naming the position of the first one."""
     index = _core.first_nonfinite(array)

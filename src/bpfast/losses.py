@@ -8,7 +8,7 @@ y)`` is dL/dout with out's shape, the same quantity that back-propagates inside
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, check_bool, check_real
+from ._validation import as_float_array, check_bool, check_real, instance_by_name
 
 __all__ = ["Loss", "MSE", "L1", "Huber", "CrossEntropy", "BinaryCrossEntropy", "get_loss"]
 
@@ -185,9 +185,4 @@ _BY_NAME = {"mse": MSE, "l1": L1, "huber": Huber, "cross_entropy": CrossEntropy,
 
 def get_loss(loss):
     """A Loss instance from an instance or a name ("mse", "cross_entropy", ...)."""
-    if isinstance(loss, Loss):
-        return loss
-    if isinstance(loss, str) and loss in _BY_NAME:
-        return _BY_NAME[loss]()
-    raise ValueError(f"unknown loss {loss!r}; valid: a Loss instance or one of "
-                     f"{', '.join(_BY_NAME)}")
+    return instance_by_name("loss", loss, Loss, _BY_NAME)

@@ -6,7 +6,7 @@ same. The state lives in one flat (n_states, n_parameters) array beside the
 network's parameters; ``state`` exposes its rows by PyTorch's names.
 """
 from . import _core
-from ._validation import check_bool, check_real
+from ._validation import check_bool, check_real, instance_by_name
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get_optimizer"]
 
@@ -127,9 +127,4 @@ _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagr
 
 def get_optimizer(optimizer):
     """An Optimizer instance from an instance or a name ("sgd", "adam", ...; defaults)."""
-    if isinstance(optimizer, Optimizer):
-        return optimizer
-    if isinstance(optimizer, str) and optimizer in _BY_NAME:
-        return _BY_NAME[optimizer]()
-    raise ValueError(f"unknown optimizer {optimizer!r}; valid: an Optimizer instance or "
-                     f"one of {', '.join(_BY_NAME)}")
+    return instance_by_name("optimizer", optimizer, Optimizer, _BY_NAME)
