@@ -3,10 +3,16 @@
     python bench/memprobe.py IMPL OPTIMIZER THREADS STEPS WIDTHS BATCH
     e.g. python bench/memprobe.py bpfast adam 2 50 784,512,512,10 128
 
-IMPL is bpfast or torch. Prints one JSON line: the resident-set high-water mark
-(VmHWM, or getrusage ru_maxrss off Linux) after the imports and the data ("baseline"), after the run
-("peak"), and their difference in MiB. The difference is what the framework needs to
-hold the model, the optimizer state and its workspaces, plus any allocator churn.
+IMPL is bpfast or torch. Prints one JSON line: the resident set size after the imports
+and the data ("baseline"), its high-water mark over the run ("peak"), and their
+difference in MiB: what the framework needs to hold the model, the optimizer state and
+its workspaces, plus any allocator churn.
+
+On Linux the high-water mark is VmHWM from /proc/self/status, reset to the current RSS
+after the imports (clear_refs), so that a peak reached while importing does not hide
+the run's. getrusage's ru_maxrss would not do: Linux carries it over from the parent
+through exec, so a child of a big parent reports the parent's peak. Elsewhere
+ru_maxrss is used as is.
 """
 import json
 import os
@@ -14,19 +20,35 @@ import resource
 import sys
 
 
-def maxrss_mib():
-    """This process's resident-set high-water mark in MiB.
-
-    VmHWM belongs to the process's own address space; getrusage's ru_maxrss is
-    carried across exec from the parent, so a probe started by a large parent would
-    report the parent's peak."""
+def status_kib(field):
+    """A field of /proc/self/status in KiB (Linux), or None."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
+    return None
+
+
+def baseline_mib():
+    """Current RSS, with the high-water mark reset to it where Linux allows."""
+    rss = status_kib("VmRSS")
+    if rss is not None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+            return rss / 1024.0
+        except OSError:
+            pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def peak_mib():
+    hwm = status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -45,7 +67,7 @@ def main():
         import bpfast as bp
         if hasattr(bp, "set_num_threads"):
             bp.set_num_threads(threads)
-        baseline = maxrss_mib()
+        baseline = baseline_mib()
         layers = [bp.Dense(i, o, activation="relu") for i, o in zip(widths[:-2], widths[1:-1])]
         layers.append(bp.Dense(widths[-2], widths[-1]))
         net = bp.Network(layers, dtype="float32", seed=0)
@@ -56,7 +78,7 @@ def main():
     elif impl == "torch":
         import torch
         torch.set_num_threads(threads)
-        baseline = maxrss_mib()
+        baseline = baseline_mib()
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
         mods = []
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -76,7 +98,7 @@ def main():
     else:
         raise SystemExit(f"unknown impl {impl!r}")
 
-    peak = maxrss_mib()
+    peak = peak_mib()
     print(json.dumps({"impl": impl, "optimizer": opt_name, "baseline_mib": round(baseline, 2),
                       "peak_mib": round(peak, 2), "delta_mib": round(peak - baseline, 2),
                       "pid": os.getpid()}))

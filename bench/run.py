@@ -7,6 +7,11 @@ eager, JAX (jit), scikit-learn and plain NumPy, all measured in one run on one m
 See bench/README.md for what is measured and how. Every competitor is optional: one
 that is not installed is reported as "skipped"; if bpfast itself does not import, the
 others still run (the speed-up and target columns are then empty).
+
+Each library runs in its own worker process (this same file, started with --worker),
+so that no library's thread pools or OpenMP settings affect another's; the driver
+asks the workers in turn, round after round, so slow drift in the machine's speed
+falls on all of them alike.
 """
 import argparse
 import contextlib
@@ -50,13 +55,24 @@ PEAK_TARGETS = {"L": 80.0, "XL": 80.0}     # bpfast train_step, percent of GEMM 
 FIT_TARGETS = {"M": 1.2}                   # bpfast fit per batch / train_step at most this
 PREDICT_TARGETS = {1: 10.0, 1024: 1.3}     # predict on M, speed-up over torch eager
 
-IMPL_LABELS = {
-    "bpfast": "bpfast train_step",
-    "bpfast_fit": "bpfast fit (per batch)",
-    "torch": "torch eager",
-    "jax": "jax.jit",
-    "sklearn": "sklearn MLP (per batch)",
-    "numpy": "numpy",
+# Table rows: row name -> (label, worker process that measures it)
+TRAIN_ROWS = {
+    "bpfast": ("bpfast train_step", "bpfast"),
+    "bpfast_fit": ("bpfast fit (per batch)", "bpfast"),
+    "torch": ("torch eager", "torch"),
+    "jax": ("jax.jit", "jax"),
+    "sklearn": ("sklearn MLP (per batch)", "sklearn"),
+    "numpy": ("numpy", "numpy"),
+}
+PREDICT_ROWS = {
+    "bpfast": ("bpfast predict", "bpfast"),
+    "torch": ("torch eager no_grad", "torch"),
+    "jax": ("jax.jit", "jax"),
+    "numpy": ("numpy", "numpy"),
+}
+WORKER_LIBRARIES = {  # worker -> the libraries it imports (numpy always)
+    "bpfast": ["bpfast"], "torch": ["torch"], "jax": ["jax"],
+    "sklearn": ["sklearn"], "numpy": ["scipy"],
 }
 
 
@@ -67,13 +83,13 @@ def parse_args(argv=None):
                    help="threads for every library (default: all cores available)")
     p.add_argument("--shapes", default="S,M,L,XL", help="comma-separated subset of S,M,L,XL")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one library
-    p.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--worker-optimizer", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--worker-predict", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="statistic of the samples reported and compared (default median; "
+                        "min is steadier when something else shares the CPUs)")
     p.add_argument("--skip", default="",
-                   help="comma-separated implementations to leave out "
-                        "(torch,jax,sklearn,numpy,bpfast,memory,import)")
+                   help="comma-separated parts to leave out: "
+                        "bpfast,torch,jax,sklearn,numpy,predict,memory,import")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     args.shapes = [s.strip().upper() for s in args.shapes.split(",") if s.strip()]
     bad = [s for s in args.shapes if s not in SHAPES]
@@ -99,7 +115,8 @@ def configure_threads(n):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                 "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ[var] = str(n)
-    if n == 1:  # XLA's own single-thread switch (the affinity above is what limits n > 1)
+    if n == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+        # XLA's own single-thread switch (the affinity above is what limits n > 1)
         xla = os.environ.get("XLA_FLAGS", "")
         xla += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         os.environ["XLA_FLAGS"] = xla.strip()
@@ -115,13 +132,21 @@ import numpy as np  # noqa: E402  (after configure_threads, on purpose)
 sys.path.insert(0, HERE)
 from numpy_mlp import NumpyMLP, init_params  # noqa: E402
 
-# ---------------------------------------------------------------------------------------
-# Loading the libraries (each optional)
-# ---------------------------------------------------------------------------------------
+if ARGS.quick:
+    TIMING = {"warmup_s": 0.02, "warmup_calls": 2, "sample_s": 0.001, "budget_s": 0.05,
+              "min_samples": 3, "max_samples": 10, "rounds": 1}
+else:
+    TIMING = {"warmup_s": 0.1, "warmup_calls": 3, "sample_s": 0.002, "budget_s": 0.4,
+              "min_samples": 5, "max_samples": 40, "rounds": 3}
+XL_ROUNDS = 1 if ARGS.quick else 2
+N_BATCHES = {"S": 32, "M": 32, "L": 32, "XL": 4 if ARGS.quick else 8}  # data set for fit
 
-LIBS = {}          # name -> module, for the ones that imported
-LIB_STATUS = {}    # name -> "version ..." or "skipped: why"
-_THREAD_LIMITS = None
+# =======================================================================================
+# Worker side: each competitor, one function per step kind
+# =======================================================================================
+
+LIBS = {}          # name -> module, for the ones that imported (in this process)
+LIB_STATUS = {}    # name -> version, or "skipped: why"
 
 
 def import_bpfast():
@@ -143,25 +168,23 @@ def import_bpfast():
         return bpfast
 
 
-def load_libraries(skip):
-    global _THREAD_LIMITS
+IMPORTERS = {  # name -> import function (the module kept is the top-level one)
+    "bpfast": import_bpfast,
+    "torch": lambda: importlib.import_module("torch"),
+    "jax": lambda: importlib.import_module("jax"),
+    "sklearn": lambda: importlib.import_module("sklearn.neural_network") and sys.modules["sklearn"],
+    "scipy": lambda: importlib.import_module("scipy.linalg.blas") and sys.modules["scipy"],
+}
+
+
+def load_libraries(names):
+    """Import the named libraries (each optional), then set every thread pool to n."""
     n = ARGS.threads
-    importers = {  # name -> what to import (the module recorded is the top-level one)
-        "bpfast": import_bpfast,
-        "torch": lambda: importlib.import_module("torch"),
-        "jax": lambda: importlib.import_module("jax"),
-        "sklearn": lambda: importlib.import_module("sklearn.neural_network") and
-        sys.modules["sklearn"],
-        "scipy": lambda: importlib.import_module("scipy.linalg.blas") and sys.modules["scipy"],
-    }
-    for name, importer in importers.items():
-        if name in skip:
-            LIB_STATUS[name] = "skipped: --skip"
-            continue
+    for name in names:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                LIBS[name] = importer()
+                LIBS[name] = IMPORTERS[name]()
             LIB_STATUS[name] = getattr(LIBS[name], "__version__", "?")
         except ImportError as e:
             LIB_STATUS[name] = f"skipped: not installed ({e})"
@@ -169,23 +192,15 @@ def load_libraries(skip):
             LIB_STATUS[name] = f"skipped: import failed ({type(e).__name__}: {e})"
     LIBS["numpy"] = np
     LIB_STATUS["numpy"] = np.__version__
-    if "numpy" in skip:
-        LIB_STATUS["numpy"] = "skipped: --skip"
-    # Thread counts, now that every pool has been loaded.
-    try:
+    try:  # after the imports: threadpoolctl only reaches pools already loaded
         import threadpoolctl
-        _THREAD_LIMITS = threadpoolctl.threadpool_limits(limits=n)
-        LIB_STATUS["threadpoolctl"] = threadpoolctl.__version__
+        LIBS["_limits"] = threadpoolctl.threadpool_limits(limits=n)
     except ImportError:
-        LIB_STATUS["threadpoolctl"] = "skipped: not installed (BLAS threads set by env only)"
+        pass
     if "torch" in LIBS:
         LIBS["torch"].set_num_threads(n)
     if "bpfast" in LIBS and hasattr(LIBS["bpfast"], "set_num_threads"):
         LIBS["bpfast"].set_num_threads(n)
-
-
-def has(name):
-    return name in LIBS and name not in ARGS.skip
 
 
 def bpfast_config():
@@ -211,34 +226,21 @@ def thread_pools():
         return []
 
 
-# ---------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------
-
-if ARGS.quick:
-    TIMING = {"warmup_s": 0.02, "min_warmup_calls": 2, "sample_s": 0.001, "budget_s": 0.05,
-              "min_samples": 3, "max_samples": 10, "rounds": 1}
-else:
-    TIMING = {"warmup_s": 0.1, "min_warmup_calls": 3, "sample_s": 0.002, "budget_s": 0.25,
-              "min_samples": 5, "max_samples": 25, "rounds": 3}
-XL_ROUNDS = 1
-N_BATCHES = {"S": 32, "M": 32, "L": 32, "XL": 4 if ARGS.quick else 8}  # data set for fit
-
-
-def measure(fn, min_samples=None):
+def measure(fn, per_call=1):
     """Warm up, then time fn in samples of `inner` back-to-back calls (each sample lasts
-    about TIMING['sample_s'] so the clock's resolution does not matter); return the
-    per-call times in seconds, one per sample."""
+    about TIMING['sample_s'] so the clock's resolution does not matter); return one
+    per-call time in seconds per sample. Calls that are whole epochs (per_call > 1)
+    get one warm-up call and three samples at least."""
     t = TIMING
-    calls, start = 0, time.perf_counter()
-    last = 0.0
-    while calls < t["min_warmup_calls"] or time.perf_counter() - start < t["warmup_s"]:
+    warmup_calls = 1 if per_call > 1 else t["warmup_calls"]
+    min_samples = 3 if per_call > 1 else t["min_samples"]
+    calls, start, last = 0, time.perf_counter(), 0.0
+    while calls < warmup_calls or time.perf_counter() - start < t["warmup_s"]:
         t0 = time.perf_counter()
         fn()
         last = time.perf_counter() - t0
         calls += 1
     inner = max(1, int(t["sample_s"] / max(last, 1e-9)))
-    min_samples = min_samples or t["min_samples"]
     samples, start = [], time.perf_counter()
     while len(samples) < min_samples or (
             len(samples) < t["max_samples"] and time.perf_counter() - start < t["budget_s"]):
@@ -248,10 +250,6 @@ def measure(fn, min_samples=None):
         samples.append((time.perf_counter() - t0) / inner)
     return samples
 
-
-# ---------------------------------------------------------------------------------------
-# Data and initial weights (the same for every implementation)
-# ---------------------------------------------------------------------------------------
 
 class Problem:
     """One shape: a data set of n_batches batches, the batches as separate C-contiguous
@@ -273,9 +271,10 @@ class Problem:
         for a in self.weights + self.biases:
             a.flags.writeable = False  # every implementation copies them
 
-    def flops_per_step(self):
-        macs = sum(i * o for i, o in zip(self.widths[:-1], self.widths[1:]))
-        return 6 * self.batch * macs  # forward 2, backward 4 (dW and da) per MAC
+
+def flops_per_step(widths, batch):
+    macs = sum(i * o for i, o in zip(widths[:-1], widths[1:]))
+    return 6 * batch * macs  # forward 2, backward 4 (dW and da) per multiply-add
 
 
 def cycle(batches):
@@ -283,9 +282,7 @@ def cycle(batches):
     return itertools.cycle(batches)
 
 
-# ---------------------------------------------------------------------------------------
-# bpfast
-# ---------------------------------------------------------------------------------------
+# ---- bpfast ---------------------------------------------------------------------------
 
 def bpfast_network(p):
     bp = LIBS["bpfast"]
@@ -331,9 +328,7 @@ def bpfast_predict(p, n):
     return lambda: net.predict(X)
 
 
-# ---------------------------------------------------------------------------------------
-# PyTorch eager
-# ---------------------------------------------------------------------------------------
+# ---- PyTorch eager --------------------------------------------------------------------
 
 def torch_model(p):
     torch = LIBS["torch"]
@@ -380,9 +375,7 @@ def torch_predict(p, n):
     return predict
 
 
-# ---------------------------------------------------------------------------------------
-# JAX: the whole step under jax.jit, parameters and optimizer state donated
-# ---------------------------------------------------------------------------------------
+# ---- JAX: the whole step under jax.jit, parameters and optimizer state donated --------
 
 def jax_params(p):
     import jax.numpy as jnp
@@ -457,9 +450,7 @@ def jax_predict(p, n):
     return lambda: forward(params, X).block_until_ready()
 
 
-# ---------------------------------------------------------------------------------------
-# scikit-learn MLPClassifier: one partial_fit call is one epoch over the data set
-# ---------------------------------------------------------------------------------------
+# ---- scikit-learn MLPClassifier: one partial_fit call is one epoch over the data set --
 
 def sklearn_partial_fit(p, opt):
     from sklearn.neural_network import MLPClassifier
@@ -483,9 +474,7 @@ def sklearn_partial_fit(p, opt):
     return epoch, p.n_batches
 
 
-# ---------------------------------------------------------------------------------------
-# Plain NumPy (bench/numpy_mlp.py)
-# ---------------------------------------------------------------------------------------
+# ---- plain NumPy (bench/numpy_mlp.py) -------------------------------------------------
 
 def numpy_train_step(p, opt):
     if opt == "sgd":
@@ -506,20 +495,119 @@ def numpy_predict(p, n):
     return lambda: model.forward(X)
 
 
-TRAIN_FACTORIES = {  # row name -> (library needed, factory)
-    "bpfast": ("bpfast", bpfast_train_step),
-    "bpfast_fit": ("bpfast", bpfast_fit),
-    "torch": ("torch", torch_train_step),
-    "jax": ("jax", jax_train_step),
-    "sklearn": ("sklearn", sklearn_partial_fit),
-    "numpy": ("numpy", numpy_train_step),
+TRAIN_FACTORIES = {
+    "bpfast": bpfast_train_step, "bpfast_fit": bpfast_fit, "torch": torch_train_step,
+    "jax": jax_train_step, "sklearn": sklearn_partial_fit, "numpy": numpy_train_step,
 }
 PREDICT_FACTORIES = {
-    "bpfast": ("bpfast", bpfast_predict),
-    "torch": ("torch", torch_predict),
-    "jax": ("jax", jax_predict),
-    "numpy": ("numpy", numpy_predict),
+    "bpfast": bpfast_predict, "torch": torch_predict, "jax": jax_predict,
+    "numpy": numpy_predict,
 }
+
+
+# ---- GEMM peak ------------------------------------------------------------------------
+
+def gemm(n=2048):
+    """float32 n x n @ n x n, median over a few runs, with this worker's library: NumPy's
+    and SciPy's BLAS in the numpy worker (SciPy's is the one bpfast calls through
+    scipy.linalg.cython_blas), torch.mm and a jitted jax matmul for information."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), np.float32)
+    fns = {}
+    if "scipy" in LIBS:  # numpy worker
+        fns["numpy"] = lambda: np.matmul(a, b, out=out)
+        sgemm = LIBS["scipy"].linalg.blas.sgemm
+        af, bf = np.asfortranarray(a), np.asfortranarray(b)
+        fns["scipy"] = lambda: sgemm(1.0, af, bf)  # Fortran order: no copies
+    if "torch" in LIBS:
+        torch = LIBS["torch"]
+        ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+        fns["torch"] = lambda: torch.mm(ta, tb, out=tout)
+    if "jax" in LIBS:
+        import jax
+        ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
+        mm = jax.jit(lambda x, y: x @ y)
+        fns["jax"] = lambda: mm(ja, jb).block_until_ready()
+    reps = 3 if ARGS.quick else 7
+    result = {}
+    for name, fn in fns.items():
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        result[name] = {"gflops": 2.0 * n ** 3 / statistics.median(times) / 1e9,
+                        "best_gflops": 2.0 * n ** 3 / min(times) / 1e9}
+    return result
+
+
+# ---- the worker loop ------------------------------------------------------------------
+
+MARK = "@@bench "   # prefix of the worker's answers on stdout (anything else is ignored)
+
+
+def worker_main(worker):
+    """Answer one JSON request per stdin line with one MARK-prefixed JSON line."""
+    load_libraries(WORKER_LIBRARIES[worker])
+    needed = "numpy" if worker == "numpy" else WORKER_LIBRARIES[worker][0]
+    problems, steps = {}, {}
+
+    def problem(shape, n_batches):
+        key = (shape, n_batches)
+        if key not in problems:
+            problems[key] = Problem(shape, n_batches)
+        return problems[key]
+
+    def answer(obj):
+        sys.stdout.write(MARK + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req["op"]
+        try:
+            if op == "hello":
+                ok = needed in LIBS
+                bp = LIBS.get("bpfast")
+                answer({"ok": ok, "status": LIB_STATUS.get(needed), "versions": LIB_STATUS,
+                        "bpfast_config": bpfast_config(), "thread_pools": thread_pools(),
+                        "bpfast_file": os.path.dirname(bp.__file__) if bp else None,
+                        "pythonpath": os.environ.get("PYTHONPATH")})
+            elif op == "train":  # time one row; the model persists across rounds
+                key = ("train", req["row"], req["shape"], req["opt"])
+                if key not in steps:
+                    p = problem(req["shape"], N_BATCHES[req["shape"]])
+                    steps[key] = TRAIN_FACTORIES[req["row"]](p, req["opt"])
+                fn, per_call = steps[key]
+                answer({"ok": True,
+                        "samples": [s / per_call for s in measure(fn, per_call)]})
+            elif op == "predict":
+                key = ("predict", req["row"], req["n"])
+                if key not in steps:
+                    steps[key] = (PREDICT_FACTORIES[req["row"]](problem("M", 16), req["n"]), 1)
+                answer({"ok": True, "samples": measure(steps[key][0])})
+            elif op == "losses":  # first steps from the shared init, for the consistency check
+                step, _ = TRAIN_FACTORIES[req["row"]](problem("M", 4), req["opt"])
+                losses = [step() for _ in range(req["steps"])]
+                losses = [float(v.detach() if hasattr(v, "detach") else v) for v in losses]
+                answer({"ok": True, "losses": losses})
+            elif op == "gemm":
+                answer({"ok": True, "gemm": gemm()})
+            elif op == "forget":  # free a shape's models and data (XL is big)
+                for key in [k for k in steps if req["shape"] in k]:
+                    del steps[key]
+                for key in [k for k in problems if k[0] == req["shape"]]:
+                    del problems[key]
+                answer({"ok": True})
+            elif op == "quit":
+                answer({"ok": True})
+                return
+        except Exception as e:
+            traceback.print_exc(limit=4)
+            answer({"ok": False, "error": short_error(e)})
 
 
 def short_error(e):
@@ -527,153 +615,186 @@ def short_error(e):
     return msg if len(msg) < 160 else msg[:157] + "..."
 
 
-# ---------------------------------------------------------------------------------------
-# The measurements
-# ---------------------------------------------------------------------------------------
+# =======================================================================================
+# Driver side
+# =======================================================================================
 
-def gemm_peak(n=2048):
-    """float32 n x n @ n x n through NumPy's and SciPy's BLAS (SciPy's is the one bpfast
-    calls, through scipy.linalg.cython_blas); torch's and jax's for information."""
-    flops = 2.0 * n ** 3
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    out = np.empty((n, n), np.float32)
-    reps = 3 if ARGS.quick else 7
-    candidates = {"numpy": lambda: np.matmul(a, b, out=out)}
-    if has("scipy"):
-        sgemm = LIBS["scipy"].linalg.blas.sgemm
-        af, bf = np.asfortranarray(a), np.asfortranarray(b)
-        candidates["scipy"] = lambda: sgemm(1.0, af, bf)
-    if has("torch"):
-        torch = LIBS["torch"]
-        ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
-        candidates["torch"] = lambda: torch.mm(ta, tb, out=tout)
-    if has("jax"):
-        import jax
-        ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
-        mm = jax.jit(lambda x, y: x @ y)
-        candidates["jax"] = lambda: mm(ja, jb).block_until_ready()
-    result = {}
-    for name, fn in candidates.items():
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        result[name] = {"gflops": flops / statistics.median(times) / 1e9,
-                        "best_gflops": flops / min(times) / 1e9}
-    peak = max(result[k]["gflops"] for k in ("numpy", "scipy") if k in result)
-    return peak, result
+class Worker:
+    """One competitor's process: this file with --worker NAME, spoken to by JSON lines."""
 
+    def __init__(self, name):
+        self.name = name
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
+               "--threads", str(ARGS.threads)] + (["--quick"] if ARGS.quick else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.hello = None
 
-# Each library is timed in a fresh process of its own. In one process, the idle pools
-# of the others (PyTorch's spinning OpenMP workers, XLA's Eigen threads) take the cores
-# and slow everyone by 2-3x on 2 cores (bench/README.md). The one run still times every
-# library on the same machine, shape after shape, with the same settings.
-WORKER_LIBS = ("bpfast", "torch", "jax", "sklearn", "numpy")
-
-
-def run_worker(lib, shape, opt, peak, predict=False):
-    """Run this script as a worker timing only lib's rows; its rows, or [] on failure."""
-    if lib in ARGS.skip:
-        return []
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--shapes", shape,
-           "--threads", str(ARGS.threads), "--peak", str(peak), "--worker-optimizer", opt]
-    if ARGS.quick:
-        cmd.append("--quick")
-    if predict:
-        cmd.append("--worker-predict")
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    lines = r.stdout.strip().splitlines()
-    if r.returncode != 0 or not lines:
-        print(f"  worker {lib} {shape} {opt} failed: {r.stderr.strip()[-300:]}")
-        return []
-    return json.loads(lines[-1])
-
-
-def worker_main():
-    """Time one library's rows (training for one optimizer and shape, or predict) as JSON."""
-    lib = ARGS.worker
-    load_libraries([name for name in WORKER_LIBS + ("scipy",) if name not in (lib, "scipy")])
-    if ARGS.worker_predict:
-        rows = [r for r in run_predict(ARGS.peak) if PREDICT_FACTORIES[r["impl"]][0] == lib]
-    else:
-        rows = [r for r in run_training(ARGS.shapes[0], ARGS.worker_optimizer, ARGS.peak)
-                if TRAIN_FACTORIES[r["impl"]][0] == lib]
-    print(json.dumps(rows))
-
-
-def run_training_isolated(shape, opt, peak):
-    rows = {}
-    for lib in WORKER_LIBS:
-        for row in run_worker(lib, shape, opt, peak):
-            rows[row["impl"]] = row
-    for name, (lib, _) in TRAIN_FACTORIES.items():
-        skipped = lib in ARGS.skip
-        rows.setdefault(name, {"shape": shape, "optimizer": opt, "impl": name,
-                               "label": IMPL_LABELS[name],
-                               "status": "skipped" if skipped else "error",
-                               "why": "--skip" if skipped else "worker failed",
-                               "n_samples": 0})
-    add_speedups_and_targets(shape, rows)
-    return [rows[name] for name in TRAIN_FACTORIES]
-
-
-def run_predict_isolated(peak):
-    rows = []
-    for lib in WORKER_LIBS:
-        if any(l == lib for l, _ in PREDICT_FACTORIES.values()):
-            rows += run_worker(lib, "M", "sgd", peak, predict=True)
-    for n in (1, 1024):
-        by_name = {r["impl"]: r for r in rows if r["n"] == n}
-        bp = by_name.get("bpfast")
-        for name, row in by_name.items():
-            if name == "bpfast" or row["status"] != "ok" or not bp or bp["status"] != "ok":
-                continue
-            row["speedup"] = row["us"] / bp["us"]
-            if name == "torch":
-                row["verdict"] = "PASS" if row["speedup"] >= PREDICT_TARGETS[n] else "FAIL"
-    return sorted(rows, key=lambda r: (r["n"], list(PREDICT_FACTORIES).index(r["impl"])))
-
-
-def run_training(shape, opt, peak):
-    p = Problem(shape, N_BATCHES[shape])
-    flops = p.flops_per_step()
-    rows, steps = {}, {}
-    for name, (lib, factory) in TRAIN_FACTORIES.items():
-        row = {"shape": shape, "optimizer": opt, "impl": name, "label": IMPL_LABELS[name],
-               "batch": p.batch, "widths": p.widths, "status": "ok", "samples": []}
-        rows[name] = row
-        if not has(lib):
-            row["status"] = "skipped"
-            row["why"] = LIB_STATUS.get(lib, "")
-            continue
+    def ask(self, **req):
+        if self.proc.poll() is not None:
+            return {"ok": False, "error": f"worker exited ({self.proc.returncode})"}
         try:
-            steps[name] = factory(p, opt)
-        except Exception as e:
-            row["status"] = "error"
-            row["why"] = short_error(e)
-            traceback.print_exc(limit=3)
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            for line in self.proc.stdout:
+                if line.startswith(MARK):
+                    return json.loads(line[len(MARK):])
+        except (BrokenPipeError, OSError) as e:
+            return {"ok": False, "error": f"worker failed: {e}"}
+        return {"ok": False, "error": f"worker died (exit {self.proc.wait()})"}
+
+    def cpu_ticks(self):
+        """CPU time used so far by all this worker's threads, in clock ticks (Linux)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return int(parts[11]) + int(parts[12])  # utime + stime
+
+    def settle(self, window=0.03, max_wait=0.6):
+        """Wait until this worker is idle. After its last call, BLAS and OpenMP workers
+        spin on for a while (OpenBLAS for ~0.1 s); left alone, they would take a core from
+        whichever library is measured next."""
+        try:
+            deadline = time.perf_counter() + max_wait
+            before = self.cpu_ticks()
+            while time.perf_counter() < deadline:
+                time.sleep(window)
+                now = self.cpu_ticks()
+                if now == before:
+                    return
+                before = now
+        except (OSError, ValueError, IndexError):  # no /proc: wait out OpenBLAS's spin
+            time.sleep(0.15)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.ask(op="quit")
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_workers():
+    wanted = [w for w in WORKER_LIBRARIES if w not in ARGS.skip]
+    workers = {w: Worker(w) for w in wanted}   # they import in parallel
+    for w in workers.values():
+        w.hello = w.ask(op="hello")
+    return workers
+
+
+def worker_status(workers, name):
+    """'ok' or why this worker's rows are empty."""
+    if name in ARGS.skip:
+        return "skipped: --skip"
+    w = workers.get(name)
+    if w is None or w.hello is None:
+        return "skipped"
+    if not w.hello.get("ok"):
+        return w.hello.get("status") or w.hello.get("error") or "skipped"
+    return "ok"
+
+
+class CpuMonitor:
+    """How much of the machine was not ours while we measured (Linux; None elsewhere):
+    other = CPU time of every other process (/proc/stat busy time minus our processes'
+    /proc/PID/stat time), steal = time the hypervisor gave our virtual CPUs to someone
+    else; both in percent of wall time x cores."""
+
+    def __init__(self, pids):
+        self.pids = pids
+        self.start = self.snapshot()
+
+    def snapshot(self):
+        try:
+            with open("/proc/stat") as f:
+                user, nice, system, idle, iowait, irq, softirq, steal = (
+                    int(x) for x in f.readline().split()[1:9])
+            ours = 0
+            for pid in self.pids:
+                with open(f"/proc/{pid}/stat") as f:
+                    parts = f.read().rsplit(")", 1)[1].split()
+                ours += int(parts[11]) + int(parts[12])  # utime, stime
+            busy = user + nice + system + irq + softirq
+            return busy, ours, steal, time.perf_counter()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def percents(self):
+        """{'other': %, 'steal': %} since construction, or None."""
+        end = self.snapshot()
+        if self.start is None or end is None:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK") * (end[3] - self.start[3]) * (os.cpu_count() or 1)
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        steal = end[2] - self.start[2]
+        return {"other": round(max(0.0, 100.0 * other / ticks), 1),
+                "steal": round(100.0 * steal / ticks, 1)}
+
+
+def load_note(load):
+    if load is None:
+        return ""
+    return f"; other processes {load['other']:.0f}%, steal {load['steal']:.0f}% of the CPUs"
+
+
+NOISY_SPREAD = 1.15
+
+
+def print_noise(rows):
+    """Median over the rows of median/min: well above 1 means the machine's speed changed
+    while we measured, often because another virtual machine shares the same cores (which
+    neither /proc/stat nor steal time shows)."""
+    spreads = sorted(r["spread"] for r in rows if r.get("spread"))
+    if not spreads:
+        return None
+    typical = statistics.median(spreads)
+    print(f"  noise: median/min over the samples, typical {typical:.2f}, worst {spreads[-1]:.2f}"
+          + ("  <- NOISY: timings unreliable, rerun on a quiet machine or use --stat min"
+             if typical > NOISY_SPREAD else ""))
+    return typical
+
+
+def summarize(row, samples, flops, peak):
+    """Fill a row's times from its samples (seconds per step): us is the --stat statistic
+    (median by default), spread = median / min (near 1 on a quiet machine)."""
+    if row["status"] == "ok" and samples:
+        t = statistics.median(samples) if ARGS.stat == "median" else min(samples)
+        row["us"] = t * 1e6
+        row["us_median"] = statistics.median(samples) * 1e6
+        row["us_min"] = min(samples) * 1e6
+        row["spread"] = round(row["us_median"] / row["us_min"], 3)
+        row["gflops"] = flops / t / 1e9
+        row["pct_peak"] = 100.0 * row["gflops"] / peak
+    elif row["status"] == "ok":
+        row["status"], row["why"] = "error", "no samples"
+    row["n_samples"] = len(samples)
+
+
+def run_training(workers, shape, opt, peak):
+    spec = SHAPES[shape]
+    rows, samples = {}, {}
+    for name, (label, wname) in TRAIN_ROWS.items():
+        status = worker_status(workers, wname)
+        rows[name] = {"shape": shape, "optimizer": opt, "impl": name, "label": label,
+                      "batch": spec["batch"], "widths": spec["widths"],
+                      "status": "ok" if status == "ok" else "skipped"}
+        if status != "ok":
+            rows[name]["why"] = status.removeprefix("skipped: ")
+        samples[name] = []
     rounds = XL_ROUNDS if shape == "XL" else TIMING["rounds"]
     for _ in range(rounds):  # interleave the implementations to share any drift
-        for name, (fn, per_call) in list(steps.items()):
-            try:
-                min_samples = 3 if per_call > 1 else None  # whole epochs: fewer
-                rows[name]["samples"] += [s / per_call for s in measure(fn, min_samples)]
-            except Exception as e:
-                rows[name]["status"] = "error"
-                rows[name]["why"] = short_error(e)
-                del steps[name]
-                traceback.print_exc(limit=3)
-    for row in rows.values():
-        if row["status"] == "ok":
-            t = statistics.median(row["samples"])
-            row["us"] = t * 1e6
-            row["gflops"] = flops / t / 1e9
-            row["pct_peak"] = 100.0 * row["gflops"] / peak
-        row["n_samples"] = len(row.pop("samples"))
+        for name, (label, wname) in TRAIN_ROWS.items():
+            if rows[name]["status"] != "ok":
+                continue
+            r = workers[wname].ask(op="train", row=name, shape=shape, opt=opt)
+            workers[wname].settle()
+            if r.get("ok"):
+                samples[name] += r["samples"]
+            else:
+                rows[name]["status"], rows[name]["why"] = "error", r.get("error", "?")
+    flops = flops_per_step(spec["widths"], spec["batch"])
+    for name, row in rows.items():
+        summarize(row, samples[name], flops, peak)
     add_speedups_and_targets(shape, rows)
     return list(rows.values())
 
@@ -710,38 +831,32 @@ def add_speedups_and_targets(shape, rows):
                 row["verdict"] = "PASS" if row["speedup"] >= SPEEDUP_TARGETS[key] else "FAIL"
 
 
-def run_predict(peak):
-    p = Problem("M", 16)   # 1024 samples
-    macs = sum(i * o for i, o in zip(p.widths[:-1], p.widths[1:]))
+def run_predict(workers, peak):
+    widths = SHAPES["M"]["widths"]
     rows = []
     for n in (1, 1024):
-        fns, by_name = {}, {}
-        for name, (lib, factory) in PREDICT_FACTORIES.items():
-            row = {"shape": "M", "n": n, "impl": name, "status": "ok", "samples": []}
-            by_name[name] = row
-            rows.append(row)
-            if not has(lib):
-                row["status"], row["why"] = "skipped", LIB_STATUS.get(lib, "")
-                continue
-            try:
-                fns[name] = factory(p, n)
-            except Exception as e:
-                row["status"], row["why"] = "error", short_error(e)
+        by_name, samples = {}, {}
+        for name, (label, wname) in PREDICT_ROWS.items():
+            status = worker_status(workers, wname)
+            by_name[name] = {"shape": "M", "n": n, "impl": name, "label": label,
+                             "status": "ok" if status == "ok" else "skipped"}
+            if status != "ok":
+                by_name[name]["why"] = status.removeprefix("skipped: ")
+            samples[name] = []
         for _ in range(TIMING["rounds"]):
-            for name, fn in list(fns.items()):
-                try:
-                    by_name[name]["samples"] += measure(fn)
-                except Exception as e:
-                    by_name[name]["status"], by_name[name]["why"] = "error", short_error(e)
-                    del fns[name]
-        for row in by_name.values():
-            if row["status"] == "ok":
-                t = statistics.median(row["samples"])
-                row["us"] = t * 1e6
-                row["gflops"] = 2 * n * macs / t / 1e9
-                row["pct_peak"] = 100 * row["gflops"] / peak
-            row["n_samples"] = len(row.pop("samples"))
+            for name, (label, wname) in PREDICT_ROWS.items():
+                if by_name[name]["status"] != "ok":
+                    continue
+                r = workers[wname].ask(op="predict", row=name, n=n)
+                workers[wname].settle()
+                if r.get("ok"):
+                    samples[name] += r["samples"]
+                else:
+                    by_name[name]["status"], by_name[name]["why"] = "error", r.get("error")
+        flops = flops_per_step(widths, n) / 3  # forward only: 2 flops per multiply-add
         bp = by_name["bpfast"]
+        for name, row in by_name.items():
+            summarize(row, samples[name], flops, peak)
         for name, row in by_name.items():
             row["speedup"], row["target"], row["verdict"] = None, None, None
             if name == "bpfast":
@@ -752,23 +867,19 @@ def run_predict(peak):
                 row["target"] = f">={PREDICT_TARGETS[n]:g}x"
                 if row["speedup"] is not None:
                     row["verdict"] = "PASS" if row["speedup"] >= PREDICT_TARGETS[n] else "FAIL"
+        rows += by_name.values()
     return rows
 
 
-def check_consistency(opt, steps=3):
+def check_consistency(workers, opt, steps=3):
     """Same init, same batches: the losses of the first steps must agree, or some
     implementation is not doing the same work. Reference: torch (numpy without it)."""
-    p = Problem("M", 4)
     losses = {}
     for name in ("bpfast", "torch", "jax", "numpy"):
-        lib, factory = TRAIN_FACTORIES[name]
-        if not has(lib):
+        if worker_status(workers, TRAIN_ROWS[name][1]) != "ok":
             continue
-        try:
-            step, _ = factory(p, opt)
-            losses[name] = [float(step()) for _ in range(steps)]
-        except Exception as e:
-            losses[name] = short_error(e)
+        r = workers[TRAIN_ROWS[name][1]].ask(op="losses", row=name, opt=opt, steps=steps)
+        losses[name] = r["losses"] if r.get("ok") else r.get("error", "?")
     ref_name = "torch" if isinstance(losses.get("torch"), list) else "numpy"
     ref = losses.get(ref_name)
     result = {"optimizer": opt, "reference": ref_name, "losses": losses, "max_abs_diff": {}}
@@ -786,24 +897,26 @@ def subprocess_seconds(code, reps):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
         if r.returncode != 0:
-            return None, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"
+            lines = r.stderr.strip().splitlines()
+            return None, lines[-1] if lines else "failed"
     return statistics.median(times), None
 
 
-def import_times():
+def import_times(bpfast_ok):
     reps = 3 if ARGS.quick else 5
     base, _ = subprocess_seconds("pass", reps)
-    result = {"python_startup_ms": base * 1e3}
+    result = {"python_startup_ms": round(base * 1e3, 1)}
     modules = {"bpfast": "import bpfast", "numpy+scipy.linalg": "import numpy, scipy.linalg",
                "torch": "import torch", "jax": "import jax, jax.numpy"}
+    if ARGS.quick:  # the competitors' import times do not change: full runs only
+        modules = {"bpfast": modules["bpfast"]}
     for name, code in modules.items():
-        lib = name.split("+")[0]
-        if lib != "numpy" and not has(lib):
+        if name in ARGS.skip or (name == "bpfast" and not bpfast_ok):
             result[name] = "skipped"
             continue
         t, err = subprocess_seconds(code, reps)
         result[name] = round((t - base) * 1e3, 1) if t is not None else f"error: {err}"
-    if has("bpfast"):  # where bpfast's own import time goes
+    if bpfast_ok:  # where bpfast's own import time goes
         r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import bpfast"],
                            capture_output=True, text=True)
         entries = []
@@ -819,17 +932,19 @@ def import_times():
     return result
 
 
-def memory():
+def memory(workers):
     shape = SHAPES["L"]
     steps = 20 if ARGS.quick else 50
     widths = ",".join(map(str, shape["widths"]))
     n_params = sum(i * o + o for i, o in zip(shape["widths"][:-1], shape["widths"][1:]))
     result = {"shape": "L", "steps": steps, "params_mib": round(n_params * 4 / 2 ** 20, 2),
               "runs": []}
-    for opt in ("sgd", "adam"):
+    for opt in OPTIMIZERS:
         for impl in ("bpfast", "torch"):
-            if not has(impl):
-                result["runs"].append({"impl": impl, "optimizer": opt, "status": "skipped"})
+            status = worker_status(workers, impl)
+            if status != "ok":
+                result["runs"].append({"impl": impl, "optimizer": opt, "status": "skipped",
+                                       "why": status.removeprefix("skipped: ")})
                 continue
             cmd = [sys.executable, os.path.join(HERE, "memprobe.py"), impl, opt,
                    str(ARGS.threads), str(steps), widths, str(shape["batch"])]
@@ -849,15 +964,12 @@ def memory():
 # Printing and saving
 # ---------------------------------------------------------------------------------------
 
-def fmt(x, spec, empty="-"):
-    return empty if x is None else format(x, spec)
-
-
-def print_training_table(opt, rows, peak):
+def print_training_table(opt, rows, peak, background):
+    bg = load_note(background)
     print(f"\nTraining step: {OPTIMIZERS[opt]}, float32, ReLU, cross-entropy, "
-          f"{ARGS.threads} thread(s); GEMM peak {peak:.1f} GFLOP/s")
-    head = (f"{'shape':5} {'implementation':24} {'us/step':>11} {'GFLOP/s':>8} {'%peak':>6} "
-            f"{'bpfast x':>9}  {'target':14} {'':4}")
+          f"{ARGS.threads} thread(s); GEMM peak {peak:.1f} GFLOP/s{bg}")
+    head = (f"{'shape':5} {'implementation':24} {'us/step':>11} {'(min)':>10} {'GFLOP/s':>8} "
+            f"{'%peak':>6} {'bpfast x':>9}  {'target':13} {'':4}")
     print(head)
     print("-" * len(head))
     last_shape = None
@@ -866,47 +978,49 @@ def print_training_table(opt, rows, peak):
             print()
         last_shape = r["shape"]
         if r["status"] != "ok":
-            why = r.get("why", "")
-            print(f"{r['shape']:5} {r['label']:24} {r['status']}: {why[:90]}"
+            why = str(r.get("why", ""))
+            print(f"{r['shape']:5} {r['label']:24} {r['status']}: {why[:80]}"
                   + (f"  [{r['target']}]" if r.get("target") else ""))
             continue
         if r["impl"] == "bpfast_fit":
-            x = fmt(r.get("fit_over_step"), ".2f", "")
-            x = f"{x}x step" if x else "-"
+            x = f"{r['fit_over_step']:.2f}x st" if r.get("fit_over_step") else "-"
         elif r["speedup"] is not None:
             x = f"{r['speedup']:.2f}x" + ("*" if r["impl"] == "sklearn" else "")
         else:
             x = "-"
-        print(f"{r['shape']:5} {r['label']:24} {r['us']:11.1f} {r['gflops']:8.2f} "
-              f"{r['pct_peak']:5.1f}% {x:>9}  {r['target'] or '':14} {r['verdict'] or ''}")
-    print("  bpfast x = competitor time / bpfast train_step time (* sklearn: / bpfast fit "
-          "time, both include batching and shuffling)")
+        print(f"{r['shape']:5} {r['label']:24} {r['us']:11.1f} {r['us_min']:10.1f} "
+              f"{r['gflops']:8.2f} {r['pct_peak']:5.1f}% {x:>9}  {r['target'] or '':13} "
+              f"{r['verdict'] or ''}")
+    print_noise(rows)
+    print(f"  us/step: {ARGS.stat} (min); bpfast x = competitor time / bpfast train_step time "
+          "(* sklearn: / bpfast fit time,\n  both include batching and shuffling); "
+          "fit row: fit time per batch / train_step time")
 
 
-def print_predict_table(rows):
-    print("\nInference on M ([784, 128, 10]), float32: predict(X) latency")
-    head = (f"{'n':>5} {'implementation':24} {'us/call':>11} {'GFLOP/s':>8} "
-            f"{'bpfast x':>9}  {'target':14}")
+def print_predict_table(rows, background):
+    bg = load_note(background)
+    print(f"\nInference on M ([784, 128, 10]), float32: predict(X) latency{bg}")
+    head = (f"{'n':>5} {'implementation':24} {'us/call':>11} {'(min)':>10} {'GFLOP/s':>8} "
+            f"{'bpfast x':>9}  {'target':13}")
     print(head)
     print("-" * (len(head) + 5))
-    labels = {"bpfast": "bpfast predict", "torch": "torch eager no_grad",
-              "jax": "jax.jit", "numpy": "numpy"}
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['n']:5} {labels[r['impl']]:24} {r['status']}: {r.get('why', '')[:90]}")
+            print(f"{r['n']:5} {r['label']:24} {r['status']}: {str(r.get('why', ''))[:80]}")
             continue
-        print(f"{r['n']:5} {labels[r['impl']]:24} {r['us']:11.2f} {r['gflops']:8.2f} "
-              f"{fmt(r['speedup'], '.2f'):>8}{'x' if r['speedup'] else ' '}  "
-              f"{r['target'] or '':14} {r['verdict'] or ''}")
+        x = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        print(f"{r['n']:5} {r['label']:24} {r['us']:11.2f} {r['us_min']:10.2f} "
+              f"{r['gflops']:8.2f} {x:>9}  {r['target'] or '':13} {r['verdict'] or ''}")
+    print_noise(rows)
 
 
 def print_targets(results):
     verdicts = []
     for r in results["training"] + results["predict"]:
         if r.get("target"):
-            what = (f"{r['shape']} {r.get('optimizer', 'predict n=' + str(r.get('n')))} "
-                    f"{r['impl']}")
-            verdicts.append((what, r["target"], r.get("verdict") or "n/a"))
+            kind = r["optimizer"] if "optimizer" in r else f"predict n={r['n']}"
+            verdicts.append((f"{r['shape']} {kind} {r['impl']}", r["target"],
+                             r.get("verdict") or "n/a"))
     results["targets"] = [{"what": w, "target": t, "verdict": v} for w, t, v in verdicts]
     n_pass = sum(v == "PASS" for _, _, v in verdicts)
     n_fail = sum(v == "FAIL" for _, _, v in verdicts)
@@ -940,7 +1054,7 @@ def plot(results, path):
         ax.set_yscale("log")
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes)
-        ax.set_title(f"{OPTIMIZERS[opt]}")
+        ax.set_title(OPTIMIZERS[opt])
         ax.set_xlabel("shape")
     axes[0].set_ylabel("bpfast speed-up (competitor time / bpfast time)")
     axes[1].legend()
@@ -963,68 +1077,110 @@ def cpu_model():
 
 
 def main():
-    if ARGS.worker:
-        worker_main()
-        return
     t_start = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"bpfast benchmark ({'quick' if ARGS.quick else 'full'}), {ARGS.threads} thread(s) "
-          f"of {os.cpu_count()} cores, CPU: {cpu_model()}")
-    load_libraries(ARGS.skip)
-    for name in ("bpfast", "torch", "jax", "sklearn", "scipy", "numpy", "threadpoolctl"):
-        print(f"  {name:14} {LIB_STATUS.get(name, '?')}")
-    if "bpfast" in LIBS:
-        print(f"  bpfast from    {os.path.dirname(LIBS['bpfast'].__file__)}")
-    config = bpfast_config()
+          f"of {os.cpu_count()} cores, CPU: {cpu_model()}"
+          + (f", load average {load:.2f}" if load is not None else ""))
+    workers = start_workers()
+    versions = {}
+    for name, w in workers.items():
+        lib = WORKER_LIBRARIES[name][0]
+        versions[lib] = w.hello.get("versions", {}).get(lib) or w.hello.get("error")
+    versions["numpy"] = np.__version__
+    for name in WORKER_LIBRARIES:
+        lib = WORKER_LIBRARIES[name][0]
+        if name in ARGS.skip:
+            versions[lib] = "skipped: --skip"
+        print(f"  {lib:8} {versions.get(lib)}")
+    bp_hello = workers["bpfast"].hello if "bpfast" in workers else {}
+    bpfast_ok = bool(bp_hello.get("ok"))
+    if bpfast_ok:
+        print(f"  bpfast from {bp_hello['bpfast_file']}")
+        if bp_hello.get("pythonpath"):  # found in src/: the subprocesses need it too
+            os.environ["PYTHONPATH"] = bp_hello["pythonpath"]
+    config = bp_hello.get("bpfast_config")
     if config:
         print("bpfast.show_config():\n  " + config.replace("\n", "\n  "))
-    pools = thread_pools()
-    for d in pools:
-        print(f"  thread pool: {d['internal_api']:9} {d['num_threads']} thread(s)  "
-              f"{os.path.basename(d['filepath'] or '')}")
+    pools = {name: w.hello.get("thread_pools", []) for name, w in workers.items()}
+    for name, ps in pools.items():
+        print(f"  {name} worker thread pools: " + "; ".join(
+            f"{d['internal_api']} {d['num_threads']} ({os.path.basename(d['filepath'] or '')})"
+            for d in ps))
+    pids = [os.getpid()] + [w.proc.pid for w in workers.values()]
 
-    peak, gemm = gemm_peak()
-    print("\nGEMM float32 2048x2048 @ 2048x2048 (median): " + ", ".join(
-        f"{k} {v['gflops']:.1f}" for k, v in gemm.items())
-        + f" GFLOP/s; peak used = {peak:.1f} (best of numpy, scipy)")
+    gemm_all = {}
+    for name in ("numpy", "torch", "jax"):
+        if worker_status(workers, name) == "ok":
+            r = workers[name].ask(op="gemm")
+            workers[name].settle()
+            gemm_all.update(r.get("gemm", {}))
+    blas = [gemm_all[k]["gflops"] for k in ("numpy", "scipy") if k in gemm_all]
+    peak = max(blas) if blas else max((v["gflops"] for v in gemm_all.values()), default=1.0)
+    print("\nGEMM float32 2048x2048 @ 2048x2048 (median, GFLOP/s): " + ", ".join(
+        f"{k} {v['gflops']:.1f}" for k, v in gemm_all.items())
+        + f"; peak used = {peak:.1f} (best of numpy, scipy)")
 
     results = {
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
-        "mode": "quick" if ARGS.quick else "full",
+        "mode": "quick" if ARGS.quick else "full", "command": sys.argv, "stat": ARGS.stat,
         "threads": ARGS.threads, "cpu_count": os.cpu_count(), "cpu": cpu_model(),
-        "platform": platform.platform(), "python": sys.version.split()[0],
-        "versions": LIB_STATUS, "bpfast_config": config, "thread_pools": pools,
-        "timing": TIMING, "gemm_gflops": gemm, "gemm_peak_gflops": peak,
-        "training": [], "predict": [], "consistency": [],
+        "load_average_at_start": load, "platform": platform.platform(),
+        "python": sys.version.split()[0], "versions": versions, "bpfast_config": config,
+        "thread_pools": pools, "timing": TIMING, "gemm_gflops": gemm_all,
+        "gemm_peak_gflops": peak, "training": [], "predict": [], "consistency": [],
+        "other_load_percent": {},  # per table: other processes and steal
     }
 
-    print("\nConsistency: loss of the first 3 steps on M from the same init (|diff| vs "
-          "reference)")
+    print("\nConsistency: loss after 3 steps on M from the same init (max |diff| vs "
+          "reference over the 3 steps)")
     for opt in OPTIMIZERS:
-        c = check_consistency(opt)
+        c = check_consistency(workers, opt)
         results["consistency"].append(c)
         cells = []
         for name, ls in c["losses"].items():
             if isinstance(ls, list):
-                cells.append(f"{name} {ls[-1]:.6f} ({c['max_abs_diff'].get(name, 0):.1e})")
+                cells.append(f"{name} {ls[-1]:.6f} ({c['max_abs_diff'].get(name, 0):.0e})")
             else:
                 cells.append(f"{name} ERROR {ls}")
         print(f"  {opt:5} ref={c['reference']}: " + "; ".join(cells))
 
     for opt in OPTIMIZERS:
+        monitor = CpuMonitor(pids)
         rows = []
         for shape in ARGS.shapes:
-            rows += run_training_isolated(shape, opt, peak)
+            rows += run_training(workers, shape, opt, peak)
+            if shape == "XL":
+                for w in workers.values():
+                    w.ask(op="forget", shape="XL")
         results["training"] += rows
-        print_training_table(opt, rows, peak)
+        background = monitor.percents()
+        results["other_load_percent"][opt] = background
+        print_training_table(opt, rows, peak, background)
 
-    results["predict"] = run_predict_isolated(peak)  # always on M
-    print_predict_table(results["predict"])
+    if "predict" not in ARGS.skip:
+        monitor = CpuMonitor(pids)
+        results["predict"] = run_predict(workers, peak)
+        background = monitor.percents()
+        results["other_load_percent"]["predict"] = background
+        print_predict_table(results["predict"], background)
+    if worker_status(workers, "numpy") == "ok":  # did the machine's speed change?
+        end = workers["numpy"].ask(op="gemm").get("gemm", {})
+        blas_end = [end[k]["gflops"] for k in ("numpy", "scipy") if k in end]
+        if blas_end:
+            results["gemm_peak_end_gflops"] = max(blas_end)
+            change = 100.0 * (max(blas_end) / peak - 1)
+            print(f"\nGEMM peak at the end: {max(blas_end):.1f} GFLOP/s ({change:+.0f}% from the "
+                  "start)" + ("  <- the machine's speed changed during the run"
+                             if abs(change) > 10 else ""))
+    for w in workers.values():
+        w.close()
 
     if "memory" not in ARGS.skip:
-        mem = memory()
+        mem = memory(workers)
         results["memory"] = mem
         print(f"\nPeak memory, training on L ({mem['steps']} steps; parameters "
-              f"{mem['params_mib']} MiB), maxrss above the after-import baseline:")
+              f"{mem['params_mib']} MiB), peak RSS above the baseline after imports:")
         for run in mem["runs"]:
             if run["status"] == "ok":
                 print(f"  {run['impl']:7} {run['optimizer']:5} {run['delta_mib']:8.1f} MiB "
@@ -1034,12 +1190,12 @@ def main():
                       f"{run.get('why', '')}")
 
     if "import" not in ARGS.skip:
-        imp = import_times()
+        imp = import_times(bpfast_ok)
         results["import_ms"] = imp
         print(f"\nImport time (wall, median, minus `python -c pass` = "
               f"{imp['python_startup_ms']:.0f} ms):")
         for k, v in imp.items():
-            if k in ("python_startup_ms",) or isinstance(v, dict):
+            if k == "python_startup_ms" or isinstance(v, dict):
                 continue
             print(f"  {k:20} {v if isinstance(v, str) else f'{v:.0f} ms'}")
         if imp.get("bpfast_modules_cumulative_ms"):
@@ -1050,6 +1206,17 @@ def main():
 
     print_targets(results)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    spreads = [r["spread"] for r in results["training"] + results["predict"] if r.get("spread")]
+    results["typical_spread"] = statistics.median(spreads) if spreads else None
+    if spreads and statistics.median(spreads) > NOISY_SPREAD:
+        print(f"\nWARNING: the samples of one measurement differ a lot (typical median/min "
+              f"{statistics.median(spreads):.2f}): something else was using the CPUs, maybe "
+              "another virtual machine on the same host. Rerun on a quiet machine.")
+    loads = [v["other"] + v["steal"] for v in results["other_load_percent"].values() if v]
+    if loads and max(loads) > 10:
+        print(f"\nWARNING: other processes (or the hypervisor) took up to {max(loads):.0f}% of "
+              "the CPUs during the measurements; the timings are unreliable. Run again on a "
+              "quiet machine.")
 
     os.makedirs(ARGS.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -1062,4 +1229,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if ARGS.worker:
+        worker_main(ARGS.worker)
+    else:
+        main()
