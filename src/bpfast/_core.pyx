@@ -13,10 +13,9 @@ elements, split into contiguous blocks, never around a BLAS call. Reductions
 (bias gradients, loss sums) keep one summation order whatever the thread count.
 """
 
-cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport (exp, expf, log, logf, log1p, log1pf, expm1, expm1f, tanh,
+from libc.math cimport (exp, expf, log, log1p, log1pf, expm1, expm1f, tanh,
                         tanhf, erf, erff, sqrt, sqrtf, fabs, pow)
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -105,12 +104,6 @@ cdef inline floating _exp(floating x) noexcept nogil:
         return expf(x)
     else:
         return exp(x)
-
-cdef inline floating _log(floating x) noexcept nogil:
-    if floating is float:
-        return logf(x)
-    else:
-        return log(x)
 
 cdef inline floating _log1p(floating x) noexcept nogil:
     if floating is float:
