@@ -16,7 +16,7 @@ elements, split into contiguous blocks, never around a BLAS call. Reductions
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport (exp, expf, log, log1p, log1pf, expm1, expm1f, tanh,
-                        tanhf, erf, erff, sqrt, sqrtf, fabs, pow)
+                        tanhf, erf, erff, sqrt, sqrtf, fabs, pow, isfinite)
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 from libc.stdlib cimport malloc, free
@@ -26,6 +26,10 @@ import numpy as np
 cimport numpy as cnp
 
 cnp.import_array()
+
+cdef extern from "Python.h":
+    # raises (returns -1) when a signal handler did, e.g. KeyboardInterrupt on Ctrl-C
+    int PyErr_CheckSignals() except -1
 
 ctypedef cnp.npy_intp intp
 
@@ -65,6 +69,10 @@ cdef enum:
 # Below this many elements an elementwise pass runs on one thread: waking the
 # (passive) OpenMP workers costs more than the pass saves (bench/README.md).
 PARALLEL_MIN_WORK = 1 << 17
+# Sums over the parameters (L2 penalty, gradient norm) add fixed blocks of this many
+# elements in order, so they do not depend on the thread count.
+cdef enum:
+    REDUCTION_BLOCK = 1 << 14
 cdef Py_ssize_t _parallel_min_work = PARALLEL_MIN_WORK
 cdef int _n_threads = omp_get_max_threads()
 
@@ -364,12 +372,13 @@ cdef struct LossParams:
 
 
 cdef void loss_rows(const LossParams* loss, const floating* out, const floating* target,
-                    const intp* labels, floating* grad, double* row_loss,
-                    Py_ssize_t row_begin, Py_ssize_t row_end, Py_ssize_t width,
-                    double grad_scale) noexcept nogil:
+                    const intp* labels, const double* weights, floating* grad,
+                    double* row_loss, Py_ssize_t row_begin, Py_ssize_t row_end,
+                    Py_ssize_t width, double grad_scale) noexcept nogil:
     """Per-row loss sums into row_loss and, if grad != NULL, grad_scale * dloss/dout.
 
     target is (n, width) for every loss but cross-entropy with labels (n,).
+    With weights != NULL, row i's loss and gradient are multiplied by weights[i].
     Sums are accumulated in double.
     """
     cdef Py_ssize_t i, j
@@ -384,6 +393,8 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
         o = out + i * width
         t = target + i * width if target != NULL else NULL
         g = grad + i * width if grad != NULL else NULL
+        if weights != NULL:
+            scale = <floating>(grad_scale * weights[i])
         acc = 0
         if kind == LOSS_MSE:
             for j in range(width):
@@ -456,36 +467,52 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
                 if g != NULL:
                     v = (1 - prob) * prob
                     g[j] = scale * (prob - t[j]) / (v if v > BCE_GRAD_EPS else <floating>BCE_GRAD_EPS)
-        row_loss[i] = acc
+        row_loss[i] = acc if weights == NULL else acc * weights[i]
+
+
+cdef double weight_sum(const double* weights, Py_ssize_t n_rows) noexcept nogil:
+    """The total weight of a batch: n_rows when unweighted."""
+    cdef Py_ssize_t i
+    cdef double total = 0
+    if weights == NULL:
+        return <double>n_rows
+    for i in range(n_rows):
+        total += weights[i]
+    return total
 
 
 cdef double loss_and_gradient(const LossParams* loss, const floating* out,
-                              const floating* target, const intp* labels, floating* grad,
-                              double* row_loss, Py_ssize_t n_rows,
-                              Py_ssize_t width) noexcept nogil:
-    """Mean loss (PyTorch's reduction) and, if grad != NULL, its gradient dL/dout."""
+                              const floating* target, const intp* labels,
+                              const double* weights, floating* grad, double* row_loss,
+                              Py_ssize_t n_rows, Py_ssize_t width) noexcept nogil:
+    """Mean loss (PyTorch's reduction) and, if grad != NULL, its gradient dL/dout.
+
+    With per-row weights the mean is weighted: sum(w_i * loss_i) / sum(w_i), as
+    PyTorch weights cross-entropy by class; a batch whose weights are all zero
+    has loss 0 and a zero gradient.
+    """
     cdef int t, n_threads = _threads_for(n_rows * width * 8)
     cdef Py_ssize_t i
     cdef double total = 0, denominator, grad_scale
     # cross-entropy averages over samples, every other loss over all elements
-    if loss.kind == LOSS_CE_LOGITS or loss.kind == LOSS_CE_PROBS:
-        denominator = <double>n_rows
-    else:
-        denominator = <double>n_rows * <double>width
-    grad_scale = 1.0 / denominator
-    if loss.kind == LOSS_MSE:
-        grad_scale = 2.0 * loss.param / denominator
+    denominator = weight_sum(weights, n_rows)
+    if not (loss.kind == LOSS_CE_LOGITS or loss.kind == LOSS_CE_PROBS):
+        denominator *= <double>width
+    grad_scale = 2.0 * loss.param if loss.kind == LOSS_MSE else 1.0
+    grad_scale = grad_scale / denominator if denominator > 0 else 0.0
     if n_threads == 1 or n_rows < 2:
-        loss_rows(loss, out, target, labels, grad, row_loss, 0, n_rows, width, grad_scale)
+        loss_rows(loss, out, target, labels, weights, grad, row_loss, 0, n_rows, width,
+                  grad_scale)
     else:
         for t in prange(n_threads, num_threads=n_threads, schedule="static"):
-            loss_rows(loss, out, target, labels, grad, row_loss, t * n_rows // n_threads,
-                      (t + 1) * n_rows // n_threads, width, grad_scale)
+            loss_rows(loss, out, target, labels, weights, grad, row_loss,
+                      t * n_rows // n_threads, (t + 1) * n_rows // n_threads, width,
+                      grad_scale)
     for i in range(n_rows):  # one summation order for any thread count
         total += row_loss[i]
     if loss.kind == LOSS_MSE:
         total *= loss.param
-    return total / denominator
+    return total / denominator if denominator > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -700,7 +727,8 @@ cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspac
 
 cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Workspace* ws,
                                  const LossParams* loss, const floating* target,
-                                 const intp* labels, Py_ssize_t n_rows) noexcept nogil:
+                                 const intp* labels, const double* weights,
+                                 Py_ssize_t n_rows) noexcept nogil:
     """The loss of the last forward pass, and dL/dz of the last layer in delta buffer 0.
 
     softmax + cross-entropy on probabilities and sigmoid + binary cross-entropy on
@@ -720,28 +748,139 @@ cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Wo
     elif loss.kind == LOSS_BCE_PROBS and last.activation == ACT_SIGMOID:
         fused.kind = LOSS_BCE_LOGITS
     if fused.kind != loss.kind:
-        return loss_and_gradient(&fused, z, target, labels, dz, ws.row_loss, n_rows,
+        return loss_and_gradient(&fused, z, target, labels, weights, dz, ws.row_loss, n_rows,
                                  last.n_out)
-    value = loss_and_gradient(loss, out, target, labels, dz, ws.row_loss, n_rows, last.n_out)
+    value = loss_and_gradient(loss, out, target, labels, weights, dz, ws.row_loss, n_rows,
+                              last.n_out)
     activation_backward(dz, out, z, n_rows, last.n_out, last.activation, last.param)
     return value
 
 
+# --------------------------------------------------------------------------- regularisation
+cdef struct StepOptions:
+    double l2            # loss += l2 / 2 * sum of squared weights (not biases); 0: off
+    double clip_value    # clamp each gradient to [-clip_value, clip_value]; <= 0: off
+    double clip_norm     # rescale the gradient to this global L2 norm at most; <= 0: off
+    double* partials     # scratch of one double per REDUCTION_BLOCK parameters
+
+
+cdef double block_sum_squares(const floating* x, floating* axpy, floating coef,
+                              Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
+    """sum(x[begin:end]**2) in double; if axpy != NULL also axpy += coef * x there."""
+    cdef Py_ssize_t i
+    cdef double acc = 0
+    for i in range(begin, end):
+        acc += <double>x[i] * <double>x[i]
+    if axpy != NULL:
+        for i in range(begin, end):
+            axpy[i] = axpy[i] + coef * x[i]
+    return acc
+
+
+cdef double sum_squares(const floating* x, floating* axpy, double coef, Py_ssize_t n,
+                        double* partials) noexcept nogil:
+    """sum(x**2) (and axpy += coef * x) over fixed blocks, in parallel above the threshold.
+
+    The blocks do not depend on the thread count, and their sums are added in
+    order, so the result is the same with any number of threads.
+    """
+    cdef Py_ssize_t b, n_blocks = (n + REDUCTION_BLOCK - 1) // REDUCTION_BLOCK
+    cdef int n_threads = _threads_for(n)
+    cdef double total = 0
+    if n_threads == 1:
+        for b in range(n_blocks):
+            partials[b] = block_sum_squares(x, axpy, <floating>coef, b * REDUCTION_BLOCK,
+                                            min(n, (b + 1) * REDUCTION_BLOCK))
+    else:
+        for b in prange(n_blocks, num_threads=n_threads, schedule="static"):
+            partials[b] = block_sum_squares(x, axpy, <floating>coef, b * REDUCTION_BLOCK,
+                                            min(n, (b + 1) * REDUCTION_BLOCK))
+    for b in range(n_blocks):
+        total += partials[b]
+    return total
+
+
+cdef void clip_range(floating* grad, floating limit, floating scale, Py_ssize_t begin,
+                     Py_ssize_t end) noexcept nogil:
+    """grad = clamp(grad, -limit, limit) if limit > 0, then grad *= scale if scale != 1."""
+    cdef Py_ssize_t i
+    cdef floating g
+    if limit > 0:
+        for i in range(begin, end):
+            g = grad[i]
+            # written so that NaN passes through: clipping must not hide a divergence
+            if g > limit:
+                g = limit
+            elif g < -limit:
+                g = -limit
+            grad[i] = g
+    if scale != 1:
+        for i in range(begin, end):
+            grad[i] = grad[i] * scale
+
+
+cdef void clip(floating* grad, Py_ssize_t n, double limit, double scale) noexcept nogil:
+    cdef int t, n_threads = _threads_for(n)
+    if n_threads == 1:
+        clip_range(grad, <floating>limit, <floating>scale, 0, n)
+        return
+    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+        clip_range(grad, <floating>limit, <floating>scale, t * n // n_threads,
+                   (t + 1) * n // n_threads)
+
+
+cdef double regularize_and_clip(const LayerSpec* layers, int n_layers,
+                                const StepOptions* options, const floating* params,
+                                floating* grads, Py_ssize_t n_params) noexcept nogil:
+    """Add the L2 term to the weight gradients, then clip by value and by global norm.
+
+    Returns the L2 term of the loss (0 without it); NaN if the gradient norm is not
+    finite, so that the step is treated as diverged instead of updating with it.
+    """
+    cdef int l
+    cdef double penalty = 0, norm, scale
+    cdef Py_ssize_t n_weights
+    if options.l2 > 0:
+        for l in range(n_layers):
+            n_weights = <Py_ssize_t>layers[l].n_in * layers[l].n_out
+            penalty += sum_squares(params + layers[l].weight_offset,
+                                   grads + layers[l].weight_offset, options.l2, n_weights,
+                                   options.partials)
+        penalty *= 0.5 * options.l2
+    if options.clip_value > 0:
+        clip(grads, n_params, options.clip_value, 1.0)
+    if options.clip_norm > 0:
+        norm = sqrt(sum_squares(grads, <floating*>NULL, 0.0, n_params, options.partials))
+        if not isfinite(norm):
+            return norm
+        # PyTorch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1
+        scale = options.clip_norm / (norm + 1e-6)
+        if scale < 1.0:
+            clip(grads, n_params, 0.0, scale)
+    return penalty
+
+
+# --------------------------------------------------------------------------- training
 cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace* ws,
                           floating* params, floating* grads, const floating* x,
-                          const floating* target, const intp* labels, Py_ssize_t n_rows,
-                          const LossParams* loss, const OptimizerParams* optimizer,
+                          const floating* target, const intp* labels, const double* weights,
+                          Py_ssize_t n_rows, const LossParams* loss,
+                          const StepOptions* options, const OptimizerParams* optimizer,
                           long long step, floating* state,
                           Py_ssize_t n_params) noexcept nogil:
     """Forward, loss, backward and (if optimizer != NULL) one update: one training step.
 
-    Returns the loss of the forward pass, before the update.
+    Returns the loss of the forward pass (with the L2 term), before the update. When
+    that loss (or the clipped gradient's norm) is not finite the update is skipped:
+    the parameters stay as they were, for the caller to report the divergence.
     """
     cdef double value
     network_forward(layers, n_layers, ws, params, x, n_rows)
-    value = output_loss_gradient(layers, n_layers, ws, loss, target, labels, n_rows)
+    value = output_loss_gradient(layers, n_layers, ws, loss, target, labels, weights, n_rows)
     network_backward(layers, n_layers, ws, params, grads, x, n_rows, <floating*>NULL)
-    if optimizer != NULL:
+    if options != NULL:
+        value += regularize_and_clip(layers, n_layers, options, params, grads, n_params)
+    if optimizer != NULL and isfinite(value):
         optimizer_update(optimizer, step, params, grads, state, n_params)
     return value
 
@@ -760,48 +899,92 @@ cdef void gather_labels(const intp* source, const intp* rows, Py_ssize_t n_rows,
         dest[i] = source[rows[i]]
 
 
-cdef double training_epoch(const LayerSpec* layers, int n_layers, const Workspace* ws,
-                           floating* params, floating* grads, const floating* x,
-                           const floating* target, const intp* labels, Py_ssize_t n_samples,
-                           const intp* order, Py_ssize_t batch_size, floating* x_batch,
-                           floating* target_batch, intp* label_batch,
-                           const LossParams* loss, const OptimizerParams* optimizer,
-                           long long* step, floating* state,
-                           Py_ssize_t n_params) noexcept nogil:
-    """One pass over the data in batches (the last one partial); the mean loss.
+cdef void gather_weights(const double* source, const intp* rows, Py_ssize_t n_rows,
+                         double* dest) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n_rows):
+        dest[i] = source[rows[i]]
+
+
+cdef struct EpochResult:
+    double loss_sum      # sum over finished batches of (batch weight * batch loss)
+    double weight_sum    # sum of those batch weights (rows, when unweighted)
+    Py_ssize_t n_rows    # rows of the finished batches
+    bint diverged        # a batch's loss was not finite; its update was skipped
+
+
+cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                        floating* params, floating* grads, const floating* x,
+                        const floating* target, const intp* labels, const double* weights,
+                        Py_ssize_t n_samples, const intp* order, Py_ssize_t batch_size,
+                        floating* x_batch, floating* target_batch, intp* label_batch,
+                        double* weight_batch, const LossParams* loss,
+                        const StepOptions* options, const OptimizerParams* optimizer,
+                        const double* batch_lrs, bint check_signals, long long* step,
+                        floating* state, Py_ssize_t n_params,
+                        EpochResult* result) except -1 nogil:
+    """One pass over the data in batches (the last one partial), into result.
 
     With order == NULL the batches are consecutive rows of x, used in place;
-    otherwise each batch's rows are gathered from x in that order.
+    otherwise each batch's rows are gathered from x in that order. batch_lrs, if
+    given, is the learning rate of each batch (a per-step schedule). Stops after a
+    batch whose loss is not finite (result.diverged). With check_signals, Python's
+    signal handlers run between batches, so Ctrl-C raises KeyboardInterrupt at a
+    batch boundary, with every finished batch's update applied.
     """
-    cdef Py_ssize_t begin, n_rows
+    cdef Py_ssize_t begin = 0, n_rows, batch = 0
     cdef int n_in = layers[0].n_in, n_out = layers[n_layers - 1].n_out
-    cdef double total = 0
     cdef const floating* xb
     cdef const floating* tb
     cdef const intp* lb
-    begin = 0
+    cdef const double* wb
+    cdef double value, batch_weight
+    cdef OptimizerParams scheduled = optimizer[0]
+    result.loss_sum = 0
+    result.weight_sum = 0
+    result.n_rows = 0
+    result.diverged = False
     while begin < n_samples:
+        if check_signals and begin > 0:
+            with gil:
+                PyErr_CheckSignals()
         n_rows = min(batch_size, n_samples - begin)
         if order == NULL:
             xb = x + begin * n_in
             tb = target + begin * n_out if target != NULL else NULL
             lb = labels + begin if labels != NULL else NULL
+            wb = weights + begin if weights != NULL else NULL
         else:
             gather_rows(x, order + begin, n_rows, n_in, x_batch)
             xb = x_batch
             tb = NULL
             lb = NULL
+            wb = NULL
             if target != NULL:
                 gather_rows(target, order + begin, n_rows, n_out, target_batch)
                 tb = target_batch
             if labels != NULL:
                 gather_labels(labels, order + begin, n_rows, label_batch)
                 lb = label_batch
+            if weights != NULL:
+                gather_weights(weights, order + begin, n_rows, weight_batch)
+                wb = weight_batch
+        if batch_lrs != NULL:
+            scheduled.lr = batch_lrs[batch]
         step[0] += 1
-        total += n_rows * training_step(layers, n_layers, ws, params, grads, xb, tb, lb,
-                                        n_rows, loss, optimizer, step[0], state, n_params)
+        value = training_step(layers, n_layers, ws, params, grads, xb, tb, lb, wb, n_rows,
+                              loss, options, &scheduled, step[0], state, n_params)
+        if not isfinite(value):
+            step[0] -= 1   # the update was skipped
+            result.diverged = True
+            return 0
+        batch_weight = weight_sum(wb, n_rows)
+        result.loss_sum += batch_weight * value
+        result.weight_sum += batch_weight
+        result.n_rows += n_rows
         begin += n_rows
-    return total / n_samples
+        batch += 1
+    return 0
 
 
 cdef void predict_chunk(const LayerSpec* layers, int n_layers, const floating* params,
@@ -921,11 +1104,11 @@ cdef class LossConfig:
     def name(self):
         return LOSSES[self.p.kind]
 
-    def evaluate(self, out, target, labels, grad):
+    def evaluate(self, out, target, labels, grad, weights=None):
         """Mean loss of out (n, k) against target (n, k) or labels (n,); fills grad if given.
 
-        Arrays are C-contiguous, out/target/grad of one float dtype, labels intp:
-        the caller checks.
+        Arrays are C-contiguous, out/target/grad of one float dtype, labels intp,
+        weights (n,) float64 or None: the caller checks.
         """
         cdef Py_ssize_t n_rows = out.shape[0], width = out.shape[1]
         cdef object row_loss = np.empty(n_rows)
@@ -934,17 +1117,18 @@ cdef class LossConfig:
         cdef void* target_ptr = _data_or_null(target)
         cdef intp* label_ptr = <intp*>_data_or_null(labels)
         cdef void* grad_ptr = _data_or_null(grad)
+        cdef double* weight_ptr = <double*>_data_or_null(weights)
         cdef bint is_double = out.dtype == np.float64
         cdef double value
         with nogil:
             if is_double:
                 value = loss_and_gradient(&self.p, <double*>out_ptr, <double*>target_ptr,
-                                          label_ptr, <double*>grad_ptr, row_loss_ptr,
-                                          n_rows, width)
+                                          label_ptr, weight_ptr, <double*>grad_ptr,
+                                          row_loss_ptr, n_rows, width)
             else:
                 value = loss_and_gradient(&self.p, <float*>out_ptr, <float*>target_ptr,
-                                          label_ptr, <float*>grad_ptr, row_loss_ptr,
-                                          n_rows, width)
+                                          label_ptr, weight_ptr, <float*>grad_ptr,
+                                          row_loss_ptr, n_rows, width)
         return value
 
 
@@ -1064,7 +1248,8 @@ cdef class Engine:
     cdef void* grads_ptr
     cdef Py_ssize_t a_width, z_width, max_width
     cdef Workspace ws
-    cdef object acts, zs, delta, row_loss, x_batch, target_batch, label_batch
+    cdef object acts, zs, delta, row_loss, x_batch, target_batch, label_batch, weight_batch
+    cdef object partials   # one double per REDUCTION_BLOCK parameters (L2, gradient norm)
 
     def __cinit__(self):
         self.layers = NULL
@@ -1106,6 +1291,7 @@ cdef class Engine:
                 spec.z_column = -1
         self.n_inputs = self.layers[0].n_in
         self.n_outputs = self.layers[n - 1].n_out
+        self.partials = np.empty(self.n_parameters // REDUCTION_BLOCK + 1, dtype=np.float64)
         self.capacity = 0
         self.forward_rows = -1
         self.busy = False
@@ -1122,6 +1308,7 @@ cdef class Engine:
         self.x_batch = np.empty((n_rows, self.n_inputs), dtype=self.dtype)
         self.target_batch = np.empty((n_rows, self.n_outputs), dtype=self.dtype)
         self.label_batch = np.empty(n_rows, dtype=np.intp)
+        self.weight_batch = np.empty(n_rows, dtype=np.float64)
         self.capacity = n_rows
         self.ws.capacity = n_rows
         self.ws.max_width = self.max_width
@@ -1147,17 +1334,31 @@ cdef class Engine:
         return self.acts[start:start + self.forward_rows * spec.n_out].reshape(
             self.forward_rows, spec.n_out).copy()
 
-    def train_step(self, x, target, labels, LossConfig loss, OptimizerConfig optimizer):
+    cdef StepOptions step_options(self, double l2, double clip_value, double clip_norm):
+        cdef StepOptions options
+        options.l2 = l2
+        options.clip_value = clip_value
+        options.clip_norm = clip_norm
+        options.partials = <double*>_data(self.partials)
+        return options
+
+    def train_step(self, x, target, labels, weights, LossConfig loss,
+                   OptimizerConfig optimizer, double l2=0.0, double clip_value=0.0,
+                   double clip_norm=0.0):
         """Forward + loss + backward (+ one update unless optimizer is None); the loss.
 
         x: (n, n_in) C-contiguous of the engine's dtype; target: (n, n_out) of that
-        dtype, or labels: (n,) intp, the other None. The caller checks.
+        dtype, or labels: (n,) intp, the other None; weights: (n,) float64 or None.
+        The caller checks. A loss that is not finite skips the update (and does not
+        count as an optimizer step).
         """
         cdef Py_ssize_t n_rows = x.shape[0]
         cdef void* x_ptr = _data(x)
         cdef void* target_ptr = _data_or_null(target)
         cdef intp* label_ptr = <intp*>_data_or_null(labels)
+        cdef double* weight_ptr = <double*>_data_or_null(weights)
         cdef const OptimizerParams* opt_params = NULL
+        cdef StepOptions options = self.step_options(l2, clip_value, clip_norm)
         cdef void* state = NULL
         cdef double value
         # acquire first: nothing may reallocate the workspaces of a running step
@@ -1177,36 +1378,48 @@ cdef class Engine:
                     value = training_step(self.layers, self.n_layers, &self.ws,
                                           <double*>self.params_ptr, <double*>self.grads_ptr,
                                           <double*>x_ptr, <double*>target_ptr, label_ptr,
-                                          n_rows, &loss.p, opt_params,
+                                          weight_ptr, n_rows, &loss.p, &options, opt_params,
                                           optimizer.step_count if opt_params != NULL else 0,
                                           <double*>state, self.n_parameters)
                 else:
                     value = training_step(self.layers, self.n_layers, &self.ws,
                                           <float*>self.params_ptr, <float*>self.grads_ptr,
                                           <float*>x_ptr, <float*>target_ptr, label_ptr,
-                                          n_rows, &loss.p, opt_params,
+                                          weight_ptr, n_rows, &loss.p, &options, opt_params,
                                           optimizer.step_count if opt_params != NULL else 0,
                                           <float*>state, self.n_parameters)
+            if optimizer is not None and not isfinite(value):
+                optimizer.step_count -= 1
         finally:
             self.busy = False
         return value
 
-    def train_epoch(self, x, target, labels, order, Py_ssize_t batch_size,
-                    LossConfig loss, OptimizerConfig optimizer):
-        """One epoch of mini-batch steps in compiled code; the mean loss over samples.
+    def train_epoch(self, x, target, labels, weights, order, Py_ssize_t batch_size,
+                    LossConfig loss, OptimizerConfig optimizer, double l2=0.0,
+                    double clip_value=0.0, double clip_norm=0.0, batch_lrs=None,
+                    bint check_signals=True):
+        """Mini-batch steps over x (in `order` if given) in compiled code.
 
-        order: intp permutation of the rows, or None for consecutive batches.
+        order: intp row indices (a permutation, or a slice of one), or None for
+        consecutive batches; batch_lrs: float64 learning rate per batch, or None.
+        Returns (loss_sum, weight_sum, n_rows, diverged): the batch losses summed
+        with their batch weights, so that chunks of an epoch combine exactly.
+        KeyboardInterrupt (Ctrl-C) propagates at a batch boundary.
         """
-        cdef Py_ssize_t n_samples = x.shape[0]
+        cdef Py_ssize_t n_samples = x.shape[0] if order is None else order.shape[0]
         cdef void* x_ptr = _data(x)
         cdef void* target_ptr = _data_or_null(target)
         cdef intp* label_ptr = <intp*>_data_or_null(labels)
+        cdef double* weight_ptr = <double*>_data_or_null(weights)
         cdef intp* order_ptr = <intp*>_data_or_null(order)
+        cdef double* lr_ptr = <double*>_data_or_null(batch_lrs)
+        cdef StepOptions options = self.step_options(l2, clip_value, clip_norm)
+        cdef EpochResult result
         cdef void* state
         cdef void* x_batch
         cdef void* target_batch
         cdef intp* label_batch
-        cdef double value
+        cdef double* weight_batch
         self.acquire()
         try:
             optimizer.bind(self)
@@ -1216,29 +1429,30 @@ cdef class Engine:
             x_batch = _data(self.x_batch)
             target_batch = _data(self.target_batch)
             label_batch = <intp*>_data(self.label_batch)
+            weight_batch = <double*>_data(self.weight_batch)
             self.forward_rows = -1
             with nogil:
                 if self.is_double:
-                    value = training_epoch(self.layers, self.n_layers, &self.ws,
-                                           <double*>self.params_ptr, <double*>self.grads_ptr,
-                                           <double*>x_ptr, <double*>target_ptr, label_ptr,
-                                           n_samples, order_ptr, batch_size,
-                                           <double*>x_batch, <double*>target_batch,
-                                           label_batch, &loss.p, &optimizer.p,
-                                           &optimizer.step_count, <double*>state,
-                                           self.n_parameters)
+                    training_epoch(self.layers, self.n_layers, &self.ws,
+                                   <double*>self.params_ptr, <double*>self.grads_ptr,
+                                   <double*>x_ptr, <double*>target_ptr, label_ptr, weight_ptr,
+                                   n_samples, order_ptr, batch_size, <double*>x_batch,
+                                   <double*>target_batch, label_batch, weight_batch, &loss.p,
+                                   &options, &optimizer.p, lr_ptr, check_signals,
+                                   &optimizer.step_count, <double*>state, self.n_parameters,
+                                   &result)
                 else:
-                    value = training_epoch(self.layers, self.n_layers, &self.ws,
-                                           <float*>self.params_ptr, <float*>self.grads_ptr,
-                                           <float*>x_ptr, <float*>target_ptr, label_ptr,
-                                           n_samples, order_ptr, batch_size,
-                                           <float*>x_batch, <float*>target_batch,
-                                           label_batch, &loss.p, &optimizer.p,
-                                           &optimizer.step_count, <float*>state,
-                                           self.n_parameters)
+                    training_epoch(self.layers, self.n_layers, &self.ws,
+                                   <float*>self.params_ptr, <float*>self.grads_ptr,
+                                   <float*>x_ptr, <float*>target_ptr, label_ptr, weight_ptr,
+                                   n_samples, order_ptr, batch_size, <float*>x_batch,
+                                   <float*>target_batch, label_batch, weight_batch, &loss.p,
+                                   &options, &optimizer.p, lr_ptr, check_signals,
+                                   &optimizer.step_count, <float*>state, self.n_parameters,
+                                   &result)
         finally:
             self.busy = False
-        return value
+        return result.loss_sum, result.weight_sum, result.n_rows, bool(result.diverged)
 
     def forward(self, x):
         """Forward pass keeping every layer's output for backward(); a copy of the output.

@@ -102,3 +102,23 @@ def as_float_array(name, value, dtype, ndim):
         raise ValueError(f"{name} is empty (shape {array.shape})")
     check_finite(name, array)
     return array
+
+
+def check_sample_weight(sample_weight, n_samples, name="sample_weight"):
+    """None, or a C-contiguous float64 (n_samples,) array of finite weights >= 0, not all 0."""
+    if sample_weight is None:
+        return None
+    array = np.asarray(sample_weight)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
+    if array.shape != (n_samples,):
+        raise ValueError(f"{name} must have shape ({n_samples},), one weight per sample, "
+                         f"got {array.shape}")
+    array = np.ascontiguousarray(array, dtype=np.float64)
+    check_finite(name, array)
+    if n_samples and array.min() < 0:
+        index = int(np.argmin(array))
+        raise ValueError(f"{name} must be >= 0, got {array[index]} at index {index}")
+    if n_samples and not array.any():
+        raise ValueError(f"{name} is zero everywhere; at least one sample must count")
+    return array

@@ -1,14 +1,17 @@
 """Loss functions: their hyperparameters and target checks. The arithmetic is in _core.
 
 Every loss uses PyTorch's 'mean' reduction: cross-entropy averages over samples,
-the others over all elements. ``loss(out, y)`` is the value, ``loss.gradient(out,
+the others over all elements. With ``sample_weight`` the mean is weighted:
+``sum(w_i * loss_i) / sum(w_i)`` (per element: each sample's elements share its
+weight), as PyTorch weights cross-entropy by class. ``loss(out, y)`` is the value, ``loss.gradient(out,
 y)`` is dL/dout with out's shape, the same quantity that back-propagates inside
 ``Network.train_step``.
 """
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, check_bool, check_real, instance_by_name
+from ._validation import (as_float_array, check_bool, check_real, check_sample_weight,
+                          instance_by_name)
 
 __all__ = ["Loss", "MSE", "L1", "Huber", "CrossEntropy", "BinaryCrossEntropy", "get_loss"]
 
@@ -24,24 +27,36 @@ class Loss:
     def __init__(self, core_name, param=1.0):
         self._config = _core.LossConfig(core_name, param)
 
-    def __call__(self, output, target):
-        """The mean loss of ``output`` (n, k) against ``target``, as a Python float."""
-        output, dense, labels = self._prepare(output, target)
-        return self._config.evaluate(output, dense, labels, None)
+    def __call__(self, output, target, sample_weight=None):
+        """The mean loss of ``output`` (n, k) against ``target``, as a Python float.
 
-    def gradient(self, output, target):
+        ``sample_weight`` (n,), optional, makes it the weighted mean.
+        """
+        output, dense, labels, weights = self._prepare(output, target, sample_weight)
+        return self._config.evaluate(output, dense, labels, None, weights)
+
+    def gradient(self, output, target, sample_weight=None):
         """dL/d(output): an array of output's shape and dtype."""
-        output, dense, labels = self._prepare(output, target)
+        output, dense, labels, weights = self._prepare(output, target, sample_weight)
         grad = np.empty_like(output)
-        self._config.evaluate(output, dense, labels, grad)
+        self._config.evaluate(output, dense, labels, grad, weights)
         return grad
 
-    def _prepare(self, output, target):
+    def _prepare(self, output, target, sample_weight):
         output = np.asarray(output)
         dtype = output.dtype if output.dtype in (np.float32, np.float64) else np.float64
         output = as_float_array("output", output, dtype, 2)
         dense, labels = self.prepare_target(target, output.shape[0], output.shape[1], dtype)
-        return output, dense, labels
+        weights = check_sample_weight(sample_weight, output.shape[0])
+        return output, dense, labels, weights
+
+    def class_indices(self, dense, labels):
+        """Each sample's class (n,) intp, for class weights and stratified splits; or None.
+
+        Only classification losses have classes: see CrossEntropy and
+        BinaryCrossEntropy.
+        """
+        return None
 
     def prepare_target(self, target, n_samples, n_outputs, dtype):
         """Check target against n_samples x n_outputs; return (dense (n, k) or None, labels or None).
@@ -151,6 +166,10 @@ class CrossEntropy(Loss):
                   else np.ascontiguousarray(target_array, dtype=np.intp))
         return None, labels
 
+    def class_indices(self, dense, labels):
+        # probability targets: the most likely class
+        return labels if labels is not None else np.argmax(dense, axis=1)
+
     def __repr__(self):
         return f"CrossEntropy(from_logits={self.from_logits})"
 
@@ -174,6 +193,13 @@ class BinaryCrossEntropy(Loss):
     def _check_values(self, dense):
         if dense.min() < 0 or dense.max() > 1:
             raise ValueError("binary cross-entropy targets must lie in [0, 1]")
+
+    def class_indices(self, dense, labels):
+        # one output: the two classes are target >= 0.5 and below; several outputs
+        # are independent labels (multi-label), with no single class per sample
+        if dense.shape[1] != 1:
+            return None
+        return (dense[:, 0] >= 0.5).astype(np.intp)
 
     def __repr__(self):
         return f"BinaryCrossEntropy(from_logits={self.from_logits})"

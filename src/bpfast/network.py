@@ -2,31 +2,19 @@
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, check_bool, check_dtype, check_int
+from ._training import Data, DivergenceError, Trainer, combined_weights, finite_or_raise
+from ._training import resolve_metrics, split_validation
+from ._validation import (as_float_array, check_bool, check_dtype, check_int, check_real,
+                          check_sample_weight)
+from .callbacks import History
 from .layers import Dense
 from .losses import get_loss
 from .optimizers import get_optimizer
 
-__all__ = ["Network", "History"]
+__all__ = ["Network", "History", "DivergenceError"]
 
 # predict() works in chunks whose scratch stays around this many elements.
 _PREDICT_CHUNK_ELEMENTS = 1 << 20
-
-
-class History:
-    """What ``fit`` records: ``history`` maps "loss" (and later metrics) to per-epoch lists."""
-
-    def __init__(self):
-        self.history = {"loss": []}
-        self.epoch = []
-
-    def append(self, epoch, **values):
-        self.epoch.append(epoch)
-        for key, value in values.items():
-            self.history.setdefault(key, []).append(value)
-
-    def __repr__(self):
-        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
 
 
 class Network:
@@ -49,6 +37,11 @@ class Network:
         ``weight``/``bias`` are views of it.
     gradients : ndarray (n_parameters,)
         The gradient of the last backward pass, same layout.
+    epochs_trained : int
+        Epochs run by ``fit`` and ``partial_fit`` so far; epoch numbers, schedules
+        and callbacks continue from it across calls.
+    history : History or None
+        The record of the last ``fit`` (kept when it was interrupted).
     """
 
     def __init__(self, layers, *, dtype="float32", seed=None):
@@ -95,6 +88,9 @@ class Network:
             offset += layer.n_parameters
             layer._network = self
         self._engine = _core.Engine(table, self._parameters, self._gradients)
+        self.epochs_trained = 0
+        self.history = None
+        self.stop_training = False
 
     # ------------------------------------------------------------------ buffers
     @property
@@ -173,24 +169,63 @@ class Network:
         return self._engine.backward(grad_output, True)
 
     # ------------------------------------------------------------------ fused
-    def compute_gradients(self, X, y, loss):
-        """Forward, loss and backward in one compiled call; fills ``gradients``; the loss."""
-        loss = self._check_loss(loss)
-        X, target, labels = self._prepare_batch(X, y, loss)
-        return self._engine.train_step(X, target, labels, loss._config, None)
+    def _step_options(self, l2, clip_norm, clip_value):
+        """(l2, clip_value, clip_norm) as the engine takes them (0 = off)."""
+        l2 = check_real("l2", l2, minimum=0)
+        clip_norm = 0.0 if clip_norm is None else check_real(
+            "clip_norm", clip_norm, minimum=0, min_inclusive=False)
+        clip_value = 0.0 if clip_value is None else check_real(
+            "clip_value", clip_value, minimum=0, min_inclusive=False)
+        return l2, clip_value, clip_norm
 
-    def train_step(self, X, y, loss, optimizer):
-        """One training step (forward, loss, backward, update) in one compiled call.
+    def compute_gradients(self, X, y, loss, *, sample_weight=None, l2=0.0):
+        """Forward, loss and backward in one compiled call; fills ``gradients``; the loss.
 
-        Returns the loss of the forward pass, before the update.
+        ``sample_weight`` (n,) weights the mean loss; ``l2`` adds
+        ``l2 / 2 * sum(W**2)`` over the weights (not biases) to the loss and
+        ``l2 * W`` to their gradients.
         """
         loss = self._check_loss(loss)
         X, target, labels = self._prepare_batch(X, y, loss)
-        return self._engine.train_step(X, target, labels, loss._config,
-                                       get_optimizer(optimizer)._config)
+        weights = check_sample_weight(sample_weight, X.shape[0])
+        l2, _, _ = self._step_options(l2, None, None)
+        return self._engine.train_step(X, target, labels, weights, loss._config, None, l2)
 
-    def fit(self, X, y, *, loss, optimizer, epochs=1, batch_size=None, shuffle=True):
-        """Train by gradient descent; a :class:`History` of the per-epoch mean loss.
+    def train_step(self, X, y, loss, optimizer, *, sample_weight=None, l2=0.0,
+                   clip_norm=None, clip_value=None):
+        """One training step (forward, loss, backward, update) in one compiled call.
+
+        Returns the loss of the forward pass, before the update. ``sample_weight``,
+        ``l2``, ``clip_norm`` and ``clip_value`` are as in :meth:`fit`. If the loss
+        is NaN or infinite the update is skipped and :class:`DivergenceError` is
+        raised, with the parameters unchanged.
+        """
+        loss = self._check_loss(loss)
+        X, target, labels = self._prepare_batch(X, y, loss)
+        weights = check_sample_weight(sample_weight, X.shape[0])
+        options = self._step_options(l2, clip_norm, clip_value)
+        return finite_or_raise(self._engine.train_step(
+            X, target, labels, weights, loss._config, get_optimizer(optimizer)._config,
+            *options), "training step")
+
+    def _data(self, X, y, loss, sample_weight=None, class_weight=None, name="X"):
+        X = self._check_input(X, name)
+        dense, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
+        weights = combined_weights(loss, dense, labels, sample_weight, class_weight,
+                                   X.shape[0])
+        return Data(X, dense, labels, weights, y)
+
+    def fit(self, X, y, *, loss, optimizer, epochs=1, batch_size=None, shuffle=True,
+            sample_weight=None, class_weight=None, l2=0.0, clip_norm=None, clip_value=None,
+            validation_data=None, validation_split=None, metrics=None, schedule=None,
+            callbacks=None, early_stopping=False, tol=None, patience=10, verbose=0,
+            on_divergence="raise"):
+        """Train by gradient descent; returns a :class:`History` of per-epoch records.
+
+        Each epoch runs in compiled code (one call, or one per chunk of batches
+        when a callback wants batches). Every argument is checked before
+        anything changes. Calling ``fit`` again continues from the current
+        parameters and optimizer state, and the epoch count continues.
 
         Parameters
         ----------
@@ -204,26 +239,117 @@ class Network:
             k: mini-batches of k (the last one partial).
         shuffle : bool
             Visit the samples in a new random order each epoch (from the network's seed).
+        sample_weight : array (n_samples,), optional
+            Non-negative weights; each batch's loss is ``sum(w * loss) / sum(w)``.
+        class_weight : dict or "balanced", optional
+            A weight per class index (multiplies sample_weight); "balanced" gives
+            ``n_samples / (n_classes * count)``. Classification losses only.
+        l2 : float
+            Adds ``l2 / 2 * sum(W**2)`` over all weights (not biases) to the loss,
+            unlike the optimizers' PyTorch-style ``weight_decay``.
+        clip_norm, clip_value : float, optional
+            Clip each gradient element to [-clip_value, clip_value], then scale the
+            whole gradient to a global L2 norm of at most clip_norm (PyTorch's
+            ``clip_grad_value_`` and ``clip_grad_norm_``), inside the compiled step.
+        validation_data : (X_val, y_val) or (X_val, y_val, sample_weight_val), optional
+        validation_split : float in (0, 1), optional
+            Hold out this fraction of the samples (stratified by class for
+            classification losses, drawn from the network's RNG) for validation.
+        metrics : list of "accuracy" or callables ``f(y_true, y_pred) -> float``
+            Recorded per epoch on the training data (after the epoch) and, with
+            validation, as "val_<name>".
+        schedule : bpfast.schedules.Schedule or callable ``epoch -> lr``, optional
+        callbacks : list of bpfast.callbacks.Callback, optional
+        early_stopping : bool or EarlyStopping
+            True: stop when "val_loss" (or "loss" without validation) has not
+            improved by ``tol`` for ``patience`` epochs, and restore the best weights.
+        tol : float, optional
+            Without early stopping: stop when the training loss has not decreased
+            by ``tol`` for ``patience`` epochs (convergence).
+        patience : int
+        verbose : {0, 1, 2}
+            0 silent; 1 a progress bar per epoch (tqdm if installed); 2 one line per epoch.
+        on_divergence : {"raise", "warn"}
+            When the loss becomes NaN or infinite: raise :class:`DivergenceError`,
+            or warn and stop. Either way the update is skipped and the network
+            keeps finite parameters; the history so far is in ``self.history``.
 
-        Each epoch runs in compiled code; the recorded loss is the mean over the
-        epoch's batches of each batch's loss before its update, weighted by batch size.
+        Returns
+        -------
+        History
+            ``history.history["loss"]`` is the mean over the epoch's batches of each
+            batch's loss before its update (with the l2 term), weighted by batch
+            weight; "val_loss" (data loss only) and metrics when asked for; "lr".
+
+        Notes
+        -----
+        Ctrl-C stops at the next batch boundary: every finished update is kept,
+        ``self.history`` holds the finished epochs, and KeyboardInterrupt is raised.
         """
+        trainer = self._trainer(X, y, loss, optimizer, epochs, batch_size, shuffle,
+                                sample_weight, class_weight, l2, clip_norm, clip_value,
+                                validation_data, validation_split, metrics, schedule,
+                                callbacks, early_stopping, tol, patience, verbose,
+                                on_divergence)
+        return trainer.run(trainer.epochs)
+
+    def partial_fit(self, X, y, *, loss, optimizer, batch_size=None, shuffle=True,
+                    sample_weight=None, class_weight=None, l2=0.0, clip_norm=None,
+                    clip_value=None):
+        """One pass over (X, y), keeping the optimizer's state; the epoch's mean loss.
+
+        The same as ``fit(..., epochs=1)`` without validation or callbacks.
+        """
+        history = self.fit(X, y, loss=loss, optimizer=optimizer, epochs=1,
+                           batch_size=batch_size, shuffle=shuffle, sample_weight=sample_weight,
+                           class_weight=class_weight, l2=l2, clip_norm=clip_norm,
+                           clip_value=clip_value)
+        return history.history["loss"][-1]
+
+    def _trainer(self, X, y, loss, optimizer, epochs, batch_size, shuffle, sample_weight,
+                 class_weight, l2, clip_norm, clip_value, validation_data, validation_split,
+                 metrics, schedule, callbacks, early_stopping, tol, patience, verbose,
+                 on_divergence):
+        """Check every argument of fit, split the data: a Trainer ready to run."""
         loss = self._check_loss(loss)
         optimizer = get_optimizer(optimizer)
         epochs = check_int("epochs", epochs, minimum=0)
         batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
         shuffle = check_bool("shuffle", shuffle)
-        X, target, labels = self._prepare_batch(X, y, loss)
-        optimizer._config.check_owner(self._engine)  # before the shuffle draws anything
-        n_samples = X.shape[0]
-        batch_size = n_samples if batch_size is None else min(batch_size, n_samples)
-        history = History()
-        for epoch in range(epochs):
-            order = self._rng.permutation(n_samples).astype(np.intp) if shuffle else None
-            value = self._engine.train_epoch(X, target, labels, order, batch_size,
-                                             loss._config, optimizer._config)
-            history.append(epoch, loss=value)
-        return history
+        patience = check_int("patience", patience, minimum=0)
+        options = self._step_options(l2, clip_norm, clip_value)
+        data = self._data(X, y, loss, sample_weight, class_weight)
+        metrics = resolve_metrics(metrics, loss)
+        validation = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or \
+                    len(validation_data) not in (2, 3):
+                raise TypeError("validation_data must be (X_val, y_val) or "
+                                "(X_val, y_val, sample_weight_val)")
+            validation = self._data(*validation_data[:2], loss, *validation_data[2:],
+                                    name="X_val")
+        optimizer._config.check_owner(self._engine)
+        rng_state = self._rng.bit_generator.state
+        try:
+            if validation_split is not None:
+                if validation is not None:
+                    raise ValueError("give validation_data or validation_split, not both")
+                classes = loss.class_indices(data.dense, data.labels)
+                train_rows, validation_rows = split_validation(
+                    data.n_samples, validation_split, classes, self._rng)
+                data, validation = data.take(train_rows), data.take(validation_rows)
+            trainer = Trainer(self, loss, optimizer, data, validation, batch_size=batch_size,
+                              shuffle=shuffle, options=options, metrics=metrics,
+                              schedule=schedule, callbacks=callbacks,
+                              early_stopping=early_stopping, tol=tol, patience=patience,
+                              verbose=verbose, epochs=epochs, on_divergence=on_divergence)
+        except BaseException:
+            self._rng.bit_generator.state = rng_state  # a refused call changes nothing
+            raise
+        trainer.batch_size = data.n_samples if batch_size is None else min(batch_size,
+                                                                           data.n_samples)
+        trainer.epochs = epochs
+        return trainer
 
     def predict(self, X):
         """Inference without caches, in chunks for large X; a new (n, n_outputs) array."""
@@ -234,3 +360,8 @@ class Network:
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"Network([\n  {body}\n], dtype={self.dtype.name!r})"
+
+    def save(self, path, *, optimizer=None, metadata=None):
+        """Write this network (and optionally its optimizer) to an .npz file; see bpfast.save."""
+        from .io import save
+        save(self, path, optimizer=optimizer, metadata=metadata)

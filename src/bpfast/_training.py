@@ -1,0 +1,382 @@
+"""The loop behind ``Network.fit``: validation, metrics, schedules, callbacks, divergence.
+
+Each epoch is one compiled call (``Engine.train_epoch``) unless a callback asks
+for batches: then the epoch runs in chunks of batches, and chunk results
+combine exactly (the engine returns weighted loss sums, not means). Everything
+here is per epoch or per chunk; nothing is per batch.
+"""
+import math
+import time
+import warnings
+
+import numpy as np
+
+from . import _core
+from ._validation import check_choice, check_real, check_sample_weight
+from .callbacks import Callback, EarlyStopping, History, ProgressBar, ReduceLROnPlateau
+from .losses import BinaryCrossEntropy, CrossEntropy
+from .schedules import as_schedule
+
+__all__ = ["DivergenceError", "Trainer"]
+
+# With progress callbacks, chunks of batches aim at this many seconds each.
+_PROGRESS_INTERVAL = 0.1
+
+
+class DivergenceError(FloatingPointError):
+    """Training stopped because the loss (or the gradient norm) became NaN or infinite.
+
+    The network is left with finite parameters: those before the update that
+    diverged, or, if they were no longer finite, those of the start of the epoch.
+    """
+
+
+# --------------------------------------------------------------------------- inputs
+class Data:
+    """Checked training or validation data: X, the loss's target form, and weights."""
+
+    def __init__(self, X, dense, labels, weights, y):
+        self.X, self.dense, self.labels, self.weights, self.y = X, dense, labels, weights, y
+
+    @property
+    def n_samples(self):
+        return self.X.shape[0]
+
+    def take(self, rows):
+        """The samples at rows (copies, C-contiguous)."""
+        pick = (lambda a: None if a is None else np.ascontiguousarray(a[rows]))
+        y = self.y[rows] if isinstance(self.y, np.ndarray) else np.asarray(self.y)[rows]
+        return Data(pick(self.X), pick(self.dense), pick(self.labels), pick(self.weights), y)
+
+
+def combined_weights(loss, dense, labels, sample_weight, class_weight, n_samples):
+    """sample_weight times the class weight of each sample's class (float64) or None."""
+    weights = check_sample_weight(sample_weight, n_samples)
+    if class_weight is None:
+        return weights
+    classes = loss.class_indices(dense, labels)
+    if classes is None:
+        raise ValueError(f"class_weight needs a classification loss with one class per "
+                         f"sample (CrossEntropy, or BinaryCrossEntropy with one output); "
+                         f"got {loss!r} with these targets")
+    counts = np.bincount(classes)
+    if isinstance(class_weight, str):
+        check_choice("class_weight", class_weight, ("balanced",))
+        present = np.flatnonzero(counts)
+        # scikit-learn's "balanced": n_samples / (n_classes * count of the class)
+        table = np.zeros(counts.shape[0])
+        table[present] = n_samples / (present.shape[0] * counts[present])
+    elif isinstance(class_weight, dict):
+        table = np.ones(counts.shape[0])
+        for key, value in class_weight.items():
+            if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)) \
+                    or key < 0:
+                raise ValueError(f"class_weight keys must be class indices >= 0, got {key!r}")
+            value = check_real(f"class_weight[{key}]", value, minimum=0)
+            if key < table.shape[0]:
+                table[key] = value
+    else:
+        raise TypeError(f"class_weight must be a dict {{class: weight}} or 'balanced', "
+                        f"got {class_weight!r}")
+    per_sample = table[classes]
+    weights = per_sample if weights is None else weights * per_sample
+    return check_sample_weight(weights, n_samples, name="sample_weight * class_weight")
+
+
+def split_validation(n_samples, fraction, classes, rng):
+    """(train rows, validation rows): a random split, stratified by classes if given."""
+    fraction = check_real("validation_split", fraction, minimum=0, maximum=1,
+                          min_inclusive=False, max_inclusive=False)
+    if classes is None:
+        order = rng.permutation(n_samples)
+        picked = order[:int(round(fraction * n_samples))]
+    else:
+        picked = []
+        for value in np.unique(classes):
+            members = np.flatnonzero(classes == value)
+            rng.shuffle(members)
+            picked.append(members[:int(round(fraction * members.shape[0]))])
+        picked = np.concatenate(picked)
+    if picked.shape[0] == 0 or picked.shape[0] == n_samples:
+        raise ValueError(f"validation_split={fraction} of {n_samples} samples leaves "
+                         f"{picked.shape[0]} for validation and "
+                         f"{n_samples - picked.shape[0]} for training; both need some")
+    is_validation = np.zeros(n_samples, dtype=bool)
+    is_validation[picked] = True
+    return np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
+
+
+def resolve_metrics(metrics, loss):
+    """[(name, function(output, data) -> float)] for metrics=["accuracy", callable, ...]."""
+    if metrics is None:
+        return []
+    if isinstance(metrics, str) or callable(metrics):
+        metrics = [metrics]
+    resolved = []
+    for metric in metrics:
+        if metric == "accuracy":
+            if not isinstance(loss, (CrossEntropy, BinaryCrossEntropy)):
+                raise ValueError(f"metric 'accuracy' needs a classification loss "
+                                 f"(CrossEntropy or BinaryCrossEntropy), not {loss!r}")
+            resolved.append(("accuracy", _accuracy_for(loss)))
+        elif callable(metric):
+            name = getattr(metric, "__name__", type(metric).__name__)
+            resolved.append((name, lambda output, data, f=metric: float(f(data.y, output))))
+        else:
+            raise ValueError(f"unknown metric {metric!r}; valid: 'accuracy' or a callable "
+                             f"f(y_true, y_pred) -> float")
+    names = [name for name, _ in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"metric names must be distinct, got {names}")
+    return resolved
+
+
+def _accuracy_for(loss):
+    if isinstance(loss, CrossEntropy):
+        def accuracy(output, data):
+            truth = data.labels if data.labels is not None else np.argmax(data.dense, axis=1)
+            return float(np.mean(np.argmax(output, axis=1) == truth))
+    else:
+        # binary (per output): logit > 0, or probability > 1/2, against target >= 1/2
+        threshold = 0.0 if loss.from_logits else 0.5
+
+        def accuracy(output, data):
+            return float(np.mean((output > threshold) == (data.dense >= 0.5)))
+    return accuracy
+
+
+# --------------------------------------------------------------------------- the loop
+class Trainer:
+    """One ``fit`` call: everything checked already, nothing changed yet."""
+
+    def __init__(self, network, loss, optimizer, data, validation, *, batch_size, shuffle,
+                 options, metrics, schedule, callbacks, early_stopping, tol, patience,
+                 verbose, epochs, on_divergence):
+        self.network = network
+        self.engine = network._engine
+        self.loss = loss
+        self.optimizer = optimizer
+        self.data = data
+        self.validation = validation
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.options = options            # (l2, clip_value, clip_norm) for the engine
+        self.metrics = metrics
+        self.schedule = as_schedule(schedule)
+        self.on_divergence = check_choice("on_divergence", on_divergence, ("raise", "warn"))
+        self.history = History()
+        self.callbacks = self._build_callbacks(callbacks, early_stopping, tol, patience,
+                                               verbose, epochs)
+        keys = {"loss", "lr"} | {name for name, _ in metrics}
+        if validation is not None:
+            keys |= {"val_loss"} | {f"val_{name}" for name, _ in metrics}
+        for callback in self.callbacks:
+            callback.check_keys(keys)
+        if self.schedule is not None and any(
+                isinstance(c, ReduceLROnPlateau) for c in self.callbacks):
+            raise ValueError("use either schedule= or a ReduceLROnPlateau callback: "
+                             "both would set the learning rate")
+
+    def _build_callbacks(self, callbacks, early_stopping, tol, patience, verbose, epochs):
+        if callbacks is None:
+            callbacks = []
+        elif isinstance(callbacks, Callback):
+            callbacks = [callbacks]
+        else:
+            callbacks = list(callbacks)
+        for callback in callbacks:
+            if not isinstance(callback, Callback):
+                raise TypeError(f"callbacks must be bpfast.callbacks.Callback instances, "
+                                f"got {callback!r}")
+        if tol is not None:
+            tol = check_real("tol", tol, minimum=0)
+        if isinstance(early_stopping, EarlyStopping):
+            callbacks.append(early_stopping)
+        elif early_stopping is True:
+            monitor = "val_loss" if self.validation is not None else "loss"
+            callbacks.append(EarlyStopping(monitor, patience=patience, min_delta=tol or 0.0))
+        elif early_stopping is not False:
+            raise TypeError(f"early_stopping must be True, False or an EarlyStopping, "
+                            f"got {early_stopping!r}")
+        elif tol is not None:
+            # the textbook stopping rule: the training cost no longer decreases
+            converged = EarlyStopping("loss", patience=patience, min_delta=tol,
+                                      restore_best=False)
+            converged.stop_reason = "converged"
+            callbacks.append(converged)
+        if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+            raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+        if verbose:
+            callbacks.append(ProgressBar(epochs, per_epoch_line=verbose == 2))
+        return [self.history, *callbacks]
+
+    # ---------------------------------------------------------------- running
+    def run(self, epochs):
+        network, optimizer = self.network, self.optimizer
+        network.history = self.history
+        network.stop_training = False
+        for callback in self.callbacks:
+            callback.network, callback.optimizer = network, optimizer
+        if self.schedule is not None and getattr(optimizer, "initial_lr", None) is None:
+            optimizer.initial_lr = optimizer.lr
+        self._snapshot = None
+        end_logs = {"n_samples": self.data.n_samples}
+        try:
+            for callback in self.callbacks:
+                callback.on_train_begin(end_logs)
+            for _ in range(epochs):
+                epoch = network.epochs_trained
+                if self.schedule is not None:
+                    # a per-step schedule's rate for the epoch's first step, for the logs
+                    t = epoch if self.schedule.per == "epoch" else optimizer.step_count
+                    optimizer.lr = float(self.schedule(t, optimizer.initial_lr))
+                logs = {"lr": optimizer.lr}
+                for callback in self.callbacks:
+                    callback.on_epoch_begin(epoch, logs)
+                logs = {"loss": self._train_one_epoch(epoch), **self._evaluate(),
+                        "lr": logs["lr"]}
+                network.epochs_trained += 1
+                for callback in self.callbacks:
+                    callback.on_epoch_end(epoch, logs)
+                if network.stop_training:
+                    reason = network.stop_training
+                    self.history.stop_reason = reason if isinstance(reason, str) else "callback"
+                    break
+        except KeyboardInterrupt:
+            self.history.stop_reason = "interrupted"
+            raise
+        except DivergenceError:
+            self.history.stop_reason = "diverged"
+            raise
+        finally:
+            end_logs["stop_reason"] = self.history.stop_reason
+            for callback in self.callbacks:
+                callback.on_train_end(end_logs)
+        return self.history
+
+    def _evaluate(self):
+        """Metrics on the training data and loss and metrics on the validation data."""
+        logs = {}
+        if self.metrics:
+            output = self.network.predict(self.data.X)
+            for name, metric in self.metrics:
+                logs[name] = metric(output, self.data)
+        if self.validation is not None:
+            validation = self.validation
+            output = self.network.predict(validation.X)
+            logs["val_loss"] = self.loss._config.evaluate(
+                output, validation.dense, validation.labels, None, validation.weights)
+            for name, metric in self.metrics:
+                logs[f"val_{name}"] = metric(output, validation)
+        return logs
+
+    def _save_snapshot(self):
+        """Keep the epoch's starting parameters and optimizer state for a divergence."""
+        parameters = self.network.parameters
+        state = self.optimizer._config.state
+        if self._snapshot is None:
+            self._snapshot = [parameters.copy(), None if state is None else state.copy(), 0]
+        else:
+            np.copyto(self._snapshot[0], parameters)
+            if state is not None:
+                if self._snapshot[1] is None:
+                    self._snapshot[1] = state.copy()
+                else:
+                    np.copyto(self._snapshot[1], state)
+        self._snapshot[2] = self.optimizer._config.step_count
+
+    def _restore_after_divergence(self):
+        """Keep the current parameters if finite (the diverging update was skipped), else
+        go back to the epoch's start. Returns a description for the message."""
+        config = self.optimizer._config
+        finite = _core.first_nonfinite(self.network.parameters) < 0 and (
+            config.state is None or _core.first_nonfinite(config.state.reshape(-1)) < 0)
+        if finite:
+            return "the network keeps the parameters from before that update"
+        parameters, state, step_count = self._snapshot
+        self.network.parameters[...] = parameters
+        if state is not None and config.state is not None:
+            config.state[...] = state
+        config.step_count = step_count
+        return "the network was restored to its parameters at the start of the epoch"
+
+    def _batch_lrs(self, n_batches):
+        if self.schedule is None or self.schedule.per != "step":
+            return None
+        steps = self.optimizer._config.step_count + np.arange(n_batches)
+        lrs = np.ascontiguousarray(self.schedule(steps, self.optimizer.initial_lr),
+                                   dtype=np.float64)
+        bad = ~(np.isfinite(lrs) & (lrs >= 0))
+        if bad.any():
+            raise ValueError(f"the schedule gave the learning rate {lrs[bad][0]}; it must be "
+                             "finite and >= 0")
+        return lrs
+
+    def _train_one_epoch(self, epoch):
+        data, engine, batch_size = self.data, self.engine, self.batch_size
+        n_samples = data.n_samples
+        n_batches = -(-n_samples // batch_size)
+        order = self.network._rng.permutation(n_samples).astype(np.intp) \
+            if self.shuffle else None
+        lrs = self._batch_lrs(n_batches)
+        self._save_snapshot()
+        batch_callbacks = [c for c in self.callbacks if c.wants_batches or c.wants_progress]
+        per_batch = any(c.wants_batches for c in self.callbacks)
+        chunk = 1 if batch_callbacks else n_batches
+        loss_sum = weight_sum = 0.0
+        rows_done = 0
+        batch = 0
+        started = time.perf_counter()
+        while batch < n_batches:
+            end = min(n_batches, batch + chunk)
+            rows = slice(batch * batch_size, min(n_samples, end * batch_size))
+            if order is None:
+                pick = (lambda a: None if a is None else a[rows])
+                args = (data.X[rows], pick(data.dense), pick(data.labels),
+                        pick(data.weights), None)
+            else:
+                args = (data.X, data.dense, data.labels, data.weights, order[rows])
+            part_loss, part_weight, part_rows, diverged = engine.train_epoch(
+                *args, batch_size, self.loss._config, self.optimizer._config, *self.options,
+                None if lrs is None else lrs[batch:end])
+            loss_sum += part_loss
+            weight_sum += part_weight
+            rows_done += part_rows
+            if diverged:
+                self._diverged(epoch, batch + part_rows // batch_size)
+                break
+            batch = end
+            if batch_callbacks:
+                logs = {"loss": loss_sum / weight_sum if weight_sum else 0.0,
+                        "samples": rows_done}
+                for callback in batch_callbacks:
+                    callback.on_batch_end(batch - 1, logs)
+                if self.network.stop_training:
+                    break
+                if not per_batch:
+                    # progress only: grow chunks to about _PROGRESS_INTERVAL seconds each
+                    elapsed = time.perf_counter() - started
+                    chunk = max(1, int(_PROGRESS_INTERVAL * batch / max(elapsed, 1e-9)))
+        if lrs is not None:
+            self.optimizer.lr = float(self.schedule(self.optimizer._config.step_count,
+                                                    self.optimizer.initial_lr))
+        return loss_sum / weight_sum if weight_sum else 0.0
+
+    def _diverged(self, epoch, batch):
+        where = self._restore_after_divergence()
+        message = (f"the training loss became NaN or infinite at epoch {epoch}, batch "
+                   f"{batch} (lr {self.optimizer.lr:g}); the update was skipped and {where}. "
+                   "Try a lower learning rate, clip_norm=, or scaled inputs.")
+        if self.on_divergence == "raise":
+            raise DivergenceError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        self.network.stop_training = "diverged"
+
+
+def finite_or_raise(value, what):
+    """value if finite, else a DivergenceError (a train_step whose loss overflowed)."""
+    if not math.isfinite(value):
+        raise DivergenceError(f"the loss of this {what} is {value}; the update was skipped "
+                              "and the parameters are unchanged. Try a lower learning rate, "
+                              "clip_norm=, or scaled inputs.")
+    return value
