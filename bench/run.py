@@ -53,12 +53,14 @@ SPEEDUP_TARGETS = {
 }
 PEAK_TARGETS = {"L": 80.0, "XL": 80.0}     # bpfast train_step, percent of GEMM peak
 FIT_TARGETS = {"M": 1.2}                   # bpfast fit per batch / train_step at most this
+FIT_VALIDATED_TARGETS = {"M": 1.25}        # fit with validation + callback / plain fit at most
 PREDICT_TARGETS = {1: 10.0, 1024: 1.3}     # predict on M, speed-up over torch eager
 
 # Table rows: row name -> (label, worker process that measures it)
 TRAIN_ROWS = {
     "bpfast": ("bpfast train_step", "bpfast"),
     "bpfast_fit": ("bpfast fit (per batch)", "bpfast"),
+    "bpfast_fit_val": ("  + validation, callback", "bpfast"),
     "torch": ("torch eager", "torch"),
     "jax": ("jax.jit", "jax"),
     "sklearn": ("sklearn MLP (per batch)", "sklearn"),
@@ -322,6 +324,21 @@ def bpfast_fit(p, opt):
     return epoch, p.n_batches
 
 
+def bpfast_fit_validated(p, opt):
+    """fit as above, plus a validation set of a tenth of the data and EarlyStopping."""
+    bp = LIBS["bpfast"]
+    net, loss, optimizer = bpfast_network(p), bp.CrossEntropy(), bpfast_optimizer(opt)
+    n_val = max(1, p.X.shape[0] // 10)
+    validation = (p.X[:n_val], p.y[:n_val])
+    stopper = bp.callbacks.EarlyStopping("val_loss", patience=10**9)
+
+    def epoch():
+        return net.fit(p.X, p.y, loss=loss, optimizer=optimizer, epochs=1,
+                       batch_size=p.batch, shuffle=True, validation_data=validation,
+                       callbacks=[stopper])
+    return epoch, p.n_batches
+
+
 def bpfast_predict(p, n):
     net = bpfast_network(p)
     X = np.ascontiguousarray(p.X[:n])
@@ -496,7 +513,8 @@ def numpy_predict(p, n):
 
 
 TRAIN_FACTORIES = {
-    "bpfast": bpfast_train_step, "bpfast_fit": bpfast_fit, "torch": torch_train_step,
+    "bpfast": bpfast_train_step, "bpfast_fit": bpfast_fit,
+    "bpfast_fit_val": bpfast_fit_validated, "torch": torch_train_step,
     "jax": jax_train_step, "sklearn": sklearn_partial_fit, "numpy": numpy_train_step,
 }
 PREDICT_FACTORIES = {
@@ -819,6 +837,15 @@ def add_speedups_and_targets(shape, rows):
                     row["verdict"] = ("PASS" if row["fit_over_step"] <= FIT_TARGETS[shape]
                                       else "FAIL")
             continue
+        if name == "bpfast_fit_val":
+            if fit["status"] == "ok" and row["status"] == "ok":
+                row["over_fit"] = row["us"] / fit["us"]
+            if shape in FIT_VALIDATED_TARGETS:
+                row["target"] = f"<={FIT_VALIDATED_TARGETS[shape]}x fit"
+                if "over_fit" in row:
+                    row["verdict"] = ("PASS" if row["over_fit"] <= FIT_VALIDATED_TARGETS[shape]
+                                      else "FAIL")
+            continue
         # sklearn's time includes batching and shuffling: compare it with bpfast's fit
         ref = fit if name == "sklearn" else bp
         if ref["status"] == "ok" and row["status"] == "ok":
@@ -984,6 +1011,8 @@ def print_training_table(opt, rows, peak, background):
             continue
         if r["impl"] == "bpfast_fit":
             x = f"{r['fit_over_step']:.2f}x st" if r.get("fit_over_step") else "-"
+        elif r["impl"] == "bpfast_fit_val":
+            x = f"{r['over_fit']:.2f}x fit" if r.get("over_fit") else "-"
         elif r["speedup"] is not None:
             x = f"{r['speedup']:.2f}x" + ("*" if r["impl"] == "sklearn" else "")
         else:
@@ -994,7 +1023,7 @@ def print_training_table(opt, rows, peak, background):
     print_noise(rows)
     print(f"  us/step: {ARGS.stat} (min); bpfast x = competitor time / bpfast train_step time "
           "(* sklearn: / bpfast fit time,\n  both include batching and shuffling); "
-          "fit row: fit time per batch / train_step time")
+          "fit row: fit time per batch / train_step time; + validation row: its time / fit's")
 
 
 def print_predict_table(rows, background):

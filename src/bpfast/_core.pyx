@@ -1210,6 +1210,10 @@ cdef class OptimizerConfig:
             self.owner = engine
         return 0
 
+    def attach(self, Engine engine):
+        """Belong to engine now, allocating the state (as the first step would)."""
+        self.bind(engine)
+
     def step(self, Engine engine):
         """One update of engine's parameters from its gradients."""
         self.bind(engine)

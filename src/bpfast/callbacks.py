@@ -98,17 +98,15 @@ class History(Callback):
         keys : list of str, optional
             Which records to draw; default every loss ("loss", "val_loss").
         ax : matplotlib Axes, optional
-            Draw into it instead of a new figure.
+            Draw into it instead of a new figure (then nothing is shown).
 
         Returns
         -------
         The matplotlib Axes.
         """
         try:
-            import matplotlib
-            if path is not None and ax is None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
+            from matplotlib.ticker import MaxNLocator
         except ImportError as error:
             raise ImportError("History.plot needs matplotlib: pip install "
                               "'bpfast[plot]'") from error
@@ -116,19 +114,23 @@ class History(Callback):
         unknown = [key for key in keys if key not in self.history]
         if unknown:
             raise ValueError(f"no record {unknown[0]!r}; recorded: {sorted(self.history)}")
-        figure = None
+        show = ax is None and path is None
         if ax is None:
-            figure, ax = plt.subplots(figsize=(6, 4))
+            if path is not None:
+                # a figure of its own: no pyplot, so no global backend or state changes
+                ax = Figure(figsize=(6, 4)).add_subplot()
+            else:
+                import matplotlib.pyplot as plt
+                ax = plt.figure(figsize=(6, 4)).add_subplot()
         for key in keys:
             ax.plot(self.epoch, self.history[key], label=key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss" if all(key.endswith("loss") for key in keys) else "value")
         ax.legend()
         if path is not None:
             ax.figure.savefig(os.fspath(path), dpi=100, bbox_inches="tight")
-            if figure is not None:
-                plt.close(figure)
-        elif figure is not None:
+        elif show:
             plt.show()
         return ax
 
