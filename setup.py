@@ -1,8 +1,9 @@
 """Build the one compiled extension, bpfast._core, with OpenMP where the compiler has it.
 
-OpenMP is detected by compiling and linking a tiny program with -fopenmp; where that
-fails (Apple clang without libomp, for example) the build warns and goes on serially:
-Cython's prange then compiles to a plain loop.
+OpenMP is detected by compiling and linking a tiny program with -fopenmp (on macOS
+also with Apple clang's -Xpreprocessor -fopenmp and Homebrew's libomp); where that
+fails the build warns and goes on serially: Cython's prange then compiles to a plain
+loop.
 """
 import os
 import shutil
@@ -27,6 +28,34 @@ int main(void) {
 """
 
 
+def openmp_candidates():
+    """(compile_args, link_args) to try, in order."""
+    yield ["-fopenmp"], ["-fopenmp"]
+    if sys.platform == "darwin":
+        # Apple clang: OpenMP through libomp (Homebrew's, or LIBOMP_PREFIX)
+        prefixes = [os.environ.get("LIBOMP_PREFIX"), "/opt/homebrew/opt/libomp",
+                    "/usr/local/opt/libomp"]
+        for prefix in filter(None, prefixes):
+            if os.path.isdir(prefix):
+                yield (["-Xpreprocessor", "-fopenmp", f"-I{prefix}/include"],
+                       [f"-L{prefix}/lib", "-lomp", f"-Wl,-rpath,{prefix}/lib"])
+
+
+def compiles(cc, compile_args, link_args):
+    """Whether the OpenMP test program compiles and links with these flags."""
+    tmp = tempfile.mkdtemp()
+    try:
+        src = os.path.join(tmp, "omp_test.c")
+        with open(src, "w") as f:
+            f.write(OPENMP_TEST)
+        cmd = cc.split() + compile_args + [src, "-o", os.path.join(tmp, "omp_test")] + link_args
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+    except OSError:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def openmp_flags():
     """Return (compile_args, link_args) for OpenMP, or ([], []) when unavailable."""
     if os.environ.get("BPFAST_DISABLE_OPENMP"):
@@ -34,21 +63,11 @@ def openmp_flags():
     if sys.platform == "win32":
         return ["/openmp"], []
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    tmp = tempfile.mkdtemp()
-    try:
-        src = os.path.join(tmp, "omp_test.c")
-        with open(src, "w") as f:
-            f.write(OPENMP_TEST)
-        cmd = cc.split() + ["-fopenmp", src, "-o", os.path.join(tmp, "omp_test")]
-        ok = subprocess.run(cmd, capture_output=True).returncode == 0
-    except OSError:
-        ok = False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not ok:
-        warnings.warn("bpfast: OpenMP not found; building the serial version", stacklevel=1)
-        return [], []
-    return ["-fopenmp"], ["-fopenmp"]
+    for compile_args, link_args in openmp_candidates():
+        if compiles(cc, compile_args, link_args):
+            return compile_args, link_args
+    warnings.warn("bpfast: OpenMP not found; building the serial version", stacklevel=1)
+    return [], []
 
 
 compile_args, link_args = openmp_flags()

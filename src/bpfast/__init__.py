@@ -2,14 +2,19 @@
 __version__ = "0.1.0"
 
 # _threads first: it loads the compiled core with the right OpenMP settings
-from ._threads import get_num_threads, set_num_threads, show_config
+from ._threads import get_num_threads, set_num_threads, show_config  # noqa: I001
+from . import callbacks, schedules
+from ._training import DivergenceError
+from .callbacks import History
+from .io import load, save
 from .layers import ACTIVATIONS, Dense
 from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, Huber, Loss
-from .network import History, Network
+from .network import Network
 from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __all__ = [
     "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy", "CrossEntropy", "Dense",
-    "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer", "RMSprop", "SGD",
-    "get_num_threads", "set_num_threads", "show_config",
+    "DivergenceError", "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer",
+    "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "save", "schedules",
+    "set_num_threads", "show_config",
 ]

@@ -437,7 +437,7 @@ class ProgressBar(Callback):
         speed = self._speed(self.n_samples)
         values = "  ".join(f"{key} {value:.4g}" for key, value in logs.items() if key != "lr")
         if self._bar is not None:
-            self._bar.set_postfix_str(f"{values}  {speed:,.0f} samples/s")
+            self._bar.set_postfix_str(values)  # tqdm shows the speed itself
             self._bar.close()
             self._bar = None
             return

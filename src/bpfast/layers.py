@@ -1,5 +1,6 @@
 """Dense layers and the activation names."""
 import numpy as np
+from numpy.typing import NDArray
 
 from . import _core
 from ._validation import check_bool, check_choice, check_int, check_real
@@ -47,8 +48,20 @@ class Dense:
     layer belongs to one network.
     """
 
-    def __init__(self, in_features, out_features, activation=None, *, bias=True, init=None,
-                 negative_slope=None, alpha=None):
+    in_features: int
+    out_features: int
+    activation: str
+    use_bias: bool
+    init: str | None
+    activation_param: float
+    weight: NDArray[np.floating] | None
+    bias: NDArray[np.floating] | None
+    grad_weight: NDArray[np.floating] | None
+    grad_bias: NDArray[np.floating] | None
+
+    def __init__(self, in_features: int, out_features: int, activation: str | None = None, *,
+                 bias: bool = True, init: str | None = None, negative_slope: float | None = None,
+                 alpha: float | None = None) -> None:
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.out_features = check_int("out_features", out_features, minimum=1)
         self.activation = check_choice(
@@ -70,7 +83,7 @@ class Dense:
         self._network = None
 
     @property
-    def n_parameters(self):
+    def n_parameters(self) -> int:
         return self.out_features * (self.in_features + self.use_bias)
 
     def initial_values(self, rng):

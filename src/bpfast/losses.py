@@ -8,6 +8,7 @@ y)`` is dL/dout with out's shape, the same quantity that back-propagates inside
 ``Network.train_step``.
 """
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _core
 from ._validation import (as_float_array, check_bool, check_real, check_sample_weight,
@@ -24,10 +25,11 @@ class Loss:
     #: the last-layer activation whose output this loss expects when from_logits=False
     output_activation = None
 
-    def __init__(self, core_name, param=1.0):
+    def __init__(self, core_name: str, param: float = 1.0) -> None:
         self._config = _core.LossConfig(core_name, param)
 
-    def __call__(self, output, target, sample_weight=None):
+    def __call__(self, output: ArrayLike, target: ArrayLike,
+                 sample_weight: ArrayLike | None = None) -> float:
         """The mean loss of ``output`` (n, k) against ``target``, as a Python float.
 
         ``sample_weight`` (n,), optional, makes it the weighted mean.
@@ -35,7 +37,8 @@ class Loss:
         output, dense, labels, weights = self._prepare(output, target, sample_weight)
         return self._config.evaluate(output, dense, labels, None, weights)
 
-    def gradient(self, output, target, sample_weight=None):
+    def gradient(self, output: ArrayLike, target: ArrayLike,
+                 sample_weight: ArrayLike | None = None) -> NDArray[np.floating]:
         """dL/d(output): an array of output's shape and dtype."""
         output, dense, labels, weights = self._prepare(output, target, sample_weight)
         grad = np.empty_like(output)
@@ -91,7 +94,7 @@ class MSE(Loss):
         gradient is ``(out - y) / numel``.
     """
 
-    def __init__(self, half=False):
+    def __init__(self, half: bool = False) -> None:
         self.half = check_bool("half", half)
         super().__init__("mse", 0.5 if self.half else 1.0)
 
@@ -102,14 +105,14 @@ class MSE(Loss):
 class L1(Loss):
     """Mean absolute error, as torch.nn.L1Loss (gradient sign(out - y) / numel, 0 at 0)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__("l1")
 
 
 class Huber(Loss):
     """Huber loss, as torch.nn.HuberLoss: quadratic below ``delta``, linear above."""
 
-    def __init__(self, delta=1.0):
+    def __init__(self, delta: float = 1.0) -> None:
         self.delta = check_real("delta", delta, minimum=0.0, min_inclusive=False)
         super().__init__("huber", self.delta)
 
@@ -135,7 +138,7 @@ class CrossEntropy(Loss):
     accepts_labels = True
     output_activation = "softmax"
 
-    def __init__(self, from_logits=True):
+    def __init__(self, from_logits: bool = True) -> None:
         self.from_logits = check_bool("from_logits", from_logits)
         super().__init__("cross_entropy" if self.from_logits else "cross_entropy_probs")
 
@@ -185,7 +188,7 @@ class BinaryCrossEntropy(Loss):
 
     output_activation = "sigmoid"
 
-    def __init__(self, from_logits=True):
+    def __init__(self, from_logits: bool = True) -> None:
         self.from_logits = check_bool("from_logits", from_logits)
         super().__init__("binary_cross_entropy" if self.from_logits
                          else "binary_cross_entropy_probs")

@@ -1,15 +1,21 @@
 """Network: the flat parameter buffers and the training API around the compiled core."""
+from collections.abc import Callable, Sequence
+from os import PathLike
+from typing import Any, Literal
+
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _core
 from ._training import Data, DivergenceError, Trainer, combined_weights, finite_or_raise
 from ._training import resolve_metrics, split_validation
 from ._validation import (as_float_array, check_bool, check_dtype, check_int, check_real,
                           check_sample_weight)
-from .callbacks import History
+from .callbacks import Callback, EarlyStopping, History
 from .layers import Dense
-from .losses import get_loss
-from .optimizers import get_optimizer
+from .losses import Loss, get_loss
+from .optimizers import Optimizer, get_optimizer
+from .schedules import Schedule
 
 __all__ = ["Network", "History", "DivergenceError"]
 
@@ -44,7 +50,8 @@ class Network:
         The record of the last ``fit`` (kept when it was interrupted).
     """
 
-    def __init__(self, layers, *, dtype="float32", seed=None):
+    def __init__(self, layers: list[Dense] | tuple[Dense, ...], *,
+                 dtype: DTypeLike = "float32", seed: int | None = None) -> None:
         layers = list(layers) if isinstance(layers, (list, tuple)) else None
         if not layers or not all(isinstance(layer, Dense) for layer in layers):
             raise TypeError("layers must be a non-empty list of bpfast.Dense")
@@ -94,11 +101,11 @@ class Network:
 
     # ------------------------------------------------------------------ buffers
     @property
-    def parameters(self):
+    def parameters(self) -> NDArray[np.floating]:
         return self._parameters
 
     @parameters.setter
-    def parameters(self, values):
+    def parameters(self, values: ArrayLike) -> None:
         values = np.asarray(values)
         if values.shape != self._parameters.shape:
             raise ValueError(f"parameters must have shape {self._parameters.shape}, "
@@ -106,19 +113,19 @@ class Network:
         self._parameters[...] = as_float_array("parameters", values, self.dtype, 1)
 
     @property
-    def gradients(self):
+    def gradients(self) -> NDArray[np.floating]:
         return self._gradients
 
     @property
-    def n_parameters(self):
+    def n_parameters(self) -> int:
         return self._parameters.shape[0]
 
     @property
-    def n_inputs(self):
+    def n_inputs(self) -> int:
         return self.layers[0].in_features
 
     @property
-    def n_outputs(self):
+    def n_outputs(self) -> int:
         return self.layers[-1].out_features
 
     # ------------------------------------------------------------------ checks
@@ -146,14 +153,14 @@ class Network:
         return X, target, labels
 
     # ------------------------------------------------------------------ step by step
-    def forward(self, X):
+    def forward(self, X: ArrayLike) -> NDArray[np.floating]:
         """The network's output for X (n, n_inputs); keeps what ``backward`` needs.
 
         Returns a new array of shape (n, n_outputs) that the caller owns.
         """
         return self._engine.forward(self._check_input(X))
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: ArrayLike) -> NDArray[np.floating]:
         """Back-propagate dL/d(output) of the last ``forward``.
 
         Overwrites ``gradients`` (it does not accumulate) and returns dL/dX.
@@ -178,7 +185,8 @@ class Network:
             "clip_value", clip_value, minimum=0, min_inclusive=False)
         return l2, clip_value, clip_norm
 
-    def compute_gradients(self, X, y, loss, *, sample_weight=None, l2=0.0):
+    def compute_gradients(self, X: ArrayLike, y: ArrayLike, loss: Loss | str, *,
+                          sample_weight: ArrayLike | None = None, l2: float = 0.0) -> float:
         """Forward, loss and backward in one compiled call; fills ``gradients``; the loss.
 
         ``sample_weight`` (n,) weights the mean loss; ``l2`` adds
@@ -191,8 +199,10 @@ class Network:
         l2, _, _ = self._step_options(l2, None, None)
         return self._engine.train_step(X, target, labels, weights, loss._config, None, l2)
 
-    def train_step(self, X, y, loss, optimizer, *, sample_weight=None, l2=0.0,
-                   clip_norm=None, clip_value=None):
+    def train_step(self, X: ArrayLike, y: ArrayLike, loss: Loss | str,
+                   optimizer: Optimizer | str, *, sample_weight: ArrayLike | None = None,
+                   l2: float = 0.0, clip_norm: float | None = None,
+                   clip_value: float | None = None) -> float:
         """One training step (forward, loss, backward, update) in one compiled call.
 
         Returns the loss of the forward pass, before the update. ``sample_weight``,
@@ -215,11 +225,19 @@ class Network:
                                    X.shape[0])
         return Data(X, dense, labels, weights, y)
 
-    def fit(self, X, y, *, loss, optimizer, epochs=1, batch_size=None, shuffle=True,
-            sample_weight=None, class_weight=None, l2=0.0, clip_norm=None, clip_value=None,
-            validation_data=None, validation_split=None, metrics=None, schedule=None,
-            callbacks=None, early_stopping=False, tol=None, patience=10, verbose=0,
-            on_divergence="raise"):
+    def fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str, optimizer: Optimizer | str,
+            epochs: int = 1, batch_size: int | None = None, shuffle: bool = True,
+            sample_weight: ArrayLike | None = None,
+            class_weight: dict[int, float] | Literal["balanced"] | None = None,
+            l2: float = 0.0, clip_norm: float | None = None, clip_value: float | None = None,
+            validation_data: tuple[ArrayLike, ...] | None = None,
+            validation_split: float | None = None,
+            metrics: Sequence[str | Callable[[Any, Any], float]] | None = None,
+            schedule: Schedule | Callable[[int], float] | None = None,
+            callbacks: Sequence[Callback] | None = None,
+            early_stopping: bool | EarlyStopping = False, tol: float | None = None,
+            patience: int = 10, verbose: int = 0,
+            on_divergence: Literal["raise", "warn"] = "raise") -> History:
         """Train by gradient descent; returns a :class:`History` of per-epoch records.
 
         Each epoch runs in compiled code (one call, or one per chunk of batches
@@ -293,9 +311,12 @@ class Network:
                                 on_divergence)
         return trainer.run(trainer.epochs)
 
-    def partial_fit(self, X, y, *, loss, optimizer, batch_size=None, shuffle=True,
-                    sample_weight=None, class_weight=None, l2=0.0, clip_norm=None,
-                    clip_value=None):
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str,
+                    optimizer: Optimizer | str, batch_size: int | None = None,
+                    shuffle: bool = True, sample_weight: ArrayLike | None = None,
+                    class_weight: dict[int, float] | Literal["balanced"] | None = None,
+                    l2: float = 0.0, clip_norm: float | None = None,
+                    clip_value: float | None = None) -> float:
         """One pass over (X, y), keeping the optimizer's state; the epoch's mean loss.
 
         The same as ``fit(..., epochs=1)`` without validation or callbacks.
@@ -304,7 +325,7 @@ class Network:
                            batch_size=batch_size, shuffle=shuffle, sample_weight=sample_weight,
                            class_weight=class_weight, l2=l2, clip_norm=clip_norm,
                            clip_value=clip_value)
-        return history.history["loss"][-1]
+        return float(history.history["loss"][-1])
 
     def _trainer(self, X, y, loss, optimizer, epochs, batch_size, shuffle, sample_weight,
                  class_weight, l2, clip_norm, clip_value, validation_data, validation_split,
@@ -351,7 +372,7 @@ class Network:
         trainer.epochs = epochs
         return trainer
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> NDArray[np.floating]:
         """Inference without caches, in chunks for large X; a new (n, n_outputs) array."""
         X = self._check_input(X)
         widest = max(max(layer.in_features, layer.out_features) for layer in self.layers)
@@ -361,7 +382,8 @@ class Network:
         body = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"Network([\n  {body}\n], dtype={self.dtype.name!r})"
 
-    def save(self, path, *, optimizer=None, metadata=None):
+    def save(self, path: str | PathLike[str], *, optimizer: Optimizer | None = None,
+             metadata: dict[str, Any] | None = None) -> None:
         """Write this network (and optionally its optimizer) to an .npz file; see bpfast.save."""
         from .io import save
         save(self, path, optimizer=optimizer, metadata=metadata)

@@ -5,8 +5,16 @@ Each follows PyTorch's documented update rule, defaults and order of operations
 same. The state lives in one flat (n_states, n_parameters) array beside the
 network's parameters; ``state`` exposes its rows by PyTorch's names.
 """
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
 from . import _core
 from ._validation import check_bool, check_real, instance_by_name
+
+if TYPE_CHECKING:
+    from .network import Network
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get_optimizer"]
 
@@ -18,33 +26,41 @@ class Optimizer:
     ValueError (its state is per parameter).
     """
 
-    def __init__(self, core_name, **hyperparameters):
+    def __init__(self, core_name: str, **hyperparameters: Any) -> None:
         self._config = _core.OptimizerConfig(core_name, **hyperparameters)
+        # kept for bpfast.io, which saves them (the compiled config does not expose them)
+        self._hyperparameters = dict(hyperparameters)
 
-    def step(self, network):
+    def step(self, network: "Network") -> None:
         """One update of ``network.parameters`` from ``network.gradients``."""
         self._config.step(network._engine)
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         """The learning rate; may be changed between steps."""
         return self._config.lr
 
     @lr.setter
-    def lr(self, value):
+    def lr(self, value: float) -> None:
         self._config.lr = check_real("lr", value, minimum=0.0)
 
     @property
-    def step_count(self):
+    def step_count(self) -> int:
         """Updates made so far."""
         return self._config.step_count
 
     @property
-    def state(self):
+    def state(self) -> dict[str, NDArray[np.floating]]:
         """The state buffers by PyTorch's names (views of one array); empty before the first step."""
         if self._config.state is None:
             return {}
         return dict(zip(self._config.state_names, self._config.state))
+
+    def _restore(self, network, state, step_count):
+        """Belong to network with the given state rows and step count (for bpfast.io.load)."""
+        self._config.attach(network._engine)
+        self._config.state[...] = state
+        self._config.step_count = step_count
 
 
 def _check_betas(betas):
@@ -57,7 +73,8 @@ def _check_betas(betas):
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum, as torch.optim.SGD."""
 
-    def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0) -> None:
         lr = check_real("lr", lr, minimum=0.0)
         momentum = check_real("momentum", momentum, minimum=0.0)
         dampening = check_real("dampening", dampening)
@@ -74,7 +91,8 @@ class Adam(Optimizer):
 
     _decoupled = False
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False) -> None:
         beta1, beta2 = _check_betas(betas)
         super().__init__(
             "adam", lr=check_real("lr", lr, minimum=0.0), beta1=beta1, beta2=beta2,
@@ -89,16 +107,17 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False):
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False) -> None:
         super().__init__(lr, betas, eps, weight_decay, amsgrad)
 
 
 class RMSprop(Optimizer):
     """RMSprop, as torch.optim.RMSprop (``centered`` and ``momentum`` included)."""
 
-    def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False):
+    def __init__(self, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0,
+                 centered: bool = False) -> None:
         super().__init__(
             "rmsprop", lr=check_real("lr", lr, minimum=0.0),
             alpha=check_real("alpha", alpha, 0.0, 1.0),
@@ -111,8 +130,8 @@ class RMSprop(Optimizer):
 class Adagrad(Optimizer):
     """Adagrad, as torch.optim.Adagrad."""
 
-    def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10):
+    def __init__(self, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> None:
         super().__init__(
             "adagrad", lr=check_real("lr", lr, minimum=0.0),
             lr_decay=check_real("lr_decay", lr_decay, minimum=0.0),

@@ -1,0 +1,502 @@
+"""Saving and loading networks: one ``.npz`` file of arrays plus a JSON header.
+
+The file is a NumPy ``.npz`` archive (uncompressed) with these members:
+
+``header``
+    A 1-D uint8 array: the UTF-8 bytes of a JSON object (fields below).
+``parameters``
+    The network's flat parameter array, 1-D, of the header's dtype.
+``optimizer_state``
+    Only when an optimizer that has stepped the network was saved with it: its
+    state, one row per name in ``header["optimizer"]["state_names"]``, shape
+    (n_states, n_parameters).
+
+The header's fields: ``format`` ("bpfast-model"), ``format_version`` (an int,
+currently 1), ``bpfast_version``, ``dtype`` ("float32" or "float64"),
+``n_parameters``, ``layers`` (a list of objects with ``in_features``,
+``out_features``, ``activation``, ``bias`` and ``activation_param``, the
+leaky_relu slope or elu alpha), ``seed``, ``rng_state`` (the state of the
+network's random generator, so shuffling continues as it would have),
+``epochs_trained`` (when the network counts them), ``optimizer`` (null, or an
+object with ``name``, ``hyperparameters`` in the constructor's names,
+``step_count``, ``state_names`` and ``has_state``, whether ``optimizer_state``
+is present) and ``metadata`` (any JSON object the caller
+attached; the command line keeps its class labels and scaling there).
+
+Loading never runs code from the file: arrays are read with
+``allow_pickle=False``, and a member holding Python objects is refused before
+anything is read. Every size is checked against the bytes really present before
+memory is allocated, so a small file cannot make ``load`` allocate a huge array.
+"""
+import json
+import os
+import secrets
+import struct
+import zipfile
+import zlib
+from typing import Any, Literal, overload
+
+import numpy as np
+
+from . import __version__
+from .layers import ACTIVATIONS, Dense
+from .network import Network
+from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "save", "load", "read_header"]
+
+#: The ``format`` field of every bpfast model file.
+FORMAT_NAME = "bpfast-model"
+#: The newest format version this bpfast writes and reads.
+FORMAT_VERSION = 1
+
+# A header past this size is not one bpfast wrote (metadata of a very wide
+# dataset stays far below it); refused before it is read.
+_MAX_HEADER_BYTES = 64 << 20
+
+_OPTIMIZER_CLASSES = {cls.__name__: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)}
+_LAYER_FIELDS = ("in_features", "out_features", "activation", "bias", "activation_param")
+
+
+# --------------------------------------------------------------------------- save
+#: What a path argument may be.
+PathType = str | os.PathLike[str]
+
+
+def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None,
+         metadata: dict[str, Any] | None = None) -> None:
+    """Write ``network`` (and optionally its optimizer) to ``path`` atomically.
+
+    Parameters
+    ----------
+    network : Network
+        The network to save: its layers, dtype, seed and parameters.
+    path : str or os.PathLike
+        The file to write, used exactly as given (no ``.npz`` is appended).
+        An existing file is replaced only once the new one is complete.
+    optimizer : Optimizer, optional
+        Also save this optimizer's hyperparameters, step count and state, so that
+        training resumes exactly where it stopped. It must be the network's own
+        (or one that has not stepped yet).
+    metadata : dict, optional
+        Anything JSON can hold (str keys), kept in the header and returned by
+        :func:`read_header`.
+
+    Notes
+    -----
+    The file is written to a temporary file in the same directory, flushed to
+    disk, then renamed over ``path``: a crash leaves either the old file or the
+    new one, never a half-written one.
+    """
+    if not isinstance(network, Network):
+        raise TypeError(f"network must be a bpfast.Network, got {type(network).__name__}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "bpfast_version": __version__,
+        "dtype": network.dtype.name,
+        "n_parameters": int(network.n_parameters),
+        "layers": [{"in_features": layer.in_features, "out_features": layer.out_features,
+                    "activation": layer.activation, "bias": layer.use_bias,
+                    "activation_param": layer.activation_param}
+                   for layer in network.layers],
+        "seed": network.seed,
+        "rng_state": _rng_state(network),
+        "optimizer": None,
+        "metadata": metadata if metadata is not None else {},
+    }
+    epochs_trained = getattr(network, "epochs_trained", None)
+    if epochs_trained is not None:
+        header["epochs_trained"] = int(epochs_trained)
+    arrays = {"parameters": network.parameters}
+    if optimizer is not None:
+        header["optimizer"], state = _optimizer_record(network, optimizer)
+        if state is not None:
+            arrays["optimizer_state"] = state
+    try:
+        text = json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"metadata cannot be stored as JSON: {error}") from None
+    arrays["header"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    _write_atomically(os.fspath(path), arrays)
+
+
+def _rng_state(network):
+    rng = getattr(network, "_rng", None)
+    if isinstance(rng, np.random.Generator):
+        return rng.bit_generator.state
+    return None
+
+
+def _optimizer_record(network, optimizer):
+    """The optimizer's header entry and its state array (None before its first step)."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a bpfast Optimizer, got {type(optimizer).__name__}")
+    name = next((cls.__name__ for cls in type(optimizer).__mro__
+                 if _OPTIMIZER_CLASSES.get(cls.__name__) is cls), None)
+    if name is None:
+        raise TypeError(f"cannot save an optimizer of type {type(optimizer).__name__}")
+    config = optimizer._config
+    if config.owner is not None and config.owner is not network._engine:
+        raise ValueError("this optimizer steps another Network; save it with that one")
+    hyperparameters = dict(optimizer._hyperparameters)
+    hyperparameters["lr"] = optimizer.lr  # the current rate, which may have been changed
+    if "beta1" in hyperparameters:  # Adam and AdamW take the pair as betas=(b1, b2)
+        hyperparameters["betas"] = [hyperparameters.pop("beta1"), hyperparameters.pop("beta2")]
+    hyperparameters.pop("decoupled_weight_decay", None)  # implied by the class
+    record = {"name": name, "hyperparameters": hyperparameters,
+              "step_count": int(optimizer.step_count),
+              "state_names": list(config.state_names),
+              "has_state": config.state is not None}
+    return record, config.state
+
+
+def _write_atomically(path, arrays):
+    directory, name = os.path.split(os.path.abspath(path))
+    while True:
+        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            # O_EXCL: never reuse someone else's file; mode 0o666 lets the umask decide
+            descriptor = os.open(temporary,
+                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                                 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.remove(temporary)
+        except OSError:
+            pass
+        raise
+    _sync_directory(directory)
+
+
+def _sync_directory(directory):
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+# --------------------------------------------------------------------------- load
+class _FileError(ValueError):
+    """A ValueError whose message starts with the file's name."""
+
+    def __init__(self, path, message):
+        super().__init__(f"{path}: {message}")
+
+
+def read_header(path: PathType) -> dict[str, Any]:
+    """The JSON header of a bpfast model file, as a dict, after checking the file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    dict
+        The header fields (see the module documentation); ``header["metadata"]``
+        is what was passed to :func:`save`.
+    """
+    header, _ = _read(os.fspath(path), arrays_wanted=False)
+    return header
+
+
+@overload
+def load(path: PathType, *, with_optimizer: Literal[False] = ...) -> Network: ...
+
+
+@overload
+def load(path: PathType, *,
+         with_optimizer: Literal[True]) -> tuple[Network, Optimizer | None]: ...
+
+
+@overload
+def load(path: PathType, *,
+         with_optimizer: bool) -> Network | tuple[Network, Optimizer | None]: ...
+
+
+def load(path: PathType, *,
+         with_optimizer: bool = False) -> Network | tuple[Network, Optimizer | None]:
+    """Read a network (and optionally its optimizer) saved by :func:`save`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    with_optimizer : bool
+        False (default): return the Network. True: return ``(network, optimizer)``,
+        where optimizer is the saved optimizer, bound to the network with its state
+        and step count, or None when none was saved.
+
+    Returns
+    -------
+    Network or (Network, Optimizer or None)
+
+    Raises
+    ------
+    ValueError
+        The file is not a bpfast model, is truncated or corrupted, was written by a
+        newer bpfast (a newer format version), or is inconsistent; the message
+        names the file. Loading never unpickles anything.
+    OSError
+        The file cannot be opened.
+    """
+    path = os.fspath(path)
+    header, arrays = _read(path, arrays_wanted=True)
+    try:
+        layers = [Dense(spec["in_features"], spec["out_features"], spec["activation"],
+                        bias=spec["bias"], **_activation_keyword(spec))
+                  for spec in header["layers"]]
+        network = Network(layers, dtype=header["dtype"], seed=header["seed"])
+    except (TypeError, ValueError) as error:
+        raise _FileError(path, f"invalid network description: {error}") from None
+    network.parameters = arrays["parameters"]
+    _restore_rng(network, header.get("rng_state"))
+    if "epochs_trained" in header:
+        try:
+            network.epochs_trained = header["epochs_trained"]
+        except AttributeError:
+            pass  # a Network that computes the count itself
+    if not with_optimizer:
+        return network
+    return network, _build_optimizer(path, network, header["optimizer"],
+                                     arrays.get("optimizer_state"))
+
+
+def _activation_keyword(spec):
+    if spec["activation"] == "leaky_relu":
+        return {"negative_slope": spec["activation_param"]}
+    if spec["activation"] == "elu":
+        return {"alpha": spec["activation_param"]}
+    return {}
+
+
+def _restore_rng(network, state):
+    if not isinstance(state, dict) or not isinstance(getattr(network, "_rng", None),
+                                                      np.random.Generator):
+        return
+    generator = network._rng.bit_generator
+    if state.get("bit_generator") == type(generator).__name__:
+        try:
+            generator.state = state
+        except (TypeError, ValueError, KeyError):
+            pass  # an unusable state only loses the shuffling order, never the model
+
+
+def _build_optimizer(path, network, record, state):
+    if record is None:
+        return None
+    try:
+        optimizer = _OPTIMIZER_CLASSES[record["name"]](**record["hyperparameters"])
+    except (TypeError, ValueError) as error:
+        raise _FileError(path, f"invalid optimizer: {error}") from None
+    if list(optimizer._config.state_names) != record["state_names"]:
+        raise _FileError(path, f"optimizer state names {record['state_names']} do not match "
+                         f"{list(optimizer._config.state_names)} for its hyperparameters")
+    if state is not None:
+        optimizer._restore(network, state, record["step_count"])
+    else:
+        optimizer._config.step_count = record["step_count"]
+    return optimizer
+
+
+def _read(path, arrays_wanted):
+    """(header, arrays) from path, every check done; arrays is None unless wanted."""
+    # Opening is outside the try: a missing or unreadable file stays an OSError, while
+    # every error past this point comes from the file's content.
+    with open(path, "rb") as file:
+        return _read_open_file(path, file, arrays_wanted)
+
+
+def _read_open_file(path, file, arrays_wanted):
+    try:
+        members = _inspect_members(path, file)
+        file.seek(0)
+        with np.load(file, allow_pickle=False) as archive:
+            header = _parse_header(path, archive["header"], members["header"])
+            expected = _expected_shapes(path, header)
+            for key in members:
+                if key != "header" and key not in expected:
+                    raise _FileError(path, f"unexpected array {key!r}")
+            for key, shape in expected.items():
+                if key not in members:
+                    raise _FileError(path, f"missing array {key!r}")
+                if members[key][0] != shape:
+                    raise _FileError(path, f"array {key!r} has shape {members[key][0]}, but "
+                                     f"the header's layers need {shape}")
+                if not _is_float_of(members[key][1], header["dtype"]):
+                    raise _FileError(path, f"array {key!r} has dtype {members[key][1]}, "
+                                     f"expected {header['dtype']}")
+            if not arrays_wanted:
+                return header, None
+            arrays = {}
+            for key in expected:
+                arrays[key] = archive[key].astype(header["dtype"], copy=False)
+                if not np.isfinite(arrays[key]).all():
+                    raise _FileError(path, f"array {key!r} contains NaN or infinity")
+            return header, arrays
+    except _FileError:
+        raise
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError, struct.error,
+            zlib.error, NotImplementedError, RuntimeError) as error:
+        # zipfile and numpy report damage in many ways (a bad offset is an OSError, a
+        # garbled version field NotImplementedError, a flipped flag bit "encrypted", a
+        # RuntimeError); the user needs to know which file and that it is damaged
+        raise _FileError(path, f"not a readable bpfast model file (truncated or corrupted?): "
+                         f"{type(error).__name__}: {error}") from None
+
+
+def _inspect_members(path, file):
+    """{name: (shape, dtype)} of every array in the archive, read from the .npy headers only.
+
+    Each declared size must equal the bytes the member really holds, so nothing
+    is allocated for data that is not there; object arrays (pickles) are refused.
+    """
+    if not zipfile.is_zipfile(file):
+        raise _FileError(path, "not a bpfast model file (not an .npz archive)")
+    file.seek(0)
+    members = {}
+    with zipfile.ZipFile(file) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise _FileError(path, f"unexpected member {info.filename!r}")
+            key = info.filename[:-len(".npy")]
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise _FileError(path, f"array {key!r} uses an unsupported compression")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+                elif version == (2, 0):
+                    shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
+                else:
+                    raise _FileError(path, f"array {key!r} has .npy version {version}")
+                header_bytes = member.tell()
+            if dtype.hasobject:
+                raise _FileError(path, f"array {key!r} holds Python objects; bpfast files "
+                                 "never do, and loading them could run code, so it is refused")
+            data_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if header_bytes + data_bytes != info.file_size:
+                raise _FileError(path, f"array {key!r} declares shape {shape} "
+                                 f"({data_bytes} bytes) but holds "
+                                 f"{info.file_size - header_bytes} bytes")
+            members[key] = (tuple(shape), dtype)
+    if "header" not in members:
+        raise _FileError(path, "not a bpfast model file (no header)")
+    return members
+
+
+def _is_float_of(dtype, name):
+    # either byte order: a file written on a big-endian machine reads anywhere
+    return dtype.kind == "f" and dtype.itemsize == np.dtype(name).itemsize
+
+
+def _parse_header(path, array, member):
+    shape, dtype = member
+    if dtype != np.uint8 or len(shape) != 1:
+        raise _FileError(path, "header must be a 1-D uint8 array")
+    if shape[0] > _MAX_HEADER_BYTES:
+        raise _FileError(path, f"header of {shape[0]} bytes is too large")
+    try:
+        header = json.loads(array.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _FileError(path, f"header is not valid JSON: {error}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise _FileError(path, "not a bpfast model file (wrong format name)")
+    version = header.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _FileError(path, f"invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise _FileError(path, f"written by a newer bpfast "
+                         f"({header.get('bpfast_version', 'unknown')}), format version "
+                         f"{version}; this bpfast {__version__} reads up to version "
+                         f"{FORMAT_VERSION}: upgrade bpfast")
+    _check_fields(path, header)
+    return header
+
+
+def _check_fields(path, header):
+    """Types of every field load uses; values are checked by the constructors."""
+    def fail(message):
+        raise _FileError(path, f"invalid header: {message}")
+
+    if header.get("dtype") not in ("float32", "float64"):
+        fail(f"dtype must be 'float32' or 'float64', got {header.get('dtype')!r}")
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not layers:
+        fail("layers must be a non-empty list")
+    for index, spec in enumerate(layers):
+        if not isinstance(spec, dict) or any(field not in spec for field in _LAYER_FIELDS):
+            fail(f"layer {index} must have the fields {', '.join(_LAYER_FIELDS)}")
+        for field in ("in_features", "out_features"):
+            if not _is_int(spec[field]) or spec[field] < 1:
+                fail(f"layer {index} {field} must be a positive integer, got {spec[field]!r}")
+        if not isinstance(spec["bias"], bool):
+            fail(f"layer {index} bias must be true or false")
+        if spec["activation"] not in ACTIVATIONS:
+            fail(f"layer {index} has unknown activation {spec['activation']!r}")
+        if not isinstance(spec["activation_param"], (int, float)) or isinstance(
+                spec["activation_param"], bool):
+            fail(f"layer {index} activation_param must be a number")
+    seed = header.get("seed")
+    if seed is not None and not _is_int(seed):
+        fail(f"seed must be an integer or null, got {seed!r}")
+    if "epochs_trained" in header and (not _is_int(header["epochs_trained"])
+                                       or header["epochs_trained"] < 0):
+        fail("epochs_trained must be a non-negative integer")
+    if not isinstance(header.get("metadata", {}), dict):
+        fail("metadata must be an object")
+    header.setdefault("metadata", {})
+    record = header.get("optimizer")
+    if record is not None:
+        if not isinstance(record, dict) or record.get("name") not in _OPTIMIZER_CLASSES:
+            fail(f"optimizer must be null or name one of {', '.join(_OPTIMIZER_CLASSES)}")
+        if not isinstance(record.get("hyperparameters"), dict):
+            fail("optimizer hyperparameters must be an object")
+        if "betas" in record["hyperparameters"]:
+            betas = record["hyperparameters"]["betas"]
+            if not isinstance(betas, list):
+                fail("optimizer betas must be a list")
+            record["hyperparameters"]["betas"] = tuple(betas)
+        if not _is_int(record.get("step_count")) or record["step_count"] < 0:
+            fail("optimizer step_count must be a non-negative integer")
+        if not isinstance(record.get("has_state"), bool):
+            fail("optimizer has_state must be true or false")
+        names = record.get("state_names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            fail("optimizer state_names must be a list of strings")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expected_shapes(path, header):
+    """The shape each array must have for the header's layers."""
+    n_parameters = sum(spec["out_features"] * (spec["in_features"] + spec["bias"])
+                       for spec in header["layers"])
+    if header.get("n_parameters", n_parameters) != n_parameters:
+        raise _FileError(path, f"header says {header['n_parameters']} parameters, but its "
+                         f"layers have {n_parameters}")
+    shapes = {"parameters": (n_parameters,)}
+    record = header["optimizer"]
+    if record is not None and record["has_state"]:
+        shapes["optimizer_state"] = (len(record["state_names"]), n_parameters)
+    return shapes
