@@ -174,7 +174,8 @@ IMPORTERS = {  # name -> import function (the module kept is the top-level one)
     "bpfast": import_bpfast,
     "torch": lambda: importlib.import_module("torch"),
     "jax": lambda: importlib.import_module("jax"),
-    "sklearn": lambda: importlib.import_module("sklearn.neural_network") and sys.modules["sklearn"],
+    "sklearn": lambda: (importlib.import_module("sklearn.neural_network")
+                        and sys.modules["sklearn"]),
     "scipy": lambda: importlib.import_module("scipy.linalg.blas") and sys.modules["scipy"],
 }
 
@@ -801,7 +802,7 @@ def run_training(workers, shape, opt, peak):
         samples[name] = []
     rounds = XL_ROUNDS if shape == "XL" else TIMING["rounds"]
     for _ in range(rounds):  # interleave the implementations to share any drift
-        for name, (label, wname) in TRAIN_ROWS.items():
+        for name, (_, wname) in TRAIN_ROWS.items():
             if rows[name]["status"] != "ok":
                 continue
             r = workers[wname].ask(op="train", row=name, shape=shape, opt=opt)
@@ -871,7 +872,7 @@ def run_predict(workers, peak):
                 by_name[name]["why"] = status.removeprefix("skipped: ")
             samples[name] = []
         for _ in range(TIMING["rounds"]):
-            for name, (label, wname) in PREDICT_ROWS.items():
+            for name, (_, wname) in PREDICT_ROWS.items():
                 if by_name[name]["status"] != "ok":
                     continue
                 r = workers[wname].ask(op="predict", row=name, n=n)

@@ -4,7 +4,6 @@ The oracle is the definition of the derivative: (L(p + h) - L(p - h)) / 2h in
 float64. Both the fused path (compute_gradients) and the step-by-step path
 (forward, loss.gradient, backward) are checked, and dL/dX too.
 """
-import itertools
 
 import numpy as np
 import pytest

@@ -1047,7 +1047,7 @@ def test_compiled_step_releases_the_gil():
             counter = [0]
             stop = threading.Event()
 
-            def spin():
+            def spin(stop=stop, counter=counter):
                 while not stop.is_set():
                     counter[0] += 1
 

@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 import pytest
+from optimizer_configs import CONFIGS
 
 import bpfast as bp
-from optimizer_configs import CONFIGS
 from bpfast import _reference as ref
 
 N_STEPS = 50

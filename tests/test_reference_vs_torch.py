@@ -5,8 +5,8 @@ bit for bit: PyTorch's CPU kernels use fused multiply-adds and MKL's sqrt.
 """
 
 import numpy as np
-from optimizer_configs import CONFIGS as OPTIMIZER_CONFIGS
 import pytest
+from optimizer_configs import CONFIGS as OPTIMIZER_CONFIGS
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -243,7 +243,8 @@ def _config_id(cfg):
     return name + "-" + "-".join(f"{k}={v}" for k, v in kw.items())
 
 
-@pytest.mark.parametrize("config", OPTIMIZER_CONFIGS, ids=[_config_id(c) for c in OPTIMIZER_CONFIGS])
+@pytest.mark.parametrize("config", OPTIMIZER_CONFIGS,
+                         ids=[_config_id(c) for c in OPTIMIZER_CONFIGS])
 def test_optimizer_matches_torch(config):
     name, kw = config
     rng = np.random.default_rng(4)

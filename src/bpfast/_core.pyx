@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: cdivision=True, initializedcheck=False
 """bpfast's compiled core: every arithmetic loop of training and inference.
 
 Each kernel is written once over ``cython.floating`` and works on raw row-major
@@ -466,7 +467,8 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
                         - t[j] * max(log(prob), LOG_CLAMP))
                 if g != NULL:
                     v = (1 - prob) * prob
-                    g[j] = scale * (prob - t[j]) / (v if v > BCE_GRAD_EPS else <floating>BCE_GRAD_EPS)
+                    v = v if v > BCE_GRAD_EPS else <floating>BCE_GRAD_EPS
+                    g[j] = scale * (prob - t[j]) / v
         row_loss[i] = acc if weights == NULL else acc * weights[i]
 
 

@@ -1,8 +1,9 @@
 """The loop behind ``Network.fit``: validation, metrics, schedules, callbacks, divergence.
 
 Each epoch is one compiled call (``Engine.train_epoch``) unless a callback asks
-for batches: then the epoch runs in chunks of batches, and chunk results
-combine exactly (the engine returns weighted loss sums, not means). Everything
+for batches: then the epoch runs in chunks of batches, whose results combine
+(the engine returns weighted loss sums, not means; the parameters are the same
+bit for bit, the epoch's mean loss up to the rounding of its sum). Everything
 here is per epoch or per chunk; nothing is per batch.
 """
 import math
@@ -44,12 +45,13 @@ class Data:
 
     def take(self, rows):
         """The samples at rows (copies, C-contiguous)."""
-        pick = (lambda a: None if a is None else np.ascontiguousarray(a[rows]))
+        def pick(array):
+            return None if array is None else np.ascontiguousarray(array[rows])
         y = self.y[rows] if isinstance(self.y, np.ndarray) else np.asarray(self.y)[rows]
         return Data(pick(self.X), pick(self.dense), pick(self.labels), pick(self.weights), y)
 
 
-def combined_weights(loss, dense, labels, sample_weight, class_weight, n_samples):
+def combined_weights(loss, dense, labels, sample_weight, class_weight, n_samples, n_outputs):
     """sample_weight times the class weight of each sample's class (float64) or None."""
     weights = check_sample_weight(sample_weight, n_samples)
     if class_weight is None:
@@ -59,7 +61,8 @@ def combined_weights(loss, dense, labels, sample_weight, class_weight, n_samples
         raise ValueError(f"class_weight needs a classification loss with one class per "
                          f"sample (CrossEntropy, or BinaryCrossEntropy with one output); "
                          f"got {loss!r} with these targets")
-    counts = np.bincount(classes)
+    n_classes = n_outputs if isinstance(loss, CrossEntropy) else 2
+    counts = np.bincount(classes, minlength=n_classes)
     if isinstance(class_weight, str):
         check_choice("class_weight", class_weight, ("balanced",))
         present = np.flatnonzero(counts)
@@ -70,11 +73,10 @@ def combined_weights(loss, dense, labels, sample_weight, class_weight, n_samples
         table = np.ones(counts.shape[0])
         for key, value in class_weight.items():
             if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)) \
-                    or key < 0:
-                raise ValueError(f"class_weight keys must be class indices >= 0, got {key!r}")
-            value = check_real(f"class_weight[{key}]", value, minimum=0)
-            if key < table.shape[0]:
-                table[key] = value
+                    or not 0 <= key < n_classes:
+                raise ValueError(f"class_weight keys must be class indices in "
+                                 f"[0, {n_classes - 1}], got {key!r}")
+            table[key] = check_real(f"class_weight[{key}]", value, minimum=0)
     else:
         raise TypeError(f"class_weight must be a dict {{class: weight}} or 'balanced', "
                         f"got {class_weight!r}")
@@ -233,9 +235,13 @@ class Trainer:
                 logs = {"lr": optimizer.lr}
                 for callback in self.callbacks:
                     callback.on_epoch_begin(epoch, logs)
-                logs = {"loss": self._train_one_epoch(epoch), **self._evaluate(),
-                        "lr": logs["lr"]}
+                loss = self._train_one_epoch(epoch)
+                if loss is None:  # diverged before any update of this epoch ("warn")
+                    self.history.stop_reason = "diverged"
+                    break
+                # every update of the epoch is applied: it counts, even if Ctrl-C comes next
                 network.epochs_trained += 1
+                logs = {"loss": loss, **self._evaluate(), "lr": logs["lr"]}
                 for callback in self.callbacks:
                     callback.on_epoch_end(epoch, logs)
                 if network.stop_training:
@@ -271,9 +277,15 @@ class Trainer:
         return logs
 
     def _save_snapshot(self):
-        """Keep the epoch's starting parameters and optimizer state for a divergence."""
+        """Keep the epoch's starting parameters and optimizer state for a divergence.
+
+        Only finite ones: an update that overflowed at the end of the last epoch is
+        only seen at the next loss, and must not replace the last finite snapshot.
+        """
         parameters = self.network.parameters
         state = self.optimizer._config.state
+        if not self._all_finite():
+            return
         if self._snapshot is None:
             self._snapshot = [parameters.copy(), None if state is None else state.copy(), 0]
         else:
@@ -285,20 +297,27 @@ class Trainer:
                     np.copyto(self._snapshot[1], state)
         self._snapshot[2] = self.optimizer._config.step_count
 
+    def _all_finite(self):
+        """Whether the parameters and the optimizer state are all finite."""
+        state = self.optimizer._config.state
+        return _core.first_nonfinite(self.network.parameters) < 0 and (
+            state is None or _core.first_nonfinite(state.reshape(-1)) < 0)
+
     def _restore_after_divergence(self):
         """Keep the current parameters if finite (the diverging update was skipped), else
-        go back to the epoch's start. Returns a description for the message."""
+        go back to the last finite epoch start. Returns a description for the message."""
         config = self.optimizer._config
-        finite = _core.first_nonfinite(self.network.parameters) < 0 and (
-            config.state is None or _core.first_nonfinite(config.state.reshape(-1)) < 0)
-        if finite:
+        if self._all_finite():
             return "the network keeps the parameters from before that update"
+        if self._snapshot is None:
+            return "the parameters are no longer finite (they were not at the start either)"
         parameters, state, step_count = self._snapshot
         self.network.parameters[...] = parameters
         if state is not None and config.state is not None:
             config.state[...] = state
         config.step_count = step_count
-        return "the network was restored to its parameters at the start of the epoch"
+        return ("the network was restored to its parameters at the start of the last epoch "
+                "that began with finite ones")
 
     def _batch_lrs(self, n_batches):
         if self.schedule is None or self.schedule.per != "step":
@@ -331,9 +350,9 @@ class Trainer:
             end = min(n_batches, batch + chunk)
             rows = slice(batch * batch_size, min(n_samples, end * batch_size))
             if order is None:
-                pick = (lambda a: None if a is None else a[rows])
-                args = (data.X[rows], pick(data.dense), pick(data.labels),
-                        pick(data.weights), None)
+                args = (data.X[rows], *(None if a is None else a[rows]
+                                        for a in (data.dense, data.labels, data.weights)),
+                        None)
             else:
                 args = (data.X, data.dense, data.labels, data.weights, order[rows])
             part_loss, part_weight, part_rows, diverged = engine.train_epoch(
@@ -344,6 +363,8 @@ class Trainer:
             rows_done += part_rows
             if diverged:
                 self._diverged(epoch, batch + part_rows // batch_size)
+                if weight_sum == 0 and rows_done == 0:
+                    return None  # nothing of this epoch was applied: it does not count
                 break
             batch = end
             if batch_callbacks:
@@ -360,6 +381,7 @@ class Trainer:
         if lrs is not None:
             self.optimizer.lr = float(self.schedule(self.optimizer._config.step_count,
                                                     self.optimizer.initial_lr))
+        # an epoch whose samples all weigh 0 has loss 0 (as each of its batches)
         return loss_sum / weight_sum if weight_sum else 0.0
 
     def _diverged(self, epoch, batch):

@@ -189,7 +189,8 @@ class EarlyStopping(_Monitor):
     monitor : str
         A log name: "val_loss" (default), "loss", "val_accuracy", ...
     patience : int
-        Epochs without improvement before stopping.
+        Training stops when more than ``patience`` epochs in a row bring no
+        improvement (PyTorch's and scikit-learn's count; Keras stops one earlier).
     min_delta : float
         The smallest change that counts as an improvement.
     mode : {"auto", "min", "max"}
@@ -274,15 +275,11 @@ class ReduceLROnPlateau(_Monitor):
         self._cooldown_left = 0
 
     def on_epoch_end(self, epoch, logs):
-        improved = self._improved(logs)
+        # PyTorch's order: count the epoch, then let a running cooldown clear the count
+        self._wait = 0 if self._improved(logs) else self._wait + 1
         if self._cooldown_left > 0:
             self._cooldown_left -= 1
             self._wait = 0
-        if improved:
-            self._wait = 0
-            return
-        if self._cooldown_left == 0:
-            self._wait += 1
         if self._wait > self.patience:
             self.optimizer.lr = max(self.optimizer.lr * self.factor, self.min_lr)
             self._cooldown_left = self.cooldown

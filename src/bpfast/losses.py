@@ -3,16 +3,21 @@
 Every loss uses PyTorch's 'mean' reduction: cross-entropy averages over samples,
 the others over all elements. With ``sample_weight`` the mean is weighted:
 ``sum(w_i * loss_i) / sum(w_i)`` (per element: each sample's elements share its
-weight), as PyTorch weights cross-entropy by class. ``loss(out, y)`` is the value, ``loss.gradient(out,
-y)`` is dL/dout with out's shape, the same quantity that back-propagates inside
-``Network.train_step``.
+weight), as PyTorch weights cross-entropy by class. ``loss(out, y)`` is the value,
+``loss.gradient(out, y)`` is dL/dout with out's shape, the same quantity that
+back-propagates inside ``Network.train_step``.
 """
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._validation import (as_float_array, check_bool, check_real, check_sample_weight,
-                          instance_by_name)
+from ._validation import (
+    as_float_array,
+    check_bool,
+    check_real,
+    check_sample_weight,
+    instance_by_name,
+)
 
 __all__ = ["Loss", "MSE", "L1", "Huber", "CrossEntropy", "BinaryCrossEntropy", "get_loss"]
 
@@ -62,7 +67,7 @@ class Loss:
         return None
 
     def prepare_target(self, target, n_samples, n_outputs, dtype):
-        """Check target against n_samples x n_outputs; return (dense (n, k) or None, labels or None).
+        """Check target against (n_samples, n_outputs); return (dense or None, labels or None).
 
         A target of shape (n,) is accepted for a single output. Anything that does
         not match is a ValueError: nothing is broadcast silently.

@@ -7,10 +7,23 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _core
-from ._training import Data, DivergenceError, Trainer, combined_weights, finite_or_raise
-from ._training import resolve_metrics, split_validation
-from ._validation import (as_float_array, check_bool, check_dtype, check_int, check_real,
-                          check_sample_weight)
+from ._training import (
+    Data,
+    DivergenceError,
+    Trainer,
+    combined_weights,
+    finite_or_raise,
+    resolve_metrics,
+    split_validation,
+)
+from ._validation import (
+    as_float_array,
+    check_bool,
+    check_dtype,
+    check_int,
+    check_real,
+    check_sample_weight,
+)
 from .callbacks import Callback, EarlyStopping, History
 from .layers import Dense
 from .losses import Loss, get_loss
@@ -222,7 +235,7 @@ class Network:
         X = self._check_input(X, name)
         dense, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
         weights = combined_weights(loss, dense, labels, sample_weight, class_weight,
-                                   X.shape[0])
+                                   X.shape[0], self.n_outputs)
         return Data(X, dense, labels, weights, y)
 
     def fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str, optimizer: Optimizer | str,
@@ -274,16 +287,19 @@ class Network:
             Hold out this fraction of the samples (stratified by class for
             classification losses, drawn from the network's RNG) for validation.
         metrics : list of "accuracy" or callables ``f(y_true, y_pred) -> float``
-            Recorded per epoch on the training data (after the epoch) and, with
-            validation, as "val_<name>".
+            Recorded per epoch on the training data (after the epoch, one extra
+            forward pass) and, with validation, as "val_<name>". A callable gets y
+            as given and the network's output (``predict``: logits or
+            probabilities, not labels), and is named by its ``__name__``.
         schedule : bpfast.schedules.Schedule or callable ``epoch -> lr``, optional
         callbacks : list of bpfast.callbacks.Callback, optional
         early_stopping : bool or EarlyStopping
             True: stop when "val_loss" (or "loss" without validation) has not
-            improved by ``tol`` for ``patience`` epochs, and restore the best weights.
+            improved by more than ``tol`` for more than ``patience`` epochs (counted
+            as PyTorch and scikit-learn count), and restore the best weights.
         tol : float, optional
             Without early stopping: stop when the training loss has not decreased
-            by ``tol`` for ``patience`` epochs (convergence).
+            by more than ``tol`` for more than ``patience`` epochs (convergence).
         patience : int
         verbose : {0, 1, 2}
             0 silent; 1 a progress bar per epoch (tqdm if installed); 2 one line per epoch.

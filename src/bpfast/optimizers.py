@@ -51,7 +51,7 @@ class Optimizer:
 
     @property
     def state(self) -> dict[str, NDArray[np.floating]]:
-        """The state buffers by PyTorch's names (views of one array); empty before the first step."""
+        """The state buffers by PyTorch's names (views of one array); empty before a step."""
         if self._config.state is None:
             return {}
         return dict(zip(self._config.state_names, self._config.state))
