@@ -1,5 +1,4 @@
 # Type stub of the compiled core (private: the public API is in bpfast/__init__.py).
-from typing import Optional
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,16 +17,16 @@ class LossConfig:
     def __init__(self, name: str, param: float = ...) -> None: ...
     @property
     def name(self) -> str: ...
-    def evaluate(self, out: NDArray[np.floating], target: Optional[NDArray[np.floating]],
-                 labels: Optional[NDArray[np.intp]],
-                 grad: Optional[NDArray[np.floating]],
-                 weights: Optional[NDArray[np.float64]] = ...) -> float: ...
+    def evaluate(self, out: NDArray[np.floating], target: NDArray[np.floating] | None,
+                 labels: NDArray[np.intp] | None,
+                 grad: NDArray[np.floating] | None,
+                 weights: NDArray[np.float64] | None = ...) -> float: ...
 
 class OptimizerConfig:
     step_count: int
-    state: Optional[NDArray[np.floating]]
+    state: NDArray[np.floating] | None
     state_names: tuple[str, ...]
-    owner: Optional["Engine"]
+    owner: Engine | None
     lr: float
     def __init__(self, name: str, *, lr: float, momentum: float = ..., dampening: float = ...,
                  nesterov: bool = ..., weight_decay: float = ..., beta1: float = ...,
@@ -35,9 +34,9 @@ class OptimizerConfig:
                  centered: bool = ..., lr_decay: float = ...,
                  initial_accumulator_value: float = ...,
                  decoupled_weight_decay: bool = ...) -> None: ...
-    def check_owner(self, engine: "Engine") -> None: ...
-    def attach(self, engine: "Engine") -> None: ...
-    def step(self, engine: "Engine") -> None: ...
+    def check_owner(self, engine: Engine) -> None: ...
+    def attach(self, engine: Engine) -> None: ...
+    def step(self, engine: Engine) -> None: ...
 
 class Engine:
     n_layers: int
@@ -53,17 +52,17 @@ class Engine:
                  parameters: NDArray[np.floating], gradients: NDArray[np.floating]) -> None: ...
     def reserve(self, n_rows: int) -> None: ...
     def layer_output(self, layer: int) -> NDArray[np.floating]: ...
-    def train_step(self, x: NDArray[np.floating], target: Optional[NDArray[np.floating]],
-                   labels: Optional[NDArray[np.intp]], weights: Optional[NDArray[np.float64]],
-                   loss: LossConfig, optimizer: Optional[OptimizerConfig], l2: float = ...,
+    def train_step(self, x: NDArray[np.floating], target: NDArray[np.floating] | None,
+                   labels: NDArray[np.intp] | None, weights: NDArray[np.float64] | None,
+                   loss: LossConfig, optimizer: OptimizerConfig | None, l2: float = ...,
                    clip_value: float = ..., clip_norm: float = ...) -> float: ...
-    def train_epoch(self, x: NDArray[np.floating], target: Optional[NDArray[np.floating]],
-                    labels: Optional[NDArray[np.intp]], weights: Optional[NDArray[np.float64]],
-                    order: Optional[NDArray[np.intp]], batch_size: int, loss: LossConfig,
+    def train_epoch(self, x: NDArray[np.floating], target: NDArray[np.floating] | None,
+                    labels: NDArray[np.intp] | None, weights: NDArray[np.float64] | None,
+                    order: NDArray[np.intp] | None, batch_size: int, loss: LossConfig,
                     optimizer: OptimizerConfig, l2: float = ..., clip_value: float = ...,
-                    clip_norm: float = ..., batch_lrs: Optional[NDArray[np.float64]] = ...,
+                    clip_norm: float = ..., batch_lrs: NDArray[np.float64] | None = ...,
                     check_signals: bool = ...) -> tuple[float, float, int, bool]: ...
     def forward(self, x: NDArray[np.floating]) -> NDArray[np.floating]: ...
     def backward(self, grad_output: NDArray[np.floating],
-                 want_grad_input: bool) -> Optional[NDArray[np.floating]]: ...
+                 want_grad_input: bool) -> NDArray[np.floating] | None: ...
     def predict(self, x: NDArray[np.floating], chunk_rows: int) -> NDArray[np.floating]: ...
