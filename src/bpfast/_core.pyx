@@ -1049,7 +1049,8 @@ def ready_array(object array, object dtype, int ndim):
         return False
     cdef cnp.ndarray a = <cnp.ndarray>array
     if (cnp.PyArray_NDIM(a) != ndim or not cnp.PyArray_IS_C_CONTIGUOUS(a)
-            or cnp.PyArray_SIZE(a) == 0 or <object>cnp.PyArray_DESCR(a) is not dtype):
+            or not cnp.PyArray_ISALIGNED(a) or cnp.PyArray_SIZE(a) == 0
+            or <object>cnp.PyArray_DESCR(a) is not dtype):
         return False
     cdef Py_ssize_t n = cnp.PyArray_SIZE(a), index
     cdef void* data = cnp.PyArray_DATA(a)
@@ -1071,7 +1072,8 @@ def ready_labels(object labels, Py_ssize_t n_rows, Py_ssize_t n_classes):
         return False
     cdef cnp.ndarray a = <cnp.ndarray>labels
     if (cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_TYPE(a) != cnp.NPY_INTP
-            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_DIMS(a)[0] != n_rows):
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a)
+            or cnp.PyArray_DIMS(a)[0] != n_rows):
         return False
     cdef const intp* data = <const intp*>cnp.PyArray_DATA(a)
     cdef Py_ssize_t i
@@ -1249,6 +1251,7 @@ cdef class Engine:
     cdef readonly object dtype, parameters, gradients
     cdef readonly Py_ssize_t forward_rows   # rows cached by the last forward(), -1: none
     cdef bint is_double, busy
+    cdef int readers   # predict() calls running; they share the engine, nothing else may run
     cdef Py_ssize_t itemsize
     cdef void* params_ptr
     cdef void* grads_ptr
@@ -1301,6 +1304,7 @@ cdef class Engine:
         self.capacity = 0
         self.forward_rows = -1
         self.busy = False
+        self.readers = 0
         self.reserve(1)
 
     def reserve(self, Py_ssize_t n_rows):
@@ -1325,7 +1329,8 @@ cdef class Engine:
         self.forward_rows = -1
 
     cdef int acquire(self) except -1:
-        if self.busy:
+        # the flags change with the GIL held, so checking and setting them is atomic
+        if self.busy or self.readers:
             raise RuntimeError("this Network is already running a computation in another "
                                "thread; use one Network per thread")
         self.busy = True
@@ -1493,20 +1498,24 @@ cdef class Engine:
         grad_output: (forward_rows, n_outputs) C-contiguous of the engine's dtype.
         Returns dL/dx (a new array) if want_grad_input, else None.
         """
-        cdef Py_ssize_t n_rows = self.forward_rows
+        cdef Py_ssize_t n_rows
         cdef const LayerSpec* last = &self.layers[self.n_layers - 1]
         cdef void* grad_x
         cdef void* grad_out = _data(grad_output)
         cdef void* x_batch
         cdef void* out
         cdef void* z
-        grad_input = (np.empty((n_rows, self.n_inputs), dtype=self.dtype)
-                      if want_grad_input else None)
-        grad_x = _data_or_null(grad_input)
         self.acquire()
         try:
-            if self.forward_rows != n_rows:
+            # checked again here, under the busy flag: another thread's forward() may
+            # have changed the cached pass since the caller looked
+            n_rows = self.forward_rows
+            if n_rows < 0 or grad_output.shape[0] != n_rows \
+                    or grad_output.shape[1] != last.n_out:
                 raise ValueError("the cached forward pass changed; call forward() again")
+            grad_input = (np.empty((n_rows, self.n_inputs), dtype=self.dtype)
+                          if want_grad_input else None)
+            grad_x = _data_or_null(grad_input)
             x_batch = _data(self.x_batch)
             out = <char*>self.ws.acts + self.capacity * last.a_column * self.itemsize
             z = (out if last.z_column < 0 else
@@ -1542,19 +1551,28 @@ cdef class Engine:
         cdef char* out_ptr = <char*>_data(out)
         cdef void* scratch_ptr = _data(scratch)
         cdef Py_ssize_t item = self.itemsize
-        with nogil:
-            begin = 0
-            while begin < n_rows:
-                rows = min(chunk_rows, n_rows - begin)
-                if self.is_double:
-                    predict_chunk(self.layers, self.n_layers, <double*>self.params_ptr,
-                                  <double*>(x_ptr + begin * self.n_inputs * item), rows,
-                                  <double*>scratch_ptr, self.max_width,
-                                  <double*>(out_ptr + begin * self.n_outputs * item))
-                else:
-                    predict_chunk(self.layers, self.n_layers, <float*>self.params_ptr,
-                                  <float*>(x_ptr + begin * self.n_inputs * item), rows,
-                                  <float*>scratch_ptr, self.max_width,
-                                  <float*>(out_ptr + begin * self.n_outputs * item))
-                begin += rows
+        # predictions may run together (they only read the parameters), but never
+        # while a step or another writer changes them
+        if self.busy:
+            raise RuntimeError("this Network is already running a computation in another "
+                               "thread; use one Network per thread")
+        self.readers += 1
+        try:
+            with nogil:
+                begin = 0
+                while begin < n_rows:
+                    rows = min(chunk_rows, n_rows - begin)
+                    if self.is_double:
+                        predict_chunk(self.layers, self.n_layers, <double*>self.params_ptr,
+                                      <double*>(x_ptr + begin * self.n_inputs * item), rows,
+                                      <double*>scratch_ptr, self.max_width,
+                                      <double*>(out_ptr + begin * self.n_outputs * item))
+                    else:
+                        predict_chunk(self.layers, self.n_layers, <float*>self.params_ptr,
+                                      <float*>(x_ptr + begin * self.n_inputs * item), rows,
+                                      <float*>scratch_ptr, self.max_width,
+                                      <float*>(out_ptr + begin * self.n_outputs * item))
+                    begin += rows
+        finally:
+            self.readers -= 1
         return out

@@ -16,7 +16,8 @@ DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 def check_dtype(dtype):
     """The numpy dtype for "float32"/"float64" (or those dtypes); anything else is an error."""
     try:
-        key = np.dtype(dtype).name
+        # np.dtype(None) is float64: None is refused rather than taken as that
+        key = None if dtype is None else np.dtype(dtype).name
     except TypeError:
         key = None
     if key not in DTYPES:
@@ -74,33 +75,47 @@ def instance_by_name(what, value, base, by_name):
                      f"{', '.join(by_name)}")
 
 
-def check_finite(name, array):
-    """Refuse NaN and infinity, naming the position of the first one."""
+def check_finite(name, array, position_name="row"):
+    """Refuse NaN and infinity, naming the position of the first one.
+
+    A 1-D array's position is a "row" (per-sample labels and weights) unless
+    position_name says otherwise.
+    """
     index = _core.first_nonfinite(array)
     if index >= 0:
         position = np.unravel_index(index, array.shape)
         where = (f"row {position[0]}, column {position[1]}" if array.ndim == 2
-                 else f"index {position[0]}")
+                 else f"{position_name} {position[0]}")
         raise ValueError(f"{name} contains {array.flat[index]} at {where}; "
                          "it must be finite")
 
 
-def as_float_array(name, value, dtype, ndim):
+def as_array(name, value):
+    """np.asarray(value), with NumPy's errors for ragged or odd input naming the argument."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{name} is not an array of numbers: {error}") from None
+
+
+def as_float_array(name, value, dtype, ndim, position_name="row"):
     """A C-contiguous array of dtype with ndim dimensions, finite; copied only if needed.
 
     Integer input is converted; bool, complex, string and object arrays are refused.
     """
     if _core.ready_array(value, dtype, ndim):
         return value  # the fast path of a training step: no copy, no conversion, checked in C
-    array = np.asarray(value)
+    array = as_array(name, value)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
     if array.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
-    array = np.ascontiguousarray(array, dtype=dtype)
+    # aligned too: the kernels read whole floats (np.ascontiguousarray keeps a misaligned
+    # buffer that is contiguous)
+    array = np.require(array, dtype=dtype, requirements=["C_CONTIGUOUS", "ALIGNED"])
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
-    check_finite(name, array)
+    check_finite(name, array, position_name)
     return array
 
 
@@ -118,7 +133,7 @@ def check_sample_weight(sample_weight, n_samples, name="sample_weight"):
     check_finite(name, array)
     if n_samples and array.min() < 0:
         index = int(np.argmin(array))
-        raise ValueError(f"{name} must be >= 0, got {array[index]} at index {index}")
+        raise ValueError(f"{name} must be >= 0, got {array[index]} at row {index}")
     if n_samples and not array.any():
         raise ValueError(f"{name} is zero everywhere; at least one sample must count")
     return array

@@ -12,8 +12,10 @@ from numpy.typing import ArrayLike, NDArray
 
 from . import _core
 from ._validation import (
+    as_array,
     as_float_array,
     check_bool,
+    check_finite,
     check_real,
     check_sample_weight,
     instance_by_name,
@@ -150,26 +152,29 @@ class CrossEntropy(Loss):
     def prepare_target(self, target, n_samples, n_outputs, dtype):
         if _core.ready_labels(target, n_samples, n_outputs):
             return None, target  # the fast path: intp labels in range, checked in C
-        target_array = np.asarray(target)
+        target_array = as_array("target", target)
         if target_array.ndim != 1:
             return super().prepare_target(target_array, n_samples, n_outputs, dtype)
         if target_array.shape[0] != n_samples:
             raise ValueError(f"target has {target_array.shape[0]} labels for "
                              f"{n_samples} samples")
-        if target_array.dtype.kind not in "iu":
-            if target_array.dtype.kind == "f" and np.array_equal(
-                    target_array, np.round(target_array)):
-                pass  # whole numbers stored as floats are labels too
-            else:
-                raise TypeError("class labels must be integers, got dtype "
-                                f"{target_array.dtype}")
         if target_array.size == 0:
             raise ValueError("target is empty")
-        low, high = target_array.min(), target_array.max()
-        if low < 0 or high >= n_outputs:
-            bad = low if low < 0 else high
-            raise ValueError(f"class label {bad} is out of range for {n_outputs} outputs "
-                             f"(labels must be in [0, {n_outputs - 1}])")
+        if target_array.dtype.kind not in "iu":
+            if target_array.dtype.kind != "f":
+                raise TypeError("class labels must be integers, got dtype "
+                                f"{target_array.dtype}")
+            # whole numbers stored as floats are labels too; name the first that is not
+            check_finite("target", target_array)
+            fractional = np.flatnonzero(target_array != np.round(target_array))
+            if fractional.size:
+                raise TypeError(f"class labels must be integers, got "
+                                f"{target_array[fractional[0]]} at row {fractional[0]}")
+        outside = np.flatnonzero((target_array < 0) | (target_array >= n_outputs))
+        if outside.size:
+            raise ValueError(f"class label {target_array[outside[0]]} at row {outside[0]} "
+                             f"is out of range for {n_outputs} outputs (labels must be in "
+                             f"[0, {n_outputs - 1}])")
         labels = (target_array if target_array.dtype == np.intp and target_array.flags.c_contiguous
                   else np.ascontiguousarray(target_array, dtype=np.intp))
         return None, labels
