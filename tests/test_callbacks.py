@@ -447,3 +447,56 @@ def test_history_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_pa
     with pytest.raises(ImportError, match=r"bpfast\[plot\]"):
         history.plot(tmp_path / "loss.png")
     assert not list(tmp_path.iterdir())
+
+
+class _FailingEnd(bp.callbacks.Callback):
+    def on_train_end(self, logs):
+        raise RuntimeError("on_train_end failed")
+
+
+class _InterruptAtEpoch(bp.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs):
+        raise KeyboardInterrupt
+
+
+def test_every_on_train_end_runs_even_if_one_raises(tmp_path):
+    X, y = small_digits()
+    logger = CSVLogger(tmp_path / "log.csv")
+    net = mlp((64, 16, 10), seed=0)
+    with pytest.raises(RuntimeError, match="on_train_end failed"):
+        net.fit(X, y, loss=CE, optimizer=bp.Adam(lr=0.01), epochs=2,
+                callbacks=[_FailingEnd(), logger])
+    assert logger._file is None  # closed although an earlier callback raised
+    # an error already in flight (Ctrl-C) is the one that comes out
+    logger = CSVLogger(tmp_path / "log2.csv")
+    with pytest.raises(KeyboardInterrupt):
+        net.fit(X, y, loss=CE, optimizer=bp.Adam(lr=0.01), epochs=5,
+                callbacks=[_FailingEnd(), _InterruptAtEpoch(), logger])
+    assert logger._file is None
+
+
+def test_a_fit_refused_by_another_threads_fit_changes_nothing():
+    import threading
+    X, y = small_digits()
+    net = mlp((64, 16, 10), seed=0)
+    started, release = threading.Event(), threading.Event()
+
+    class Hold(bp.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs):
+            started.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=lambda: net.fit(
+        X, y, loss=CE, optimizer=bp.Adam(lr=0.01), epochs=2, callbacks=[Hold()]))
+    worker.start()
+    try:
+        assert started.wait(10)
+        history, rng = net.history, net._rng.bit_generator.state
+        with pytest.raises(RuntimeError, match="already training"):
+            net.fit(X, y, loss=CE, optimizer=bp.Adam(lr=0.01), epochs=1,
+                    validation_split=0.2)
+        assert net.history is history and net._rng.bit_generator.state == rng
+    finally:
+        release.set()
+        worker.join()
+    assert len(net.history.epoch) == 2

@@ -484,3 +484,46 @@ def _npy_bytes(array):
     stream = io.BytesIO()
     np.save(stream, array)
     return stream.getvalue()
+
+
+def test_a_schedule_resumes_exactly_after_load(tmp_path):
+    from bpfast.schedules import StepDecay
+    X_, y_ = X, LABELS
+    twin, opt = make_network(), bp.SGD(lr=0.1)
+    net, opt2 = make_network(), bp.SGD(lr=0.1)
+    for model, optimizer in ((twin, opt), (net, opt2)):
+        model.fit(X_, y_, loss="cross_entropy", optimizer=optimizer, epochs=2,
+                  schedule=StepDecay(1, 0.5))
+    path = tmp_path / "scheduled.npz"
+    bp.save(net, path, optimizer=opt2)
+    loaded, loaded_opt = bp.load(path, with_optimizer=True)
+    assert loaded_opt.initial_lr == 0.1
+    for model, optimizer in ((twin, opt), (loaded, loaded_opt)):
+        model.fit(X_, y_, loss="cross_entropy", optimizer=optimizer, epochs=1,
+                  schedule=StepDecay(1, 0.5))
+    assert loaded_opt.lr == opt.lr
+    np.testing.assert_array_equal(loaded.parameters, twin.parameters)
+
+
+def test_compressed_members_are_refused(saved, tmp_path):
+    path, _, _ = saved
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, **arrays)
+    with pytest.raises(ValueError, match="compressed"):
+        bp.load(compressed)
+
+
+@pytest.mark.parametrize("field", ["seed", "optimizer"])
+def test_header_without_a_required_field(saved, tmp_path, field):
+    path, _, _ = saved
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    header = json.loads(arrays["header"].tobytes())
+    del header[field]
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, **arrays)
+    with pytest.raises(ValueError, match=f"missing field '{field}'"):
+        bp.load(broken)

@@ -7,6 +7,7 @@ bit for bit, the epoch's mean loss up to the rounding of its sum). Everything
 here is per epoch or per chunk; nothing is per batch.
 """
 import math
+import sys
 import time
 import warnings
 
@@ -160,7 +161,9 @@ class Trainer:
         self.optimizer = optimizer
         self.data = data
         self.validation = validation
-        self.batch_size = batch_size
+        n_samples = data.n_samples
+        self.batch_size = n_samples if batch_size is None else min(batch_size, n_samples)
+        self.epochs = epochs
         self.shuffle = shuffle
         self.options = options            # (l2, clip_value, clip_norm) for the engine
         self.metrics = metrics
@@ -214,12 +217,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- running
     def run(self, epochs):
+        """Train for epochs more epochs; may be called again to continue. The History."""
+        with self.network._fitting():
+            return self._run(epochs)
+
+    def _run(self, epochs):
         network, optimizer = self.network, self.optimizer
         network.history = self.history
         network.stop_training = False
         for callback in self.callbacks:
             callback.network, callback.optimizer = network, optimizer
-        if self.schedule is not None and getattr(optimizer, "initial_lr", None) is None:
+        if self.schedule is not None and optimizer.initial_lr is None:
             optimizer.initial_lr = optimizer.lr
         self._snapshot = None
         end_logs = {"n_samples": self.data.n_samples}
@@ -256,9 +264,21 @@ class Trainer:
             raise
         finally:
             end_logs["stop_reason"] = self.history.stop_reason
-            for callback in self.callbacks:
-                callback.on_train_end(end_logs)
+            self._end_callbacks(end_logs)
         return self.history
+
+    def _end_callbacks(self, logs):
+        """Every callback's on_train_end, even if one raises (files close, weights are
+        restored); the first error is raised after, unless another one is in flight."""
+        in_flight = sys.exc_info()[1]
+        first_error = None
+        for callback in self.callbacks:
+            try:
+                callback.on_train_end(logs)
+            except Exception as error:
+                first_error = first_error or error
+        if first_error is not None and in_flight is None:
+            raise first_error
 
     def _evaluate(self):
         """Metrics on the training data and loss and metrics on the validation data."""

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from ._validation import check_int, check_real
+from ._validation import check_bool, check_int, check_real
 
 __all__ = ["Callback", "History", "EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint",
            "CSVLogger", "ProgressBar"]
@@ -210,9 +210,7 @@ class EarlyStopping(_Monitor):
                  restore_best=True):
         super().__init__(monitor, mode, min_delta)
         self.patience = check_int("patience", patience, minimum=0)
-        if not isinstance(restore_best, bool):
-            raise TypeError(f"restore_best must be True or False, got {restore_best!r}")
-        self.restore_best = restore_best
+        self.restore_best = check_bool("restore_best", restore_best)
         self.stop_reason = "early_stopping"
 
     def on_train_begin(self, logs):
@@ -305,8 +303,8 @@ class ModelCheckpoint(_Monitor):
                  save_optimizer=False, mode="auto"):
         super().__init__(monitor, mode, 0.0)
         self.path = os.fspath(path)
-        self.save_best_only = bool(save_best_only)
-        self.save_optimizer = bool(save_optimizer)
+        self.save_best_only = check_bool("save_best_only", save_best_only)
+        self.save_optimizer = check_bool("save_optimizer", save_optimizer)
 
     def check_keys(self, keys):
         if self.save_best_only:
@@ -334,7 +332,7 @@ class CSVLogger(Callback):
 
     def __init__(self, path, *, append=False):
         self.path = os.fspath(path)
-        self.append = bool(append)
+        self.append = check_bool("append", append)
         self._file = None
 
     def on_train_begin(self, logs):
@@ -367,8 +365,8 @@ class ProgressBar(Callback):
     wants_progress = True
 
     def __init__(self, epochs, *, per_epoch_line=False, file=None):
-        self.epochs = epochs
-        self.per_epoch_line = per_epoch_line
+        self.epochs = check_int("epochs", epochs, minimum=0)
+        self.per_epoch_line = check_bool("per_epoch_line", per_epoch_line)
         self.wants_progress = not per_epoch_line
         self.file = file
         self._bar = None

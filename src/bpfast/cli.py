@@ -15,6 +15,7 @@ import numpy as np
 
 from . import __version__
 from ._threads import set_num_threads, show_config
+from ._training import DivergenceError
 from .io import load, read_header, save
 from .layers import ACTIVATIONS, Dense
 from .losses import MSE, CrossEntropy
@@ -226,21 +227,22 @@ def split_indices(n_samples, fraction, seed):
 
 # --------------------------------------------------------------------------- training
 def train_loop(network, X, y, loss, optimizer, *, epochs, batch_size, evaluate, quiet):
-    """fit() one epoch at a time, printing a progress line per epoch; the samples/s.
+    """Train one epoch at a time, printing a progress line per epoch; the samples/s.
 
     ``evaluate()`` returns the (name, value) of the held-out score, or None. One
     ``fit(validation_data=..., metrics=..., verbose=2)`` call could replace this loop,
     but its metrics also score the whole training set every epoch, inside the time
-    that its speed reports; here only the training is timed.
+    that its speed reports; here only the training is timed. The data are checked
+    once (``fit``'s trainer), then each epoch is one compiled call.
     """
     n_samples = X.shape[0]
     steps_per_epoch = math.ceil(n_samples / batch_size)
     elapsed = 0.0
     width = len(str(epochs))
+    trainer = network._trainer(X, y, loss, optimizer, batch_size=batch_size, shuffle=True)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        history = network.fit(X, y, loss=loss, optimizer=optimizer, epochs=1,
-                              batch_size=batch_size, shuffle=True)
+        history = trainer.run(1)
         elapsed += time.perf_counter() - start
         if quiet:
             continue
@@ -579,7 +581,7 @@ def main(argv=None):
         args = parser.parse_args(["demo"])
     try:
         return args.handler(args)
-    except (CommandError, OSError) as error:
+    except (CommandError, OSError, DivergenceError) as error:
         print(f"bpfast {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -147,6 +147,7 @@ def _optimizer_record(network, optimizer):
         hyperparameters["betas"] = [hyperparameters.pop("beta1"), hyperparameters.pop("beta2")]
     hyperparameters.pop("decoupled_weight_decay", None)  # implied by the class
     record = {"name": name, "hyperparameters": hyperparameters,
+              "initial_lr": optimizer.initial_lr,  # a schedule's base rate, if one ran
               "step_count": int(optimizer.step_count),
               "state_names": list(config.state_names),
               "has_state": config.state is not None}
@@ -314,6 +315,8 @@ def _build_optimizer(path, network, record, state):
         optimizer._restore(network, state, record["step_count"])
     else:
         optimizer._config.step_count = record["step_count"]
+    initial_lr = record.get("initial_lr")
+    optimizer.initial_lr = None if initial_lr is None else float(initial_lr)
     return optimizer
 
 
@@ -329,8 +332,9 @@ def _read_open_file(path, file, arrays_wanted):
     try:
         members = _inspect_members(path, file)
         file.seek(0)
+        _check_header_member(path, members["header"])  # before reading a byte of it
         with np.load(file, allow_pickle=False) as archive:
-            header = _parse_header(path, archive["header"], members["header"])
+            header = _parse_header(path, archive["header"])
             expected = _expected_shapes(path, header)
             for key in members:
                 if key != "header" and key not in expected:
@@ -378,8 +382,12 @@ def _inspect_members(path, file):
             if not info.filename.endswith(".npy"):
                 raise _FileError(path, f"unexpected member {info.filename!r}")
             key = info.filename[:-len(".npy")]
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise _FileError(path, f"array {key!r} uses an unsupported compression")
+            # bpfast writes stored members only; refusing compression keeps every size
+            # check against bytes really in the file (a small deflated file could
+            # otherwise declare, and make us allocate, gigabytes)
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise _FileError(path, f"array {key!r} is compressed; bpfast model files "
+                                 "are not")
             with archive.open(info) as member:
                 version = np.lib.format.read_magic(member)
                 if version == (1, 0):
@@ -408,12 +416,15 @@ def _is_float_of(dtype, name):
     return dtype.kind == "f" and dtype.itemsize == np.dtype(name).itemsize
 
 
-def _parse_header(path, array, member):
+def _check_header_member(path, member):
     shape, dtype = member
     if dtype != np.uint8 or len(shape) != 1:
         raise _FileError(path, "header must be a 1-D uint8 array")
     if shape[0] > _MAX_HEADER_BYTES:
         raise _FileError(path, f"header of {shape[0]} bytes is too large")
+
+
+def _parse_header(path, array):
     try:
         header = json.loads(array.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -455,7 +466,10 @@ def _check_fields(path, header):
         if not isinstance(spec["activation_param"], (int, float)) or isinstance(
                 spec["activation_param"], bool):
             fail(f"layer {index} activation_param must be a number")
-    seed = header.get("seed")
+    for field in ("seed", "optimizer"):
+        if field not in header:
+            fail(f"missing field {field!r}")
+    seed = header["seed"]
     if seed is not None and not _is_int(seed):
         fail(f"seed must be an integer or null, got {seed!r}")
     if "epochs_trained" in header and (not _is_int(header["epochs_trained"])
@@ -477,6 +491,11 @@ def _check_fields(path, header):
             record["hyperparameters"]["betas"] = tuple(betas)
         if not _is_int(record.get("step_count")) or record["step_count"] < 0:
             fail("optimizer step_count must be a non-negative integer")
+        initial_lr = record.get("initial_lr")
+        if initial_lr is not None and (not isinstance(initial_lr, (int, float))
+                                       or isinstance(initial_lr, bool)
+                                       or not np.isfinite(initial_lr) or initial_lr < 0):
+            fail("optimizer initial_lr must be null or a finite number >= 0")
         if not isinstance(record.get("has_state"), bool):
             fail("optimizer has_state must be true or false")
         names = record.get("state_names")

@@ -1,4 +1,6 @@
 """Network: the flat parameter buffers and the training API around the compiled core."""
+import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, Literal
@@ -111,6 +113,7 @@ class Network:
         self.epochs_trained = 0
         self.history = None
         self.stop_training = False
+        self._fit_lock = threading.RLock()
 
     # ------------------------------------------------------------------ buffers
     @property
@@ -329,12 +332,26 @@ class Network:
         Ctrl-C stops at the next batch boundary: every finished update is kept,
         ``self.history`` holds the finished epochs, and KeyboardInterrupt is raised.
         """
-        trainer = self._trainer(X, y, loss, optimizer, epochs, batch_size, shuffle,
-                                sample_weight, class_weight, l2, clip_norm, clip_value,
-                                validation_data, validation_split, metrics, schedule,
-                                callbacks, early_stopping, tol, patience, verbose,
-                                on_divergence)
-        return trainer.run(trainer.epochs)
+        # held from the checks to the end, so that a fit refused because another
+        # thread is training this network changes nothing (not even the RNG)
+        with self._fitting():
+            trainer = self._trainer(X, y, loss, optimizer, epochs, batch_size, shuffle,
+                                    sample_weight, class_weight, l2, clip_norm, clip_value,
+                                    validation_data, validation_split, metrics, schedule,
+                                    callbacks, early_stopping, tol, patience, verbose,
+                                    on_divergence)
+            return trainer.run(trainer.epochs)
+
+    @contextlib.contextmanager
+    def _fitting(self):
+        """Hold this network's training lock (re-entrant), or raise RuntimeError at once."""
+        if not self._fit_lock.acquire(blocking=False):
+            raise RuntimeError("this Network is already training in another thread; use "
+                               "one Network per thread")
+        try:
+            yield
+        finally:
+            self._fit_lock.release()
 
     def partial_fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str,
                     optimizer: Optimizer | str, batch_size: int | None = None,
@@ -352,11 +369,17 @@ class Network:
                            clip_value=clip_value)
         return float(history.history["loss"][-1])
 
-    def _trainer(self, X, y, loss, optimizer, epochs, batch_size, shuffle, sample_weight,
-                 class_weight, l2, clip_norm, clip_value, validation_data, validation_split,
-                 metrics, schedule, callbacks, early_stopping, tol, patience, verbose,
-                 on_divergence):
-        """Check every argument of fit, split the data: a Trainer ready to run."""
+    def _trainer(self, X, y, loss, optimizer, epochs=1, batch_size=None, shuffle=True,
+                 sample_weight=None, class_weight=None, l2=0.0, clip_norm=None,
+                 clip_value=None, validation_data=None, validation_split=None, metrics=None,
+                 schedule=None, callbacks=None, early_stopping=False, tol=None, patience=10,
+                 verbose=0, on_divergence="raise"):
+        """Check every argument of fit, split the data: a Trainer ready to run.
+
+        ``trainer.run(k)`` trains k more epochs and may be called again: the way for
+        code that trains epoch by epoch (bpfast.sklearn, the command line) to check
+        the data once instead of in every ``fit(epochs=1)``.
+        """
         loss = self._check_loss(loss)
         optimizer = get_optimizer(optimizer)
         epochs = check_int("epochs", epochs, minimum=0)
@@ -372,8 +395,11 @@ class Network:
                     len(validation_data) not in (2, 3):
                 raise TypeError("validation_data must be (X_val, y_val) or "
                                 "(X_val, y_val, sample_weight_val)")
-            validation = self._data(*validation_data[:2], loss, *validation_data[2:],
-                                    name="X_val")
+            try:
+                validation = self._data(*validation_data[:2], loss, *validation_data[2:],
+                                        name="X_val")
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"validation_data: {error}") from None
         optimizer._config.check_owner(self._engine)
         rng_state = self._rng.bit_generator.state
         try:
@@ -392,9 +418,6 @@ class Network:
         except BaseException:
             self._rng.bit_generator.state = rng_state  # a refused call changes nothing
             raise
-        trainer.batch_size = data.n_samples if batch_size is None else min(batch_size,
-                                                                           data.n_samples)
-        trainer.epochs = epochs
         return trainer
 
     def predict(self, X: ArrayLike) -> NDArray[np.floating]:

@@ -24,10 +24,20 @@ class Optimizer:
 
     An optimizer belongs to the first network it steps; stepping another is a
     ValueError (its state is per parameter).
+
+    Attributes
+    ----------
+    initial_lr : float or None
+        The base rate of a learning-rate schedule: ``lr`` when the optimizer was
+        first trained with a schedule (PyTorch keeps ``initial_lr`` the same way);
+        saved with the optimizer. Set it to None to restart a schedule from ``lr``.
     """
+
+    initial_lr: float | None
 
     def __init__(self, core_name: str, **hyperparameters: Any) -> None:
         self._config = _core.OptimizerConfig(core_name, **hyperparameters)
+        self.initial_lr = None
         # kept for bpfast.io, which saves them (the compiled config does not expose them)
         self._hyperparameters = dict(hyperparameters)
 

@@ -87,10 +87,12 @@ class ExponentialDecay(Schedule):
 
 
 class CosineAnnealing(Schedule):
-    """Cosine from the initial rate down to ``min_lr`` over ``t_max`` (PyTorch's closed form).
+    """Cosine from the initial rate down to ``min_lr`` over ``t_max``, then ``min_lr``.
 
     ``lr = min_lr + (initial_lr - min_lr) * (1 + cos(pi * t / t_max)) / 2`` for
-    ``t <= t_max``, then ``min_lr``.
+    ``t <= t_max``: PyTorch's CosineAnnealingLR. After ``t_max`` the rate stays at
+    ``min_lr``, where PyTorch's cosine would rise again (use a longer ``t_max``, or
+    warm restarts of your own, for that).
 
     Parameters
     ----------
