@@ -1194,3 +1194,25 @@ def test_one_network_growing_batch_from_another_thread():
         print(json.dumps({"errors": errors[:20], "mismatches": mismatches}))
     """)
     _check_race_result(result)
+
+
+def test_pickle_and_deepcopy_give_an_equal_independent_network():
+    import copy
+    import pickle
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 5)), rng.integers(0, 3, 40)
+    net = bp.Network([bp.Dense(5, 8, "leaky_relu", negative_slope=0.2),
+                      bp.Dense(8, 6, "elu", alpha=0.5, bias=False), bp.Dense(6, 3)],
+                     dtype="float64", seed=3)
+    net.fit(X, y, loss="cross_entropy", optimizer=bp.Adam(lr=0.01), epochs=2, batch_size=8)
+    for clone in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+        assert repr(clone) == repr(net) and clone.epochs_trained == net.epochs_trained
+        np.testing.assert_array_equal(clone.parameters, net.parameters)
+        np.testing.assert_array_equal(clone.predict(X), net.predict(X))
+        # the same future: shuffling continues from the same RNG state
+        a_opt, b_opt = bp.SGD(lr=0.1), bp.SGD(lr=0.1)
+        twin = copy.deepcopy(net)
+        clone.fit(X, y, loss="cross_entropy", optimizer=a_opt, epochs=1, batch_size=8)
+        twin.fit(X, y, loss="cross_entropy", optimizer=b_opt, epochs=1, batch_size=8)
+        np.testing.assert_array_equal(clone.parameters, twin.parameters)
+        assert not np.shares_memory(clone.parameters, net.parameters)

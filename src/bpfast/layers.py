@@ -1,4 +1,6 @@
 """Dense layers and the activation names."""
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -85,6 +87,17 @@ class Dense:
     @property
     def n_parameters(self) -> int:
         return self.out_features * (self.in_features + self.use_bias)
+
+    def arguments(self) -> dict[str, Any]:
+        """The constructor's arguments that make an equal, unattached Dense."""
+        arguments: dict[str, Any] = {
+            "in_features": self.in_features, "out_features": self.out_features,
+            "activation": self.activation, "bias": self.use_bias, "init": self.init}
+        if self.activation == "leaky_relu":
+            arguments["negative_slope"] = self.activation_param
+        elif self.activation == "elu":
+            arguments["alpha"] = self.activation_param
+        return arguments
 
     def initial_values(self, rng):
         """Fresh float64 (weight, bias) drawn from rng by this layer's init scheme."""

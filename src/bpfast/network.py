@@ -426,6 +426,14 @@ class Network:
         widest = max(max(layer.in_features, layer.out_features) for layer in self.layers)
         return self._engine.predict(X, max(1, _PREDICT_CHUNK_ELEMENTS // widest))
 
+    def __reduce__(self):
+        # pickle and copy.deepcopy: the layers' arguments and the state, rebuilt through
+        # the public constructor (the compiled engine holds raw pointers, no state of
+        # its own worth keeping). Optimizers are not included: save() keeps those.
+        return (_rebuild_network, ([layer.arguments() for layer in self.layers],
+                                   self.dtype.name, self.seed, self._parameters.copy(),
+                                   self._rng.bit_generator.state, self.epochs_trained))
+
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"Network([\n  {body}\n], dtype={self.dtype.name!r})"
@@ -435,3 +443,12 @@ class Network:
         """Write this network (and optionally its optimizer) to an .npz file; see bpfast.save."""
         from .io import save
         save(self, path, optimizer=optimizer, metadata=metadata)
+
+
+def _rebuild_network(layers, dtype, seed, parameters, rng_state, epochs_trained):
+    """The inverse of Network.__reduce__."""
+    network = Network([Dense(**arguments) for arguments in layers], dtype=dtype, seed=seed)
+    network.parameters = parameters
+    network._rng.bit_generator.state = rng_state
+    network.epochs_trained = epochs_trained
+    return network
