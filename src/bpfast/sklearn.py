@@ -2,24 +2,32 @@
 
 They take scikit-learn's ``sklearn.neural_network`` parameters with the same
 names and meanings, expose the same fitted attributes, and pass scikit-learn's
-``check_estimator``. What runs underneath is a :class:`bpfast.Network`: every
-epoch of ``sgd``/``adam`` is one compiled call (``Network.fit(..., epochs=1)``),
-every ``lbfgs`` function evaluation is one compiled forward-and-backward
-(``Network.compute_gradients``) on the flat parameter vector. Only scikit-learn's
-per-epoch bookkeeping (loss curve, convergence test, early stopping, learning-rate
-schedule) runs in Python here.
+``check_estimator``. What runs underneath is a :class:`bpfast.Network`: each
+``fit``/``partial_fit`` of ``sgd``/``adam`` checks its data once and then runs
+every epoch as one compiled call (one ``Trainer.run(1)`` of the network's
+training loop), every ``lbfgs`` function evaluation is one compiled
+forward-and-backward (``Network.compute_gradients``) on the flat parameter
+vector. Only scikit-learn's per-epoch bookkeeping (loss curve, convergence test,
+early stopping, learning-rate schedule) runs in Python here.
+
+A failed ``fit``/``partial_fit`` (bad parameters, data, weights, or a validation
+split that cannot be made) leaves a fitted estimator as it was: everything is
+checked and the new network is built before any fitted attribute is assigned.
 
 scikit-learn is an optional dependency of bpfast: ``import bpfast`` never imports
 this module, and importing this module needs scikit-learn 1.6 or newer.
 
 Where the arithmetic differs from scikit-learn
 ----------------------------------------------
-* Several outputs (multi-output regression, multilabel classification):
-  scikit-learn reports the loss averaged over outputs (regression) but steps along
-  the gradient of the loss *summed* over outputs. Here the loss that is reported
-  (``loss_``, ``loss_curve_``) is the one whose gradient is followed: summed over
-  outputs, averaged over samples, so its ``loss_`` is ``n_outputs_`` times
-  scikit-learn's for multi-output regression (multilabel agrees with scikit-learn).
+* Several outputs of a regression: scikit-learn reports the squared error
+  averaged over outputs but follows the gradient of its *sum* over outputs. Here
+  the loss that is reported (``loss_``, ``loss_curve_``) is the one whose gradient
+  is followed: summed over outputs, averaged over samples, so ``loss_`` is
+  ``n_outputs_`` times scikit-learn's. ``sgd``/``adam`` take scikit-learn's steps;
+  ``lbfgs`` does not retrace scikit-learn's fit there, because scikit-learn hands
+  L-BFGS-B a loss and a gradient that do not match (its line searches see the
+  averaged loss) and bpfast a matching pair. Multilabel log-loss is summed over
+  labels in both, so there both agree.
 * The optimizers are bpfast's (PyTorch's update rules). SGD with (Nesterov)
   momentum takes scikit-learn's steps, also when ``learning_rate`` changes the rate
   (the momentum buffer is rescaled then, see ``_set_learning_rate``). Adam adds
@@ -31,6 +39,7 @@ Where the arithmetic differs from scikit-learn
   scikit-learn's batch weight sum on average.
 """
 import numbers
+import threading
 import warnings
 from contextlib import contextmanager
 from itertools import pairwise
@@ -48,7 +57,7 @@ try:
     from sklearn.utils.class_weight import compute_sample_weight
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import check_classification_targets, type_of_target
-    from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+    from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "bpfast.sklearn needs scikit-learn 1.6 or newer (it uses "
@@ -57,6 +66,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from . import _core
+from ._validation import check_bool, check_choice, check_int, check_real, check_sample_weight
 from .layers import Dense
 from .losses import MSE, BinaryCrossEntropy, CrossEntropy
 from .network import DivergenceError, Network
@@ -74,6 +84,11 @@ _DTYPES = ("float32", "float64")
 _ADAPTIVE_MIN_LEARNING_RATE = 1e-6
 _NON_FINITE_MESSAGE = ("Solver produced non-finite parameter weights. The input data may "
                        "contain large values and need to be preprocessed.")
+# the per-epoch records of the stochastic solvers (lbfgs keeps none, as in scikit-learn)
+_EPOCH_RECORDS = ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_",
+                  "_no_improvement_count", "_best_parameters")
+# the thread counts are process-wide: estimators that set n_threads take turns
+_THREAD_LOCK = threading.RLock()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -83,16 +98,23 @@ class _LayerViews(list):
     Each element is a view into ``network_.parameters``, so editing it in place
     (``est.coefs_[0][:] = W``) changes the model, as editing scikit-learn's arrays
     does. Assigning an element (``est.coefs_[0] = W``) copies W into that view for
-    the same reason; W must have the layer's shape.
+    the same reason; W must have the layer's shape. A copy or pickle of the list is
+    a plain list (of copies, for a deep copy).
     """
+
+    def __init__(self, views, name):
+        super().__init__(views)
+        self._name = name
 
     def __setitem__(self, index, value):
         if not isinstance(index, numbers.Integral):
-            raise TypeError("assign one layer at a time, e.g. est.coefs_[0] = array")
-        _copy_into(list.__getitem__(self, index), value, f"element {index}")
+            raise TypeError(f"assign one layer at a time, e.g. est.{self._name}[0] = array")
+        view = list.__getitem__(self, index)
+        view[...] = _checked_layer(view, value, f"{self._name}[{index}]")
 
     def __delitem__(self, index):
-        raise TypeError("the layers of a fitted network cannot be removed")
+        raise TypeError(f"the layers of a fitted network cannot be removed from "
+                        f"{self._name}")
 
     def _refuse(self, *args, **kwargs):
         raise TypeError("the layers of a fitted network are fixed; edit the arrays in place")
@@ -100,21 +122,30 @@ class _LayerViews(list):
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
     __iadd__ = __imul__ = _refuse
 
+    def __reduce_ex__(self, protocol):
+        return list, (list(self),)
 
-def _copy_into(view, value, what):
-    value = np.asarray(value)
-    if value.shape != view.shape:
-        raise ValueError(f"{what} must have shape {view.shape}, got {value.shape}")
-    view[...] = value
+
+def _checked_layer(view, value, what):
+    """value as a new array of view's shape and dtype, or an error naming what."""
+    array = np.asarray(value)
+    if array.shape != view.shape:
+        raise ValueError(f"{what} must have shape {view.shape}, got {array.shape}")
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{what} must hold real numbers, got an array of dtype {array.dtype}")
+    return array.astype(view.dtype)
 
 
 def _assign_layers(views, values, what):
+    """Copy one array per layer into views: all checked first, so a refusal changes none."""
     values = list(values)
     if len(values) != len(views):
         raise ValueError(f"{what} must hold {len(views)} arrays, one per layer, "
                          f"got {len(values)}")
-    for index, (view, value) in enumerate(zip(views, values)):
-        _copy_into(view, value, f"{what}[{index}]")
+    arrays = [_checked_layer(view, value, f"{what}[{index}]")
+              for index, (view, value) in enumerate(zip(views, values))]
+    for view, array in zip(views, arrays):
+        view[...] = array
 
 
 @contextmanager
@@ -124,76 +155,55 @@ def _thread_limit(n_threads):
     bpfast.set_num_threads changes the process for good; an estimator parameter
     should only hold while the estimator works, so this saves and restores
     bpfast's OpenMP count and uses threadpoolctl's context (when installed) for BLAS.
+    Both counts belong to the process, not to a thread, so the body runs under a
+    module-wide lock: estimators that set n_threads fit and predict one at a time,
+    and each restores the count the one before it found. The lock is reentrant,
+    so a limited call inside another one (same thread) nests.
     """
     if n_threads is None:
         yield
         return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        blas_limit = None
-    else:
-        blas_limit = threadpool_limits(limits=n_threads, user_api="blas")
-    previous = _core.get_num_threads()
-    _core.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        _core.set_num_threads(previous)
-        if blas_limit is not None:
-            blas_limit.restore_original_limits()
+    with _THREAD_LOCK:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            blas_limit = None
+        else:
+            blas_limit = threadpool_limits(limits=n_threads, user_api="blas")
+        try:
+            previous = _core.get_num_threads()
+            _core.set_num_threads(n_threads)
+            try:
+                yield
+            finally:
+                _core.set_num_threads(previous)
+        finally:
+            if blas_limit is not None:
+                blas_limit.restore_original_limits()
 
 
-def _check_choice(name, value, choices):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; "
-                         f"got {value!r}")
+def _checked_sample_weight(sample_weight, n_samples):
+    """None, or sample_weight as float64 (n_samples,) finite weights >= 0, not all 0.
 
-
-def _check_int(name, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_real(name, value, low=None, high=None, low_open=False, high_open=False):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    too_low = low is not None and (value < low or (low_open and value == low))
-    too_high = high is not None and (value > high or (high_open and value == high))
-    if too_low or too_high or np.isnan(value):
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        lower = "-inf" if low is None else low
-        upper = "inf" if high is None else high
-        raise ValueError(f"{name} must be in {left}{lower}, {upper}{right}, got {value!r}")
-
-
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _validated_sample_weight(sample_weight, n_samples):
-    """sample_weight as a float64 (n_samples,) array of finite, non-negative values."""
-    if sample_weight is None:
-        return None
-    if isinstance(sample_weight, numbers.Number):
+    A number is the same weight for every sample, as in scikit-learn.
+    """
+    if isinstance(sample_weight, numbers.Real) and not isinstance(sample_weight,
+                                                                  (bool, np.bool_)):
         sample_weight = np.full(n_samples, sample_weight, dtype=np.float64)
-    sample_weight = check_array(sample_weight, ensure_2d=False, dtype=np.float64,
-                                order="C", copy=True, input_name="sample_weight")
-    if sample_weight.ndim != 1:
-        raise ValueError(f"sample_weight must be 1-D, got shape {sample_weight.shape}")
-    if sample_weight.shape[0] != n_samples:
-        raise ValueError(f"sample_weight has {sample_weight.shape[0]} values for "
-                         f"{n_samples} samples")
-    if (sample_weight < 0).any():
-        raise ValueError("sample_weight must not contain negative values")
-    if not sample_weight.any():
-        raise ValueError("sample_weight must contain at least one non-zero weight; "
-                         "all weights are zero")
-    return sample_weight
+    return check_sample_weight(sample_weight, n_samples)
+
+
+class _Fit:
+    """What one fit or partial_fit call will do, checked and built before anything changes.
+
+    ``attributes`` are assigned to the estimator (and ``removed`` deleted from it)
+    in one step once every check has passed; then ``train`` runs.
+    """
+
+    def __init__(self):
+        self.attributes = {}
+        self.removed = set()
+        self.train = None
 
 
 # --------------------------------------------------------------------------- base
@@ -201,7 +211,8 @@ class _BaseMLP(BaseEstimator):
     """What MLPClassifier and MLPRegressor share: checks, network, solvers, bookkeeping.
 
     A subclass defines ``__init__`` (its parameters), ``_encode_targets`` (y -> what
-    the network trains on), ``_make_loss`` and ``_validation_score``.
+    the network trains on, and the target attributes), ``_make_loss`` and
+    ``_validation_score``.
     """
 
     #: whether validate_data converts y to numbers (regression) or keeps labels
@@ -216,7 +227,7 @@ class _BaseMLP(BaseEstimator):
         so reading them copies nothing and editing them in place edits the model.
         """
         network = self._network_or_raise("coefs_")
-        return _LayerViews(layer.weight.T for layer in network.layers)
+        return _LayerViews((layer.weight.T for layer in network.layers), "coefs_")
 
     @coefs_.setter
     def coefs_(self, values):
@@ -226,7 +237,7 @@ class _BaseMLP(BaseEstimator):
     def intercepts_(self):
         """list of ndarray (fan_out,): each layer's bias, views into ``network_``."""
         network = self._network_or_raise("intercepts_")
-        return _LayerViews(layer.bias for layer in network.layers)
+        return _LayerViews((layer.bias for layer in network.layers), "intercepts_")
 
     @intercepts_.setter
     def intercepts_(self, values):
@@ -245,93 +256,138 @@ class _BaseMLP(BaseEstimator):
         sizes = self.hidden_layer_sizes
         if isinstance(sizes, numbers.Integral) and not isinstance(sizes, (bool, np.bool_)):
             sizes = [sizes]
+        if isinstance(sizes, str):
+            sizes = None
         try:
             sizes = list(sizes)
         except TypeError:
             raise TypeError("hidden_layer_sizes must be an integer or a sequence of "
                             f"integers, got {self.hidden_layer_sizes!r}") from None
-        for size in sizes:
-            if isinstance(size, (bool, np.bool_)) or not isinstance(size, numbers.Integral):
-                raise TypeError("hidden_layer_sizes must hold integers, got "
-                                f"{self.hidden_layer_sizes!r}")
-        if any(size <= 0 for size in sizes):
-            raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
-        return [int(size) for size in sizes]
+        return [check_int(f"hidden_layer_sizes[{index}]", size, minimum=1)
+                for index, size in enumerate(sizes)]
 
     def _check_parameters(self):
-        """Refuse a bad hyperparameter before anything changes, naming it."""
-        _check_choice("activation", self.activation, tuple(_HIDDEN_ACTIVATIONS))
-        _check_choice("solver", self.solver, _SOLVERS)
-        _check_real("alpha", self.alpha, low=0.0)
+        """Refuse a bad hyperparameter before anything changes, naming it.
+
+        A value of the wrong type is a TypeError, one out of range a ValueError
+        (bpfast's checks, shared with Network.fit).
+        """
+        check_choice("activation", self.activation, tuple(_HIDDEN_ACTIVATIONS))
+        check_choice("solver", self.solver, _SOLVERS)
+        check_real("alpha", self.alpha, minimum=0)
         if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
             if isinstance(self.batch_size, str):
                 raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got "
                                  f"{self.batch_size!r}")
-            _check_int("batch_size", self.batch_size, 1)
-        _check_choice("learning_rate", self.learning_rate, _LEARNING_RATES)
-        _check_real("learning_rate_init", self.learning_rate_init, low=0.0, low_open=True)
-        _check_real("power_t", self.power_t, low=0.0)
-        _check_int("max_iter", self.max_iter, 1)
-        _check_bool("shuffle", self.shuffle)
-        _check_real("tol", self.tol, low=0.0)
+            check_int("batch_size", self.batch_size, minimum=1)
+        check_choice("learning_rate", self.learning_rate, _LEARNING_RATES)
+        check_real("learning_rate_init", self.learning_rate_init, minimum=0,
+                   min_inclusive=False)
+        check_real("power_t", self.power_t, minimum=0)
+        check_int("max_iter", self.max_iter, minimum=1)
+        check_bool("shuffle", self.shuffle)
+        check_real("tol", self.tol, minimum=0)
         if not isinstance(self.verbose, (bool, np.bool_, numbers.Integral)):
             raise TypeError(f"verbose must be a bool or an integer, got {self.verbose!r}")
-        _check_bool("warm_start", self.warm_start)
-        _check_real("momentum", self.momentum, low=0.0, high=1.0)
-        _check_bool("nesterovs_momentum", self.nesterovs_momentum)
-        _check_bool("early_stopping", self.early_stopping)
-        _check_real("validation_fraction", self.validation_fraction, low=0.0, high=1.0,
-                    low_open=self.early_stopping, high_open=True)
-        _check_real("beta_1", self.beta_1, low=0.0, high=1.0, high_open=True)
-        _check_real("beta_2", self.beta_2, low=0.0, high=1.0, high_open=True)
-        _check_real("epsilon", self.epsilon, low=0.0, low_open=True)
+        check_bool("warm_start", self.warm_start)
+        check_real("momentum", self.momentum, minimum=0, maximum=1)
+        check_bool("nesterovs_momentum", self.nesterovs_momentum)
+        early_stopping = check_bool("early_stopping", self.early_stopping)
+        check_real("validation_fraction", self.validation_fraction, minimum=0, maximum=1,
+                   min_inclusive=not early_stopping, max_inclusive=False)
+        check_real("beta_1", self.beta_1, minimum=0, maximum=1, max_inclusive=False)
+        check_real("beta_2", self.beta_2, minimum=0, maximum=1, max_inclusive=False)
+        check_real("epsilon", self.epsilon, minimum=0, min_inclusive=False)
         if not (isinstance(self.n_iter_no_change, numbers.Real)
                 and self.n_iter_no_change == np.inf):
-            _check_int("n_iter_no_change", self.n_iter_no_change, 1)
-        _check_int("max_fun", self.max_fun, 1)
-        _check_choice("dtype", self.dtype, _DTYPES)
-        if self.n_threads is not None:
-            _check_int("n_threads", self.n_threads, 1)
+            check_int("n_iter_no_change", self.n_iter_no_change, minimum=1)
+        check_int("max_fun", self.max_fun, minimum=1)
+        check_choice("dtype", self.dtype, _DTYPES)
+        check_int("n_threads", self.n_threads, minimum=1, allow_none=True)
 
     # ------------------------------------------------------------- fit
     def _fit(self, X, y, sample_weight, incremental, classes=None):
         self._check_parameters()
-        hidden_sizes = self._hidden_sizes()
-        if incremental and self.early_stopping:
-            raise ValueError("partial_fit does not support early_stopping=True")
-        first_pass = "network_" not in self.__dict__ or (
-            not self.warm_start and not incremental)
-        X, y = validate_data(self, X, y, accept_sparse=False, multi_output=True,
-                             y_numeric=self._y_numeric, dtype=self.dtype, order="C",
-                             reset=first_pass)
-        target, score_target = self._encode_targets(y, first_pass, incremental, classes)
-        sample_weight = self._training_weights(
-            _validated_sample_weight(sample_weight, X.shape[0]), y, incremental)
-        layer_sizes = [X.shape[1], *hidden_sizes, self.n_outputs_]
-        random_state = check_random_state(self.random_state)
-        if first_pass:
-            self._initialize(layer_sizes, random_state)
-        else:
-            self._check_compatible(layer_sizes)
         with _thread_limit(self.n_threads):
+            plan = self._plan_fit(X, y, sample_weight, incremental, classes)
+            # every check passed: the fitted attributes change together, here
+            for name in plan.removed:
+                self.__dict__.pop(name, None)
+            self.__dict__.update(plan.attributes)
             try:
-                if self.solver == "lbfgs":
-                    self._fit_lbfgs(X, target, sample_weight)
-                else:
-                    self._fit_stochastic(X, target, score_target, sample_weight,
-                                         random_state, incremental)
+                plan.train()
             except DivergenceError as error:
                 raise ValueError(_NON_FINITE_MESSAGE) from error
         if not np.isfinite(self.network_.parameters).all():
             raise ValueError(_NON_FINITE_MESSAGE)
         return self
 
-    def _training_weights(self, sample_weight, y, incremental):
+    def _plan_fit(self, X, y, sample_weight, incremental, classes):
+        """Check everything and build what the fit needs, changing nothing: a _Fit."""
+        hidden_sizes = self._hidden_sizes()
+        if incremental and self.early_stopping:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        first_pass = "network_" not in self.__dict__ or (
+            not self.warm_start and not incremental)
+        plan = _Fit()
+        X, y = self._validate_fit_data(X, y, first_pass, plan)
+        target, score_target, targets = self._encode_targets(y, first_pass, incremental,
+                                                             classes)
+        plan.attributes.update(targets)
+        sample_weight = self._training_weights(
+            _checked_sample_weight(sample_weight, X.shape[0]), y, incremental, targets)
+        layer_sizes = [X.shape[1], *hidden_sizes, targets["n_outputs_"]]
+        random_state = check_random_state(self.random_state)
+        # a RandomState passed as random_state is the user's: a refused fit leaves it too
+        rng_state = random_state.get_state() if random_state is self.random_state else None
+        try:
+            if first_pass:
+                network = self._new_network(layer_sizes, random_state, plan)
+            else:
+                network = self.network_
+                self._check_compatible(layer_sizes)
+                self._continue_records(plan)
+            loss, scale = self._make_loss(targets)
+            if self.solver == "lbfgs":
+                def train():
+                    self._fit_lbfgs(X, target, sample_weight, loss, scale)
+                plan.train = train
+            else:
+                self._plan_stochastic(plan, network, X, target, score_target, sample_weight,
+                                      random_state, incremental, loss, scale, targets)
+        except BaseException:
+            if rng_state is not None:
+                random_state.set_state(rng_state)
+            raise
+        return plan
+
+    def _validate_fit_data(self, X, y, reset, plan):
+        """validate_data's checks of X and y; with reset, n_features_in_ and
+        feature_names_in_ go into plan instead of onto the estimator."""
+        if not reset:
+            return validate_data(self, X, y, accept_sparse=False, multi_output=True,
+                                 y_numeric=self._y_numeric, dtype=self.dtype, order="C",
+                                 reset=False)
+        # validate_data records the input's width and column names on the estimator it
+        # is given: give it a stand-in with the same parameters (and so the same tags)
+        probe = object.__new__(type(self))
+        probe.__dict__.update(self.get_params(deep=False))
+        X, y = validate_data(probe, X, y, accept_sparse=False, multi_output=True,
+                             y_numeric=self._y_numeric, dtype=self.dtype, order="C",
+                             reset=True)
+        plan.attributes["n_features_in_"] = probe.n_features_in_
+        if "feature_names_in_" in probe.__dict__:
+            plan.attributes["feature_names_in_"] = probe.feature_names_in_
+        else:
+            plan.removed.add("feature_names_in_")
+        return X, y
+
+    def _training_weights(self, sample_weight, y, incremental, targets):
         """The per-sample weights training uses (the classifier adds class weights)."""
         return sample_weight
 
-    def _initialize(self, layer_sizes, random_state):
-        """A new network with scikit-learn's initialisation, and fresh bookkeeping."""
+    def _new_network(self, layer_sizes, random_state, plan):
+        """A new network with scikit-learn's initialisation; its fresh records into plan."""
         # scikit-learn's Glorot-uniform initialisation (biases too), drawn in its order
         # from random_state, so one seed gives both libraries the same initial network
         factor = 2.0 if self.activation == "logistic" else 6.0
@@ -350,31 +406,28 @@ class _BaseMLP(BaseEstimator):
         layers = [Dense(fan_in, fan_out, activation=activation)
                   for fan_in, fan_out in pairwise(layer_sizes[:-1])]
         layers.append(Dense(layer_sizes[-2], layer_sizes[-1]))  # identity: logits or values
-        self.network_ = Network(layers, dtype=self.dtype, seed=shuffle_seed)
-        for layer, (coef, intercept) in zip(self.network_.layers, initial):
+        network = Network(layers, dtype=self.dtype, seed=shuffle_seed)
+        for layer, (coef, intercept) in zip(network.layers, initial):
             layer.weight[...] = coef.T
             layer.bias[...] = intercept
-        self.n_layers_ = len(layer_sizes)
-        self.n_iter_ = 0
-        self.t_ = 0
-        self._optimizer = None
-        if self.solver == "lbfgs":
-            # as in scikit-learn, lbfgs keeps no per-epoch record; drop a previous fit's
-            for name in ("loss_curve_", "best_loss_", "validation_scores_",
-                         "best_validation_score_"):
-                self.__dict__.pop(name, None)
+        plan.attributes.update(network_=network, n_layers_=len(layer_sizes), n_iter_=0,
+                               t_=0, _optimizer=None)
+        plan.removed.update(_EPOCH_RECORDS)  # as in scikit-learn, lbfgs keeps none
+        if self.solver != "lbfgs":
+            plan.attributes.update(loss_curve_=[], _no_improvement_count=0)
+            self._reset_stopping_records(plan, network)
+        return network
+
+    def _reset_stopping_records(self, plan, network):
+        """The fresh records of early stopping (validation) or of the training loss."""
+        if self.early_stopping:
+            plan.attributes.update(validation_scores_=[], best_validation_score_=-np.inf,
+                                   best_loss_=None,
+                                   _best_parameters=network.parameters.copy())
         else:
-            self.loss_curve_ = []
-            self._no_improvement_count = 0
-            self._best_parameters = self.network_.parameters.copy()
-            if self.early_stopping:
-                self.validation_scores_ = []
-                self.best_validation_score_ = -np.inf
-                self.best_loss_ = None
-            else:
-                self.best_loss_ = np.inf
-                self.validation_scores_ = None
-                self.best_validation_score_ = None
+            plan.attributes.update(best_loss_=np.inf, validation_scores_=None,
+                                   best_validation_score_=None)
+            plan.removed.add("_best_parameters")
 
     def _check_compatible(self, layer_sizes):
         """warm_start and partial_fit continue the fitted network; it must fit the data."""
@@ -391,18 +444,24 @@ class _BaseMLP(BaseEstimator):
                 len(network.layers) > 1:
             raise ValueError("activation changed since the network was fitted; refit "
                              "with warm_start=False")
-        if not hasattr(self, "loss_curve_") and self.solver != "lbfgs":
-            # the previous fit used lbfgs, which keeps no stochastic bookkeeping
-            self.loss_curve_ = []
-            self._no_improvement_count = 0
-            self._best_parameters = network.parameters.copy()
-            self.best_loss_ = None if self.early_stopping else np.inf
-            self.validation_scores_ = [] if self.early_stopping else None
-            self.best_validation_score_ = -np.inf if self.early_stopping else None
+
+    def _continue_records(self, plan):
+        """The records a continued stochastic fit needs but the last fit did not keep.
+
+        After an lbfgs fit (which keeps none) they start afresh; after a fit with the
+        other early_stopping setting, the records of this setting start afresh.
+        """
+        if self.solver == "lbfgs":
+            return
+        if "loss_curve_" not in self.__dict__:
+            plan.attributes.update(loss_curve_=[], _no_improvement_count=0)
+        had_validation = self.__dict__.get("validation_scores_") is not None
+        if "best_loss_" not in self.__dict__ or had_validation != bool(self.early_stopping):
+            self._reset_stopping_records(plan, self.network_)
 
     # ------------------------------------------------------------- lbfgs
-    def _fit_lbfgs(self, X, target, sample_weight):
-        network, loss, scale = self.network_, *self._make_loss()
+    def _fit_lbfgs(self, X, target, sample_weight, loss, scale):
+        network = self.network_
         total_weight = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         # scikit-learn's objective is the data loss plus 0.5 * alpha * ||W||^2 / n (W:
         # the weights, not the biases); bpfast computes both divided by `scale`
@@ -432,7 +491,7 @@ class _BaseMLP(BaseEstimator):
             warnings.warn(
                 f"lbfgs failed to converge after {result.nit} iterations (status "
                 f"{result.status}: {message}). Increase the number of iterations "
-                "(max_iter) or scale the data.", ConvergenceWarning, stacklevel=4)
+                "(max_iter) or scale the data.", ConvergenceWarning, stacklevel=5)
         self.n_iter_ = min(int(result.nit), self.max_iter)
         self.loss_ = float(result.fun)
 
@@ -447,52 +506,61 @@ class _BaseMLP(BaseEstimator):
         return Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2),
                     eps=self.epsilon / scale)
 
-    def _fit_stochastic(self, X, target, score_target, sample_weight, random_state,
-                        incremental):
-        network, loss, scale = self.network_, *self._make_loss()
-        if not incremental or self._optimizer is None:
-            self._optimizer = self._make_optimizer(scale)
-            self._learning_rate = float(self.learning_rate_init)
-        optimizer = self._optimizer
+    def _plan_stochastic(self, plan, network, X, target, score_target, sample_weight,
+                         random_state, incremental, loss, scale, targets):
+        """The optimizer, the validation split and the network's checked Trainer."""
+        optimizer = self.__dict__.get("_optimizer")
+        if not incremental or optimizer is None:
+            optimizer = self._make_optimizer(scale)
+            plan.attributes.update(_optimizer=optimizer,
+                                   _learning_rate=float(self.learning_rate_init))
         if not incremental:
             # each fit() needs n_iter_no_change fresh epochs without progress to stop
-            self._no_improvement_count = 0
+            plan.attributes["_no_improvement_count"] = 0
+        plan.attributes["n_iter_"] = 0
 
         if self.early_stopping:
             (X_train, X_val, target_train, score_val, weight_train,
              weight_val) = self._split_validation(X, target, score_target, sample_weight,
-                                                  random_state)
+                                                  random_state, targets)
+            validation = (X_val, score_val, weight_val)
         else:
             X_train, target_train, weight_train = X, target, sample_weight
-            X_val = score_val = weight_val = None
+            validation = None
         n_train = X_train.shape[0]
         if self.batch_size == "auto":
             batch_size = min(200, n_train)
         else:
             if self.batch_size > n_train:
                 warnings.warn("Got `batch_size` less than 1 or larger than sample size. "
-                              "It is going to be clipped", stacklevel=4)
+                              "It is going to be clipped", stacklevel=5)
             batch_size = min(self.batch_size, n_train)
         # alpha / batch_size per batch as scikit-learn, on the divided objective; with
         # weights a batch counts as batch_size * mean weight samples
         mean_weight = 1.0 if weight_train is None else float(weight_train.mean())
-        fit_options = {"l2": self.alpha / (batch_size * mean_weight * scale)}
-        if weight_train is not None:
-            fit_options["sample_weight"] = weight_train
+        l2 = self.alpha / (batch_size * mean_weight * scale)
+        # the data are checked once here, not once per epoch; each run(1) is one epoch
+        epochs = 1 if incremental else self.max_iter
+        trainer = network._trainer(
+            X_train, target_train, loss, optimizer, epochs, batch_size, self.shuffle,
+            weight_train, None, l2, None, None, None, None, None, None, None, False, None,
+            1, 0, "raise")
 
-        self.n_iter_ = 0
+        def train():
+            self._fit_stochastic(trainer, n_train, validation, scale, incremental)
+        plan.train = train
+
+    def _fit_stochastic(self, trainer, n_train, validation, scale, incremental):
         try:
             for _ in range(self.max_iter):
-                history = network.fit(X_train, target_train, loss=loss, optimizer=optimizer,
-                                      epochs=1, batch_size=batch_size, shuffle=self.shuffle,
-                                      **fit_options)
+                history = trainer.run(1)
                 self.n_iter_ += 1
                 self.t_ += n_train
                 self.loss_ = scale * float(history.history["loss"][-1])
                 self.loss_curve_.append(self.loss_)
                 if self.verbose:
                     print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
-                self._update_no_improvement_count(X_val, score_val, weight_val)
+                self._update_no_improvement_count(validation)
                 if self.solver == "sgd" and self.learning_rate == "invscaling":
                     self._set_learning_rate(
                         self.learning_rate_init / (self.t_ + 1) ** self.power_t, scale)
@@ -505,11 +573,11 @@ class _BaseMLP(BaseEstimator):
                     warnings.warn(
                         f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached "
                         "and the optimization hasn't converged yet.", ConvergenceWarning,
-                        stacklevel=4)
+                        stacklevel=5)
         except KeyboardInterrupt:
-            warnings.warn("Training interrupted by user.", stacklevel=4)
+            warnings.warn("Training interrupted by user.", stacklevel=5)
         if self.early_stopping:
-            network.parameters[...] = self._best_parameters
+            self.network_.parameters[...] = self._best_parameters
 
     def _set_learning_rate(self, learning_rate, scale):
         """Change the step size between epochs as scikit-learn's SGD does."""
@@ -541,14 +609,15 @@ class _BaseMLP(BaseEstimator):
             print(f"{message} Stopping.")
         return True
 
-    def _split_validation(self, X, target, score_target, sample_weight, random_state):
+    def _split_validation(self, X, target, score_target, sample_weight, random_state,
+                          targets):
         """Hold out validation_fraction of the samples, stratified for one-output classes.
 
         Stratified when every class can be on both sides; otherwise (tiny data, many
         classes) a plain random split, as scikit-learn's own code does for more than
         two classes.
         """
-        stratify = self._stratify_labels(score_target)
+        stratify = self._stratify_labels(score_target, targets)
         if stratify is not None:
             n_validation = int(np.ceil(self.validation_fraction * X.shape[0]))
             counts = np.unique(stratify, return_counts=True)[1]
@@ -567,16 +636,19 @@ class _BaseMLP(BaseEstimator):
         if weight_val is not None and not weight_val.any():
             raise ValueError("The sample weights of the validation set are all zero; "
                              "use another random_state or validation_fraction")
+        if weight_train is not None and not weight_train.any():
+            raise ValueError("The sample weights of the training part are all zero; "
+                             "use another random_state or validation_fraction")
         return (np.ascontiguousarray(X_train), X_val, np.ascontiguousarray(target_train),
                 score_val, weight_train, weight_val)
 
-    def _stratify_labels(self, score_target):
+    def _stratify_labels(self, score_target, targets):
         return None
 
-    def _update_no_improvement_count(self, X_val, score_val, weight_val):
+    def _update_no_improvement_count(self, validation):
         """scikit-learn's convergence test: progress by tol on validation score or loss."""
         if self.early_stopping:
-            score = self._validation_score(X_val, score_val, weight_val)
+            score = self._validation_score(*validation)
             self.validation_scores_.append(score)
             if self.verbose:
                 print(f"Validation score: {score:f}")
@@ -586,7 +658,7 @@ class _BaseMLP(BaseEstimator):
                 self._no_improvement_count = 0
             if score > self.best_validation_score_:
                 self.best_validation_score_ = score
-                self._best_parameters = self.network_.parameters.copy()
+                np.copyto(self._best_parameters, self.network_.parameters)
         else:
             last_loss = self.loss_curve_[-1]
             if last_loss > self.best_loss_ - self.tol:
@@ -721,7 +793,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     n_threads : int or None, default=None
         bpfast's: threads for bpfast's OpenMP loops and (with threadpoolctl) BLAS while
         this estimator fits or predicts; restored afterwards. None leaves the
-        process's settings (see :func:`bpfast.set_num_threads`) alone.
+        process's settings (see :func:`bpfast.set_num_threads`) alone. The thread
+        counts belong to the process, so estimators with ``n_threads`` set fit and
+        predict one at a time (a process-wide lock), each restoring the counts it
+        found; bpfast work in other threads meanwhile (an estimator with
+        ``n_threads=None`` included) runs with the counts of the one working.
     class_weight : dict, "balanced" or None, default=None
         bpfast's: weights per class, multiplied into ``sample_weight``; "balanced"
         uses ``n_samples / (n_classes * count(class))``. Not for multilabel targets;
@@ -843,9 +919,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     # ------------------------------------------------------------- targets
     def _encode_targets(self, y, first_pass, incremental, classes):
-        """y -> (what the network trains on, what the validation score compares).
+        """y -> (training target, what the validation score compares, target attributes).
 
-        Sets classes_, n_outputs_ and out_activation_ on a first fit. Several classes
+        The target attributes (classes_, _target_kind, n_outputs_, out_activation_) are
+        new on a first fit, else the fitted ones; nothing is set here. Several classes
         train on integer class indices with cross-entropy from logits; two classes on
         one 0/1 column and multilabel on the 0/1 matrix, with binary cross-entropy.
         """
@@ -874,7 +951,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 raise ValueError(f"classes={classes!r} is not the same as on the first "
                                  f"call to partial_fit, which was {self.classes_!r}")
         multilabel = target_type == "multilabel-indicator"
-        if not first_pass and multilabel != (self._target_kind == "multilabel"):
+        if not first_pass and multilabel != (self.__dict__["_target_kind"] == "multilabel"):
             raise ValueError("y is multilabel now but was not when fitted, or the reverse")
         if multilabel:
             if y.shape[1] != len(fitted_classes):
@@ -899,22 +976,25 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                                  f"{fitted_classes[0]!r}")
             kind = "binary" if len(fitted_classes) == 2 else "multiclass"
         if first_pass:
-            self.classes_ = fitted_classes
-            self._target_kind = kind
-            self.n_outputs_ = 1 if kind == "binary" else len(fitted_classes)
-            self.out_activation_ = "softmax" if kind == "multiclass" else "logistic"
+            targets = {"classes_": fitted_classes, "_target_kind": kind,
+                       "n_outputs_": 1 if kind == "binary" else len(fitted_classes),
+                       "out_activation_": "softmax" if kind == "multiclass" else "logistic"}
+        else:
+            targets = {name: self.__dict__[name] for name in
+                       ("classes_", "_target_kind", "n_outputs_", "out_activation_")}
         if kind == "multilabel":
             target = np.ascontiguousarray(y, dtype=self.dtype)
-            return target, target
-        indices = np.searchsorted(self.classes_, y).astype(np.intp)
+            return target, target, targets
+        indices = np.searchsorted(fitted_classes, y).astype(np.intp)
         if kind == "binary":
-            return indices.astype(self.dtype).reshape(-1, 1), indices
-        return indices, indices
+            return indices.astype(self.dtype).reshape(-1, 1), indices, targets
+        return indices, indices, targets
 
-    def _training_weights(self, sample_weight, y, incremental):
+    def _training_weights(self, sample_weight, y, incremental, targets):
         """sample_weight times class_weight, and at least two classes with weight in fit."""
+        kind = targets["_target_kind"]
         if self.class_weight is not None:
-            if self._target_kind == "multilabel":
+            if kind == "multilabel":
                 raise ValueError("class_weight is not supported for multilabel targets")
             if incremental and self.class_weight == "balanced":
                 raise ValueError("class_weight='balanced' is not supported for "
@@ -927,8 +1007,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             if not sample_weight.any():
                 raise ValueError("the weights (sample_weight times class_weight) are all "
                                  "zero")
-        if sample_weight is not None and not incremental and \
-                self._target_kind != "multilabel":
+        if sample_weight is not None and not incremental and kind != "multilabel":
             labels = column_or_1d(y) if y.ndim == 2 else y
             if len(np.unique(labels[sample_weight > 0])) < 2:
                 raise ValueError("the samples with non-zero weight belong to a single "
@@ -943,19 +1022,22 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             raise ValueError(f"class_weight must be a dict, 'balanced' or None, got "
                              f"{weights!r}")
 
-    def _make_loss(self):
+    def _make_loss(self, targets=None):
         """(bpfast loss, scale): the objective is scale times the bpfast loss.
 
         bpfast's binary cross-entropy averages over every output; scikit-learn's log
         loss sums over the labels, so several labels scale it by their number.
+        ``targets``: the target attributes of the fit being planned (default: the
+        fitted ones).
         """
-        if self._target_kind == "multiclass":
+        targets = self.__dict__ if targets is None else targets
+        if targets["_target_kind"] == "multiclass":
             return CrossEntropy(from_logits=True), 1.0
-        return BinaryCrossEntropy(from_logits=True), float(self.n_outputs_)
+        return BinaryCrossEntropy(from_logits=True), float(targets["n_outputs_"])
 
-    def _stratify_labels(self, score_target):
+    def _stratify_labels(self, score_target, targets):
         # scikit-learn's documentation: stratified, except for multilabel targets
-        return None if self._target_kind == "multilabel" else score_target
+        return None if targets["_target_kind"] == "multilabel" else score_target
 
     def _encoded_prediction(self, output):
         if self._target_kind == "multiclass":
@@ -1141,27 +1223,26 @@ n_outputs_, network_
         if self.loss == "poisson":
             raise ValueError("loss='poisson' is not available in bpfast.sklearn; use "
                              "loss='squared_error' or scikit-learn's MLPRegressor")
-        _check_choice("loss", self.loss, ("squared_error",))
+        check_choice("loss", self.loss, ("squared_error",))
         super()._check_parameters()
 
     def _encode_targets(self, y, first_pass, incremental, classes):
         target = np.ascontiguousarray(y.reshape(-1, 1) if y.ndim == 1 else y,
                                       dtype=self.dtype)
-        if first_pass:
-            self.n_outputs_ = target.shape[1]
-            self.out_activation_ = "identity"
-        elif target.shape[1] != self.n_outputs_:
+        if not first_pass and target.shape[1] != self.n_outputs_:
             raise ValueError(f"y has {target.shape[1]} outputs but the network was fitted "
                              f"on {self.n_outputs_}")
-        return target, target
+        return target, target, {"n_outputs_": target.shape[1], "out_activation_": "identity"}
 
-    def _make_loss(self):
+    def _make_loss(self, targets=None):
         """(bpfast loss, scale): half the squared error, summed over outputs.
 
         bpfast's MSE averages over all elements; scikit-learn's gradient is that of
-        the sum over outputs, which is n_outputs times it.
+        the sum over outputs, which is n_outputs times it. ``targets``: the target
+        attributes of the fit being planned (default: the fitted ones).
         """
-        return MSE(half=True), float(self.n_outputs_)
+        targets = self.__dict__ if targets is None else targets
+        return MSE(half=True), float(targets["n_outputs_"])
 
     def _validation_score(self, X_val, score_val, weight_val):
         output = self.network_.predict(X_val)
