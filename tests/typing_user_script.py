@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,7 +32,7 @@ def train(X: NDArray[np.float64], y: NDArray[np.int64]) -> tuple[bp.Network, flo
         X, y, loss=loss, optimizer=optimizer, epochs=3, batch_size=16, shuffle=True)
     losses: list[float] = history.history["loss"]
     optimizer.lr = 5e-3
-    state: dict[str, NDArray[np.floating]] = optimizer.state
+    state: dict[str, NDArray[np.floating[Any]]] = optimizer.state
     print(first, losses[-1], optimizer.step_count, sorted(state))
     return net, losses[-1]
 
@@ -41,12 +42,12 @@ def main() -> None:
     X = rng.normal(size=(64, 4))
     y = rng.integers(0, 3, size=64)
     net, _ = train(X, y)
-    output: NDArray[np.floating] = net.predict(X)
-    gradient: NDArray[np.floating] = bp.MSE(half=True).gradient(net.forward(X),
+    output: NDArray[np.floating[Any]] = net.predict(X)
+    gradient: NDArray[np.floating[Any]] = bp.MSE(half=True).gradient(net.forward(X),
                                                                 np.zeros_like(output))
     value: float = bp.MSE()(output, np.zeros_like(output))
-    parameters: NDArray[np.floating] = net.parameters
-    weight: NDArray[np.floating] | None = net.layers[0].weight
+    parameters: NDArray[np.floating[Any]] = net.parameters
+    weight: NDArray[np.floating[Any]] | None = net.layers[0].weight
     regression = bp.Network([bp.Dense(4, 1)], dtype="float64")
     regression.fit(X, X[:, 0], loss="mse",
                    optimizer=bp.SGD(lr=0.1, momentum=0.9), epochs=2)
