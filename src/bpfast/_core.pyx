@@ -1336,6 +1336,17 @@ cdef class Engine:
         self.busy = True
         return 0
 
+    def assign_parameters(self, values):
+        """parameters[...] = values, never while a computation (or predict) runs.
+
+        values: (n_parameters,) of the engine's dtype, checked by the caller.
+        """
+        self.acquire()
+        try:
+            self.parameters[...] = values
+        finally:
+            self.busy = False
+
     def layer_output(self, int layer):
         """A copy of a layer's output cached by the last forward() (for tests and debugging)."""
         if self.forward_rows < 0:

@@ -332,7 +332,7 @@ class Trainer:
         if self._snapshot is None:
             return "the parameters are no longer finite (they were not at the start either)"
         parameters, state, step_count = self._snapshot
-        self.network.parameters[...] = parameters
+        self.network.parameters = parameters
         if state is not None and config.state is not None:
             config.state[...] = state
         config.step_count = step_count

@@ -237,7 +237,7 @@ class EarlyStopping(_Monitor):
 
     def on_train_end(self, logs):
         if self.restore_best and self._best_parameters is not None:
-            self.network.parameters[...] = self._best_parameters
+            self.network.parameters = self._best_parameters
 
 
 class ReduceLROnPlateau(_Monitor):

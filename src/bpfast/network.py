@@ -126,7 +126,8 @@ class Network:
         if values.shape != self._parameters.shape:
             raise ValueError(f"parameters must have shape {self._parameters.shape}, "
                              f"got {values.shape}")
-        self._parameters[...] = as_float_array("parameters", values, self.dtype, 1, "index")
+        values = as_float_array("parameters", values, self.dtype, 1, "index")
+        self._engine.assign_parameters(values)  # not while another thread computes
 
     @property
     def gradients(self) -> NDArray[np.floating]:

@@ -577,7 +577,7 @@ class _BaseMLP(BaseEstimator):
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.", stacklevel=5)
         if self.early_stopping:
-            self.network_.parameters[...] = self._best_parameters
+            self.network_.parameters = self._best_parameters
 
     def _set_learning_rate(self, learning_rate, scale):
         """Change the step size between epochs as scikit-learn's SGD does."""
