@@ -7,6 +7,7 @@ float64. Both the fused path (compute_gradients) and the step-by-step path
 
 import numpy as np
 import pytest
+from central_differences import numerical_gradient, relative_error
 
 import bpfast as bp
 
@@ -75,23 +76,6 @@ def build(depth, hidden, output, bias, seed=0, dtype="float64"):
     # units are both on and off
     net.parameters[:] *= 2.0
     return net
-
-
-def numerical_gradient(f, values, h=1e-6):
-    grad = np.empty_like(values)
-    for i in range(values.size):
-        saved = values[i]
-        values[i] = saved + h
-        plus = f()
-        values[i] = saved - h
-        minus = f()
-        values[i] = saved
-        grad[i] = (plus - minus) / (2 * h)
-    return grad
-
-
-def relative_error(a, b):
-    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-12)
 
 
 CASES = [

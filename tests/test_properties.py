@@ -15,6 +15,7 @@ Properties and their oracles:
 """
 import numpy as np
 import pytest
+from central_differences import numerical_gradient
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
@@ -137,19 +138,6 @@ def far_from_kinks(net, X, y, case, margin=1e-4):
     if case["loss"] == "huber" and np.any(np.abs(np.abs(out - y) - 0.7) < margin):
         return False
     return True
-
-
-def numerical_gradient(f, values, h=1e-6):
-    grad = np.empty_like(values)
-    for i in range(values.size):
-        saved = values[i]
-        values[i] = saved + h
-        plus = f()
-        values[i] = saved - h
-        minus = f()
-        values[i] = saved
-        grad[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 def assert_gradient_close(analytic, numeric, loss_value, what):

@@ -16,6 +16,7 @@ import threading
 
 import numpy as np
 import pytest
+from central_differences import numerical_gradient, relative_error
 from training_data import (
     Recorder,
     batches,
@@ -31,23 +32,6 @@ import bpfast as bp
 from bpfast._training import combined_weights, split_validation
 
 CE = bp.CrossEntropy()
-
-
-def relative_error(a, b):
-    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-300)
-
-
-def numerical_gradient(f, values, h=1e-6):
-    grad = np.empty_like(values)
-    for i in range(values.size):
-        saved = values[i]
-        values[i] = saved + h
-        plus = f()
-        values[i] = saved - h
-        minus = f()
-        values[i] = saved
-        grad[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 # --------------------------------------------------------------------------- problems
