@@ -150,7 +150,7 @@ def _accuracy_for(loss):
 
 # --------------------------------------------------------------------------- the loop
 class Trainer:
-    """One ``fit`` call: everything checked already, nothing changed yet."""
+    """A checked ``fit``: built before anything changes; ``run(k)`` trains k more epochs."""
 
     def __init__(self, network, loss, optimizer, data, validation, *, batch_size, shuffle,
                  options, metrics, schedule, callbacks, early_stopping, tol, patience,
