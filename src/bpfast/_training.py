@@ -170,6 +170,7 @@ class Trainer:
         self.schedule = as_schedule(schedule)
         self.on_divergence = check_choice("on_divergence", on_divergence, ("raise", "warn"))
         self.history = History()
+        self._snapshot = None  # [parameters, optimizer state, step count], reused per epoch
         self.callbacks = self._build_callbacks(callbacks, early_stopping, tol, patience,
                                                verbose, epochs)
         keys = {"loss", "lr"} | {name for name, _ in metrics}
@@ -229,7 +230,6 @@ class Trainer:
             callback.network, callback.optimizer = network, optimizer
         if self.schedule is not None and optimizer.initial_lr is None:
             optimizer.initial_lr = optimizer.lr
-        self._snapshot = None
         end_logs = {"n_samples": self.data.n_samples}
         try:
             for callback in self.callbacks:
