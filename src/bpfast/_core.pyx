@@ -1356,8 +1356,11 @@ cdef class Engine:
         return self.acts[start:start + self.forward_rows * spec.n_out].reshape(
             self.forward_rows, spec.n_out).copy()
 
-    cdef StepOptions step_options(self, double l2, double clip_value, double clip_norm):
-        cdef StepOptions options
+    cdef StepOptions* step_options(self, StepOptions* options, double l2, double clip_value,
+                                   double clip_norm):
+        """options filled in, or NULL when all are off (the plain step skips that pass)."""
+        if l2 <= 0 and clip_value <= 0 and clip_norm <= 0:
+            return NULL
         options.l2 = l2
         options.clip_value = clip_value
         options.clip_norm = clip_norm
@@ -1380,7 +1383,9 @@ cdef class Engine:
         cdef intp* label_ptr = <intp*>_data_or_null(labels)
         cdef double* weight_ptr = <double*>_data_or_null(weights)
         cdef const OptimizerParams* opt_params = NULL
-        cdef StepOptions options = self.step_options(l2, clip_value, clip_norm)
+        cdef StepOptions options
+        cdef StepOptions* options_ptr = self.step_options(&options, l2, clip_value,
+                                                          clip_norm)
         cdef void* state = NULL
         cdef double value
         # acquire first: nothing may reallocate the workspaces of a running step
@@ -1400,14 +1405,14 @@ cdef class Engine:
                     value = training_step(self.layers, self.n_layers, &self.ws,
                                           <double*>self.params_ptr, <double*>self.grads_ptr,
                                           <double*>x_ptr, <double*>target_ptr, label_ptr,
-                                          weight_ptr, n_rows, &loss.p, &options, opt_params,
+                                          weight_ptr, n_rows, &loss.p, options_ptr, opt_params,
                                           optimizer.step_count if opt_params != NULL else 0,
                                           <double*>state, self.n_parameters)
                 else:
                     value = training_step(self.layers, self.n_layers, &self.ws,
                                           <float*>self.params_ptr, <float*>self.grads_ptr,
                                           <float*>x_ptr, <float*>target_ptr, label_ptr,
-                                          weight_ptr, n_rows, &loss.p, &options, opt_params,
+                                          weight_ptr, n_rows, &loss.p, options_ptr, opt_params,
                                           optimizer.step_count if opt_params != NULL else 0,
                                           <float*>state, self.n_parameters)
             if optimizer is not None and not isfinite(value):
@@ -1435,7 +1440,9 @@ cdef class Engine:
         cdef double* weight_ptr = <double*>_data_or_null(weights)
         cdef intp* order_ptr = <intp*>_data_or_null(order)
         cdef double* lr_ptr = <double*>_data_or_null(batch_lrs)
-        cdef StepOptions options = self.step_options(l2, clip_value, clip_norm)
+        cdef StepOptions options
+        cdef StepOptions* options_ptr = self.step_options(&options, l2, clip_value,
+                                                          clip_norm)
         cdef EpochResult result
         cdef void* state
         cdef void* x_batch
@@ -1460,7 +1467,7 @@ cdef class Engine:
                                    <double*>x_ptr, <double*>target_ptr, label_ptr, weight_ptr,
                                    n_samples, order_ptr, batch_size, <double*>x_batch,
                                    <double*>target_batch, label_batch, weight_batch, &loss.p,
-                                   &options, &optimizer.p, lr_ptr, check_signals,
+                                   options_ptr, &optimizer.p, lr_ptr, check_signals,
                                    &optimizer.step_count, <double*>state, self.n_parameters,
                                    &result)
                 else:
@@ -1469,7 +1476,7 @@ cdef class Engine:
                                    <float*>x_ptr, <float*>target_ptr, label_ptr, weight_ptr,
                                    n_samples, order_ptr, batch_size, <float*>x_batch,
                                    <float*>target_batch, label_batch, weight_batch, &loss.p,
-                                   &options, &optimizer.p, lr_ptr, check_signals,
+                                   options_ptr, &optimizer.p, lr_ptr, check_signals,
                                    &optimizer.step_count, <float*>state, self.n_parameters,
                                    &result)
         finally:
