@@ -1,4 +1,4 @@
-"""Build the one compiled extension, bpfast._core, with OpenMP where the compiler has it.
+"""Build the compiled engine, bpfast._core (and on x86-64 bpfast._core_avx2), with OpenMP.
 
 OpenMP is detected by compiling and linking a tiny program with -fopenmp (on macOS
 also with Apple clang's -Xpreprocessor -fopenmp and Homebrew's libomp); where that
@@ -6,6 +6,7 @@ fails the build warns and goes on serially: Cython's prange then compiles to a p
 loop.
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -76,18 +77,40 @@ if sys.platform != "win32":
     # and never -march=native (wheels must run on any x86-64 / aarch64 CPU).
     compile_args += ["-O3", "-fno-math-errno"]
 
-extension = Extension(
-    "bpfast._core",
-    ["src/bpfast/_core.pyx"],
-    include_dirs=[np.get_include()],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    extra_compile_args=compile_args,
-    extra_link_args=link_args,
-)
+
+
+def engine(name, extra_compile_args=(), macros=()):
+    return Extension(
+        f"bpfast.{name}",
+        [f"src/bpfast/{name}.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), *macros],
+        extra_compile_args=compile_args + list(extra_compile_args),
+        extra_link_args=link_args,
+    )
+
+
+def builds_avx2_engine():
+    """Whether to build _core_avx2: x86-64 with a GCC-compatible compiler."""
+    if os.environ.get("BPFAST_DISABLE_AVX2") or sys.platform == "win32":
+        return False
+    machine = (sysconfig.get_platform().split("-")[-1] or platform.machine()).lower()
+    return machine in ("x86_64", "amd64")
+
+
+# _core is built for the baseline instruction set; on x86-64 the same source is built
+# a second time as _core_avx2 with AVX2 and FMA, which bpfast loads at run time when
+# the CPU has them (bpfast/_compiled.py). No -march: both run on any CPU of their kind.
+extensions = [engine("_core")]
+if builds_avx2_engine():
+    # -ffp-contract=off: no fused multiply-adds, so both engines round every operation
+    # alike and give bit-identical results (tests/test_engines.py)
+    extensions.append(engine("_core_avx2", ["-mavx2", "-ffp-contract=off"],
+                             [("BPFAST_AVX2", "1")]))
 
 setup(
     ext_modules=cythonize(
-        [extension],
+        extensions,
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,

@@ -34,6 +34,7 @@ if git -C "$repo" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
 else
     cp -a "$repo/." "$work/source/"
     rm -rf "$work/source/build" "$work/source/dist" "$work/source/src/bpfast/_core.c" \
+           "$work/source/src/bpfast/_core_avx2.c" \
         "$work"/source/src/bpfast/*.so
 fi
 
@@ -47,13 +48,14 @@ sdist=$(ls "$work"/dist/*.tar.gz)
 wheel=$(ls "$work"/dist/*.whl)
 echo "== sdist: $(basename "$sdist")"
 listing=$(tar tzf "$sdist")
-for wanted in src/bpfast/_core.pyx src/bpfast/_core.pyi src/bpfast/py.typed \
+for wanted in src/bpfast/_core.pyx src/bpfast/_core_avx2.pyx src/bpfast/_core.pyi \
+              src/bpfast/py.typed \
               src/bpfast/data/digits.npz tests/test_io.py README.md setup.py; do
     grep -q "/$wanted\$" <<< "$listing" || { echo "sdist lacks $wanted" >&2; exit 1; }
 done
-if grep -qE '(_core\.c|\.so)$' <<< "$listing"; then
+if grep -qE '(_core(_avx2)?\.c|\.so)$' <<< "$listing"; then
     echo "sdist carries generated or compiled files:" >&2
-    grep -E '(_core\.c|\.so)$' <<< "$listing" >&2
+    grep -E '(_core(_avx2)?\.c|\.so)$' <<< "$listing" >&2
     exit 1
 fi
 echo "   carries the .pyx, .pyi, py.typed, tests and README; no _core.c"
@@ -71,7 +73,9 @@ vendored = [n for n in names if ".libs/" in n]
 print("\n".join(f"     {n}" for n in vendored) or "     (none)")
 for required in ("bpfast/py.typed", "bpfast/_core.pyi", "bpfast/data/digits.npz"):
     assert required in names, f"the wheel lacks {required}"
-assert not any(n.endswith("_core.c") for n in names), "the wheel carries generated C"
+assert not any(n.endswith(".c") for n in names), "the wheel carries generated C"
+for engine in ("bpfast/_core.", "bpfast/_core_avx2."):  # an x86-64 wheel has both engines
+    assert any(n.startswith(engine) and n.endswith(".so") for n in names), f"no {engine}so"
 EOF
 
 # -- 3. a fresh environment with the wheel and its test extras only

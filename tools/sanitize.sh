@@ -49,7 +49,7 @@ fi
 echo "== copying $root to $work (tracked and untracked files, no build outputs)"
 # git ls-files only reads the repository; deleted-but-tracked files are skipped
 (cd "$root" && git ls-files -z --cached --others --exclude-standard |
-    grep -zvE '\.so$|^src/bpfast/_core\.c$' |
+    grep -zvE '\.so$|^src/bpfast/_core(_avx2)?\.c$' |
     tar --null --files-from=- --ignore-failed-read -cf - 2> /dev/null) | tar -xf - -C "$work"
 
 cd "$work"
@@ -60,10 +60,11 @@ if [ "$mode" = asan ]; then
     LDFLAGS="-fsanitize=address" \
         "$python" setup.py build_ext --inplace > "$work/build.log" 2>&1 ||
         { tail -40 "$work/build.log"; exit 1; }
-    so=$(ls src/bpfast/_core*.so)
-    if ! ldd "$so" | grep -q libasan; then
-        echo "the extension is not linked against libasan:"; ldd "$so"; exit 1
-    fi
+    for so in src/bpfast/_core*.so; do
+        if ! ldd "$so" | grep -q libasan; then
+            echo "the extension is not linked against libasan:"; ldd "$so"; exit 1
+        fi
+    done
     libasan=$("$CC" -print-file-name=libasan.so)
     # the interpreter is not instrumented: preload the runtime. PYTHONMALLOC=malloc lets
     # ASan see Python's and numpy's allocations too. Leaks are not this script's subject
@@ -125,7 +126,7 @@ for block in blocks:
     head = re.sub(r"^==\d+== ", "", block.strip().splitlines()[0])
     if not re.match(kinds, head):
         continue
-    if re.search(r"bpfast/_core|6bpfast_5_core", block):
+    if re.search(r"bpfast/_core|6bpfast_5_core|6bpfast_10_core_avx2", block):
         ours.append(block)
     else:
         others[head] = others.get(head, 0) + 1

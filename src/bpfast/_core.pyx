@@ -47,6 +47,24 @@ cdef extern from *:
     int BPFAST_OPENMP
     int omp_get_max_threads() noexcept nogil
 
+cdef extern from *:
+    """
+    /* 1 in the copy of this module built with AVX2 (_core_avx2), 0 here */
+    #ifndef BPFAST_AVX2
+    #define BPFAST_AVX2 0
+    #endif
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    static int bpfast_cpu_has_avx2(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2");
+    }
+    #else
+    static int bpfast_cpu_has_avx2(void) { return 0; }
+    #endif
+    """
+    int BPFAST_AVX2
+    int bpfast_cpu_has_avx2() noexcept nogil
+
 
 # --------------------------------------------------------------------------- codes
 # The Python layer refers to activations, losses and optimizers by these names;
@@ -96,6 +114,11 @@ def set_num_threads(int n):
     """Set the OpenMP thread count used by bpfast's elementwise kernels."""
     global _n_threads
     _n_threads = max(1, n) if BPFAST_OPENMP else 1
+
+
+def kernel_info():
+    """(this build's instruction set, whether this CPU can run the AVX2 build)."""
+    return ("avx2" if BPFAST_AVX2 else "baseline"), bool(bpfast_cpu_has_avx2())
 
 
 def get_num_threads():

@@ -3,32 +3,8 @@ when it is installed, the BLAS threads; and a description of this build."""
 import os
 import sys
 
-
-def _load_core():
-    """Import the compiled core with libgomp's passive wait policy, then restore the env.
-
-    libgomp reads its wait policy once, when the library loads. Its default lets
-    idle workers spin after every parallel region, and with BLAS's own threads on
-    the same cores that spinning starves OpenBLAS's spin barriers: measured 8 ms
-    instead of 0.5 ms per training step (M shape, 2 cores, bench/README.md).
-    Passive workers sleep instead. A user who sets OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT keeps their choice, and the variable is removed again at once,
-    so neither the rest of the process nor its children see it.
-    """
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        from . import _core
-        return _core
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        from . import _core
-    finally:
-        del os.environ["OMP_WAIT_POLICY"]
-    return _core
-
-
-_core = _load_core()
-
-from ._validation import check_int  # noqa: E402  (after the core is loaded)
+from ._compiled import core as _core
+from ._validation import check_int
 
 _blas_limiter = None
 
@@ -79,6 +55,7 @@ def show_config(file=None):
     lines = [
         f"bpfast {__version__}",
         f"python {sys.version.split()[0]}",
+        f"engine: {_core.__name__.rsplit('.', 1)[-1]} ({_core.kernel_info()[0]})",
         f"OpenMP: {'on' if _core.openmp_enabled() else 'off (serial build)'}, "
         f"{_core.get_num_threads()} threads",
         f"BLAS (through scipy.linalg.cython_blas): {_blas_info()}",

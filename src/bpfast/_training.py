@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from . import _core
+from ._compiled import core as _core
 from ._validation import check_choice, check_real, check_sample_weight
 from .callbacks import Callback, EarlyStopping, History, ProgressBar, ReduceLROnPlateau
 from .losses import BinaryCrossEntropy, CrossEntropy

@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from . import _core
+from ._compiled import core as _core
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 

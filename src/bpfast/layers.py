@@ -4,7 +4,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import _core
+from ._compiled import core as _core
 from ._validation import check_bool, check_choice, check_int, check_real
 
 #: Activation names a Dense layer accepts (``None`` means "identity").

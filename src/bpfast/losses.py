@@ -10,7 +10,7 @@ back-propagates inside ``Network.train_step``.
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _core
+from ._compiled import core as _core
 from ._validation import (
     as_array,
     as_float_array,

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from . import _core
+from ._compiled import core as _core
 from ._training import (
     Data,
     DivergenceError,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import _core
+from ._compiled import core as _core
 from ._validation import check_bool, check_real, instance_by_name
 
 if TYPE_CHECKING:

@@ -65,7 +65,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "`pip install 'scikit-learn>=1.6'`. The rest of bpfast works without it."
     ) from error
 
-from . import _core
+from ._compiled import core as _core
 from ._validation import check_bool, check_choice, check_int, check_real, check_sample_weight
 from .layers import Dense
 from .losses import MSE, BinaryCrossEntropy, CrossEntropy

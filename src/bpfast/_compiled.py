@@ -1,0 +1,57 @@
+"""Load the compiled engine: ``_core``, or ``_core_avx2`` where the CPU has AVX2 and FMA.
+
+Both modules are built from the same source, ``_core.pyx``; ``_core_avx2`` is compiled
+with ``-mavx2 -mfma`` on x86-64 builds only, and adds a small-matrix kernel that beats
+BLAS on tiny layers (bench/README.md). Which one runs is decided once, here, from the
+CPU (``__builtin_cpu_supports``). ``BPFAST_ENGINE=baseline`` in the environment forces
+``_core``; ``BPFAST_ENGINE=avx2`` requires ``_core_avx2`` and fails if it cannot run.
+Every other module imports the engine as ``from ._compiled import core as _core``.
+"""
+import os
+from typing import TYPE_CHECKING
+
+ENGINE_CHOICES = ("auto", "baseline", "avx2")
+
+
+def _import_engines():
+    """Import _core, then _core_avx2 if wanted and runnable; return the one to use.
+
+    libgomp reads its wait policy once, when the library loads. Its default lets
+    idle workers spin after every parallel region, and with BLAS's own threads on
+    the same cores that spinning starves OpenBLAS's spin barriers: measured 8 ms
+    instead of 0.5 ms per training step (M shape, 2 cores, bench/README.md).
+    Passive workers sleep instead. A user who sets OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT keeps their choice, and the variable is removed again at once,
+    so neither the rest of the process nor its children see it.
+    """
+    choice = os.environ.get("BPFAST_ENGINE", "auto").strip().lower() or "auto"
+    if choice not in ENGINE_CHOICES:
+        raise ImportError(f"BPFAST_ENGINE must be one of {', '.join(ENGINE_CHOICES)}, "
+                          f"got {os.environ['BPFAST_ENGINE']!r}")
+    set_policy = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+    if set_policy:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        from . import _core
+        if choice == "baseline":
+            return _core
+        if not _core.kernel_info()[1]:
+            if choice == "avx2":
+                raise ImportError("BPFAST_ENGINE=avx2, but this CPU lacks AVX2 or FMA")
+            return _core
+        try:
+            from . import _core_avx2
+        except ImportError:
+            if choice == "avx2":
+                raise
+            return _core
+        return _core_avx2
+    finally:
+        if set_policy:
+            del os.environ["OMP_WAIT_POLICY"]
+
+
+if TYPE_CHECKING:
+    from . import _core as core
+else:
+    core = _import_engines()
