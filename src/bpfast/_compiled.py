@@ -1,11 +1,13 @@
-"""Load the compiled engine: ``_core``, or ``_core_avx2`` where the CPU has AVX2 and FMA.
+"""Load the compiled engine: ``_core``, or ``_core_avx2`` where the CPU has AVX2.
 
-Both modules are built from the same source, ``_core.pyx``; ``_core_avx2`` is compiled
-with ``-mavx2 -mfma`` on x86-64 builds only, and adds a small-matrix kernel that beats
-BLAS on tiny layers (bench/README.md). Which one runs is decided once, here, from the
-CPU (``__builtin_cpu_supports``). ``BPFAST_ENGINE=baseline`` in the environment forces
-``_core``; ``BPFAST_ENGINE=avx2`` requires ``_core_avx2`` and fails if it cannot run.
-Every other module imports the engine as ``from ._compiled import core as _core``.
+Both modules are built from the same source, ``_core.pyx``; ``_core_avx2`` only on
+x86-64, with ``-mavx2 -ffp-contract=off``: bpfast's own loops run 8 floats wide, and
+without fused multiply-adds both round alike, so results are bit-identical
+(tests/test_engines.py). Which one runs is decided once, here, from the CPU
+(``__builtin_cpu_supports``), asked through ``_core``: importing ``_core_avx2`` on a
+CPU without AVX2 could already fault. ``BPFAST_ENGINE=baseline`` in the environment
+forces ``_core``; ``BPFAST_ENGINE=avx2`` requires ``_core_avx2`` and fails if it cannot
+run. Every other module imports the engine as ``from ._compiled import core as _core``.
 """
 import os
 from typing import TYPE_CHECKING
