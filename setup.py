@@ -7,6 +7,7 @@ loop.
 """
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,14 +43,14 @@ def openmp_candidates():
                        [f"-L{prefix}/lib", "-lomp", f"-Wl,-rpath,{prefix}/lib"])
 
 
-def compiles(cc, compile_args, link_args):
-    """Whether the OpenMP test program compiles and links with these flags."""
+def compiles(cc, compile_args, link_args, source=OPENMP_TEST):
+    """Whether a test program (by default OpenMP's) compiles and links with these flags."""
     tmp = tempfile.mkdtemp()
     try:
-        src = os.path.join(tmp, "omp_test.c")
+        src = os.path.join(tmp, "test.c")
         with open(src, "w") as f:
-            f.write(OPENMP_TEST)
-        cmd = cc.split() + compile_args + [src, "-o", os.path.join(tmp, "omp_test")] + link_args
+            f.write(source)
+        cmd = cc.split() + compile_args + [src, "-o", os.path.join(tmp, "test")] + link_args
         return subprocess.run(cmd, capture_output=True).returncode == 0
     except OSError:
         return False
@@ -75,7 +76,10 @@ compile_args, link_args = openmp_flags()
 if sys.platform != "win32":
     # -O3, but never -ffast-math (it breaks the exact PyTorch formulas and NaN checks)
     # and never -march=native (wheels must run on any x86-64 / aarch64 CPU).
-    compile_args += ["-O3", "-fno-math-errno"]
+    # -ffp-contract=off: no fused multiply-adds, even where CFLAGS make them available,
+    # so both engines round every operation alike and give bit-identical results
+    # (tests/test_engines.py).
+    compile_args += ["-O3", "-fno-math-errno", "-ffp-contract=off"]
 
 
 
@@ -87,29 +91,36 @@ def engine(name, extra_compile_args=(), macros=()):
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), *macros],
         extra_compile_args=compile_args + list(extra_compile_args),
         extra_link_args=link_args,
-        # linked to libm by name, so that expf and logf bind to glibc's current versions;
-        # unversioned they bind to the 2.2.5 wrappers, which cost as much as the function
+        # linked to libm by name, so that expf, exp and log bind to glibc's newest versions
+        # (2.27/2.29 where the build's glibc has them); unversioned they bind to the 2.2.5
+        # wrappers, which cost as much as the function (bench/README.md, note 0)
         libraries=["m"] if sys.platform.startswith("linux") else [],
     )
 
 
 def builds_avx2_engine():
-    """Whether to build _core_avx2: x86-64 with a GCC-compatible compiler."""
+    """Whether to build _core_avx2: an x86-64 target whose compiler takes -mavx2.
+
+    The platform names the target (cibuildwheel sets it when cross-compiling); the
+    test compile, with the user's CFLAGS and ARCHFLAGS, catches the rest (a macOS
+    build for arm64 from an x86-64 Python, say).
+    """
     if os.environ.get("BPFAST_DISABLE_AVX2") or sys.platform == "win32":
         return False
     machine = (sysconfig.get_platform().split("-")[-1] or platform.machine()).lower()
-    return machine in ("x86_64", "amd64")
+    if machine not in ("x86_64", "amd64"):
+        return False
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    flags = shlex.split(os.environ.get("CFLAGS", "")) + shlex.split(os.environ.get("ARCHFLAGS", ""))
+    return compiles(cc, flags + ["-mavx2"], [], source="int main(void) { return 0; }\n")
 
 
 # _core is built for the baseline instruction set; on x86-64 the same source is built
-# a second time as _core_avx2 with AVX2 and FMA, which bpfast loads at run time when
-# the CPU has them (bpfast/_compiled.py). No -march: both run on any CPU of their kind.
+# a second time as _core_avx2 with -mavx2, which bpfast loads at run time when the CPU
+# has AVX2 (bpfast/_compiled.py). No -march: both run on any CPU of their kind.
 extensions = [engine("_core")]
 if builds_avx2_engine():
-    # -ffp-contract=off: no fused multiply-adds, so both engines round every operation
-    # alike and give bit-identical results (tests/test_engines.py)
-    extensions.append(engine("_core_avx2", ["-mavx2", "-ffp-contract=off"],
-                             [("BPFAST_AVX2", "1")]))
+    extensions.append(engine("_core_avx2", ["-mavx2"], [("BPFAST_AVX2", "1")]))
 
 setup(
     ext_modules=cythonize(

@@ -19,8 +19,9 @@ from bpfast import _compiled
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(bp.__file__)))
 
-# Every activation, loss and optimizer, both dtypes, the training options, one-row
-# predicts (GEMV) and a predict large enough for the parallel elementwise passes.
+# Every activation, loss (from logits and from probabilities) and optimizer, both
+# dtypes, the training options, one-row predicts (GEMV) and a predict large enough for
+# the parallel elementwise passes.
 WORKLOAD = r"""
 import hashlib
 import numpy as np
@@ -56,10 +57,16 @@ for dtype in (np.float32, np.float64):
         add(net.parameters)
         add(net.compute_gradients(Xr, Yr, loss))
     Yb = (rng.uniform(size=(160, 3)) < 0.5).astype(dtype)
-    net = bp.Network([bp.Dense(7, 8, activation="relu"), bp.Dense(8, 3, activation="sigmoid")],
-                     dtype=dtype, seed=5)
-    net.fit(Xr, Yb, loss=bp.BinaryCrossEntropy(from_logits=False), optimizer="sgd", epochs=2,
-            clip_value=0.1)
+    for from_logits in (True, False):
+        last = "identity" if from_logits else "sigmoid"
+        net = bp.Network([bp.Dense(7, 8, activation="relu"), bp.Dense(8, 3, activation=last)],
+                         dtype=dtype, seed=5)
+        net.fit(Xr, Yb, loss=bp.BinaryCrossEntropy(from_logits=from_logits), optimizer="sgd",
+                epochs=2, clip_value=0.1)
+        add(net.parameters)
+    net = bp.Network([bp.Dense(12, 10, activation="elu"), bp.Dense(10, 4, activation="softmax")],
+                     dtype=dtype, seed=7)
+    net.fit(X, y, loss=bp.CrossEntropy(from_logits=False), optimizer="rmsprop", epochs=2)
     add(net.parameters)
     big = bp.Network([bp.Dense(64, 256, activation="gelu"), bp.Dense(256, 10)], dtype=dtype,
                      seed=6)

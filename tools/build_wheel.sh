@@ -74,7 +74,10 @@ print("\n".join(f"     {n}" for n in vendored) or "     (none)")
 for required in ("bpfast/py.typed", "bpfast/_core.pyi", "bpfast/data/digits.npz"):
     assert required in names, f"the wheel lacks {required}"
 assert not any(n.endswith(".c") for n in names), "the wheel carries generated C"
-for engine in ("bpfast/_core.", "bpfast/_core_avx2."):  # an x86-64 wheel has both engines
+engines = ["bpfast/_core."]
+if sys.argv[1].endswith("_x86_64.whl"):  # an x86-64 wheel has both engines
+    engines.append("bpfast/_core_avx2.")
+for engine in engines:
     assert any(n.startswith(engine) and n.endswith(".so") for n in names), f"no {engine}so"
 EOF
 

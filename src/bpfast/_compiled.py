@@ -1,21 +1,28 @@
 """Load the compiled engine: ``_core``, or ``_core_avx2`` where the CPU has AVX2.
 
 Both modules are built from the same source, ``_core.pyx``; ``_core_avx2`` only on
-x86-64, with ``-mavx2 -ffp-contract=off``: bpfast's own loops run 8 floats wide, and
-without fused multiply-adds both round alike, so results are bit-identical
-(tests/test_engines.py). Which one runs is decided once, here, from the CPU
-(``__builtin_cpu_supports``), asked through ``_core``: importing ``_core_avx2`` on a
-CPU without AVX2 could already fault. ``BPFAST_ENGINE=baseline`` in the environment
-forces ``_core``; ``BPFAST_ENGINE=avx2`` requires ``_core_avx2`` and fails if it cannot
-run. Every other module imports the engine as ``from ._compiled import core as _core``.
+x86-64, with ``-mavx2``: bpfast's own loops run 8 floats wide. Both are compiled
+without fused multiply-adds (``-ffp-contract=off``), so they round every operation
+alike and their results are bit-identical (tests/test_engines.py). Which one runs
+is decided once, here, from the CPU (CPUID and XGETBV), asked through ``_core``:
+importing ``_core_avx2`` on a CPU without AVX2 could already fault.
+``BPFAST_ENGINE=baseline`` in the environment forces ``_core``; ``BPFAST_ENGINE=avx2``
+requires ``_core_avx2`` and fails if it cannot run. Every other module imports the
+engine as ``from ._compiled import core as _core``; nothing may import ``_core_avx2``
+directly.
 """
+import importlib
+import importlib.util
 import os
+from types import ModuleType
 from typing import TYPE_CHECKING
+
+__all__ = ["ENGINE_CHOICES", "core"]
 
 ENGINE_CHOICES = ("auto", "baseline", "avx2")
 
 
-def _import_engines():
+def _import_engines() -> ModuleType:
     """Import _core, then _core_avx2 if wanted and runnable; return the one to use.
 
     libgomp reads its wait policy once, when the library loads. Its default lets
@@ -37,17 +44,17 @@ def _import_engines():
         from . import _core
         if choice == "baseline":
             return _core
+        if importlib.util.find_spec(f"{__package__}._core_avx2") is None:
+            if choice == "avx2":
+                raise ImportError("BPFAST_ENGINE=avx2, but this build of bpfast has no "
+                                  "_core_avx2 (it is built on x86-64 only, not on Windows)")
+            return _core
         if not _core.kernel_info()[1]:
             if choice == "avx2":
-                raise ImportError("BPFAST_ENGINE=avx2, but this CPU lacks AVX2 or FMA")
+                raise ImportError("BPFAST_ENGINE=avx2, but this CPU (or its operating "
+                                  "system) does not support AVX2")
             return _core
-        try:
-            from . import _core_avx2
-        except ImportError:
-            if choice == "avx2":
-                raise
-            return _core
-        return _core_avx2
+        return importlib.import_module(f"{__package__}._core_avx2")
     finally:
         if set_policy:
             del os.environ["OMP_WAIT_POLICY"]

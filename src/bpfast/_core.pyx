@@ -54,9 +54,22 @@ cdef extern from *:
     #define BPFAST_AVX2 0
     #endif
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    /* CPUID and XGETBV directly: __builtin_cpu_supports needs libgcc's __cpu_model,
+       which Apple's toolchain does not provide. AVX2 is usable when the CPU has it
+       (leaf 7, EBX bit 5) and the OS saves the YMM registers (OSXSAVE, then XCR0
+       bits 1 and 2). */
+    #include <cpuid.h>
     static int bpfast_cpu_has_avx2(void) {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2");
+        unsigned int eax, ebx, ecx, edx, xcr0_low, xcr0_high;
+        if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))
+                || !(ecx & (1u << 28)))
+            return 0;
+        __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+        if ((xcr0_low & 6u) != 6u)
+            return 0;
+        if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
+            return 0;
+        return (ebx & (1u << 5)) != 0;
     }
     #else
     static int bpfast_cpu_has_avx2(void) { return 0; }
