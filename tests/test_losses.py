@@ -301,3 +301,21 @@ def test_matches_torch_float64(case):
         expected.backward()
         assert_close(loss(out, target), expected.item(), 1e-12)
         assert_close(loss.gradient(out, target), tout.grad.numpy(), 1e-12)
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
+def test_a_loss_pickles_and_copies_to_an_identical_one(case):
+    import copy
+    import pickle
+
+    _, make, ref_name, _, kind = case
+    loss = make()
+    rng = np.random.default_rng(8)
+    out = make_output(rng, kind, 12, 4)
+    for twin in (pickle.loads(pickle.dumps(loss)), copy.deepcopy(loss)):
+        assert type(twin) is type(loss) and repr(twin) == repr(loss)
+        for target_kind, target in make_targets(rng, ref_name, 12, 4).items():
+            if target_kind == "bad-rows":  # an error case, tested elsewhere
+                continue
+            assert twin(out, target) == loss(out, target)
+            np.testing.assert_array_equal(twin.gradient(out, target), loss.gradient(out, target))

@@ -257,3 +257,40 @@ def test_default_construction_and_keyword_names(name):
                     "initial_accumulator_value": 0.0, "eps": 0.0},
     }[name]
     getattr(bp, name)(**boundary)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_an_unused_optimizer_pickles_and_copies_to_an_identical_one(config):
+    import copy
+    import pickle
+
+    name, kw = config
+    opt = getattr(bp, name)(**kw)
+    opt.lr = opt.lr * 0.5  # a changed rate travels too
+    opt.initial_lr = 0.25
+    for twin in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        assert type(twin) is type(opt)
+        assert twin.lr == opt.lr and twin.initial_lr == 0.25
+        net, twin_net = make_net(), make_net()
+        rng = np.random.default_rng(3)
+        for _ in range(10):
+            g = random_gradient(rng, net.parameters.size)
+            net.gradients[:] = g
+            twin_net.gradients[:] = g
+            opt.step(net)
+            twin.step(twin_net)
+        np.testing.assert_array_equal(twin_net.parameters, net.parameters)
+        opt = getattr(bp, name)(**kw)  # the first one has stepped now: a fresh original
+        opt.lr = opt.lr * 0.5
+        opt.initial_lr = 0.25
+
+
+def test_an_optimizer_with_state_refuses_pickling_and_names_save():
+    import copy
+    import pickle
+
+    opt = bp.SGD(lr=0.1, momentum=0.9)
+    opt.step(make_net())
+    for attempt in (lambda: pickle.dumps(opt), lambda: copy.deepcopy(opt)):
+        with pytest.raises(TypeError, match=r"stepped a network.*bpfast\.save"):
+            attempt()

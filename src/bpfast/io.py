@@ -141,11 +141,7 @@ def _optimizer_record(network, optimizer):
     config = optimizer._config
     if config.owner is not None and config.owner is not network._engine:
         raise ValueError("this optimizer steps another Network; save it with that one")
-    hyperparameters = dict(optimizer._hyperparameters)
-    hyperparameters["lr"] = optimizer.lr  # the current rate, which may have been changed
-    if "beta1" in hyperparameters:  # Adam and AdamW take the pair as betas=(b1, b2)
-        hyperparameters["betas"] = [hyperparameters.pop("beta1"), hyperparameters.pop("beta2")]
-    hyperparameters.pop("decoupled_weight_decay", None)  # implied by the class
+    hyperparameters = optimizer._arguments()
     record = {"name": name, "hyperparameters": hyperparameters,
               "initial_lr": optimizer.initial_lr,  # a schedule's base rate, if one ran
               "step_count": int(optimizer.step_count),

@@ -35,6 +35,13 @@ class Loss:
     def __init__(self, core_name: str, param: float = 1.0) -> None:
         self._config = _core.LossConfig(core_name, param)
 
+    def __reduce__(self):
+        # pickle and copy.deepcopy through the constructor: a loss's arguments are its
+        # public attributes, and the compiled config is rebuilt from them
+        arguments = {name: value for name, value in vars(self).items()
+                     if not name.startswith("_")}
+        return (_rebuild_loss, (type(self), arguments))
+
     def __call__(self, output: ArrayLike, target: ArrayLike,
                  sample_weight: ArrayLike | None = None) -> float:
         """The mean loss of ``output`` (n, k) against ``target``, as a Python float.
@@ -216,6 +223,11 @@ class BinaryCrossEntropy(Loss):
 
     def __repr__(self):
         return f"BinaryCrossEntropy(from_logits={self.from_logits})"
+
+
+def _rebuild_loss(cls, arguments):
+    """The inverse of Loss.__reduce__."""
+    return cls(**arguments)
 
 
 _BY_NAME = {"mse": MSE, "l1": L1, "huber": Huber, "cross_entropy": CrossEntropy,

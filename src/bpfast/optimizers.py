@@ -66,6 +66,24 @@ class Optimizer:
             return {}
         return dict(zip(self._config.state_names, self._config.state))
 
+    def _arguments(self) -> dict[str, Any]:
+        """The constructor's keyword arguments that rebuild this optimizer, at its current lr."""
+        arguments = dict(self._hyperparameters)
+        arguments["lr"] = self.lr  # the current rate, which may have been changed
+        if "beta1" in arguments:  # Adam and AdamW take the pair as betas=(b1, b2)
+            arguments["betas"] = [arguments.pop("beta1"), arguments.pop("beta2")]
+        arguments.pop("decoupled_weight_decay", None)  # implied by the class
+        return arguments
+
+    def __reduce__(self):
+        # pickle and copy.deepcopy through the constructor. The state of an optimizer
+        # that has stepped belongs to its network: bpfast.save keeps the two together.
+        if self._config.state is not None:
+            raise TypeError(f"cannot pickle or copy this {type(self).__name__}: it has "
+                            "stepped a network, whose state it holds; bpfast.save(network, "
+                            "path, optimizer=...) keeps both")
+        return (_rebuild_optimizer, (type(self), self._arguments(), self.initial_lr))
+
     def _restore(self, network, state, step_count):
         """Belong to network with the given state rows and step count (for bpfast.io.load)."""
         self._config.attach(network._engine)
@@ -149,6 +167,13 @@ class Adagrad(Optimizer):
             initial_accumulator_value=check_real(
                 "initial_accumulator_value", initial_accumulator_value, minimum=0.0),
             eps=check_real("eps", eps, minimum=0.0))
+
+
+def _rebuild_optimizer(cls, arguments, initial_lr):
+    """The inverse of Optimizer.__reduce__."""
+    optimizer = cls(**arguments)
+    optimizer.initial_lr = initial_lr
+    return optimizer
 
 
 _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad}
