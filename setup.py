@@ -82,7 +82,6 @@ if sys.platform != "win32":
     compile_args += ["-O3", "-fno-math-errno", "-ffp-contract=off"]
 
 
-
 def engine(name, extra_compile_args=(), macros=()):
     return Extension(
         f"bpfast.{name}",
@@ -111,8 +110,9 @@ def builds_avx2_engine():
     if machine not in ("x86_64", "amd64"):
         return False
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    flags = shlex.split(os.environ.get("CFLAGS", "")) + shlex.split(os.environ.get("ARCHFLAGS", ""))
-    return compiles(cc, flags + ["-mavx2"], [], source="int main(void) { return 0; }\n")
+    flags = [*shlex.split(os.environ.get("CFLAGS", "")),
+             *shlex.split(os.environ.get("ARCHFLAGS", "")), "-mavx2", "-c"]
+    return compiles(cc, flags, [], source="int main(void) { return 0; }\n")
 
 
 # _core is built for the baseline instruction set; on x86-64 the same source is built
