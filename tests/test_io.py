@@ -4,7 +4,9 @@ import json
 import os
 import pathlib
 import pickle
+import stat
 import tempfile
+import threading
 import zipfile
 
 import numpy as np
@@ -527,3 +529,205 @@ def test_header_without_a_required_field(saved, tmp_path, field):
     np.savez(broken, **arrays)
     with pytest.raises(ValueError, match=f"missing field '{field}'"):
         bp.load(broken)
+
+
+# --------------------------------------------------------------------------- out-of-range headers
+def _rewrite_header(path, change):
+    arrays = arrays_of(path)
+    header = header_of(path)
+    change(header)
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    write_npz(path, arrays)
+
+
+def _set(*keys_and_value):
+    *keys, last, value = keys_and_value
+
+    def change(header):
+        for key in keys:
+            header = header[key]
+        header[last] = value
+    return change
+
+
+OUT_OF_RANGE = [
+    (_set("rng_state", "state", "state", 2**200), "rng_state"),
+    (_set("rng_state", "has_uint32", 2**70), "rng_state"),
+    (_set("rng_state", "uinteger", -1), "rng_state"),
+    (_set("rng_state", "state", 3), "rng_state"),
+    (_set("rng_state", {"bit_generator": "os.system", "state": {}}), "rng_state"),
+    (_set("optimizer", "step_count", 2**63), "step_count"),
+    (_set("optimizer", "step_count", 2**64 + 1), "step_count"),
+    (_set("optimizer", "hyperparameters", "lr", 10**400), "'lr'"),
+    (_set("optimizer", "hyperparameters", "eps", -10**400), "'eps'"),
+    (_set("optimizer", "hyperparameters", "betas", [10**400, 0.999]), "'betas'"),
+    (_set("optimizer", "initial_lr", 10**400), "initial_lr"),
+    (_set("epochs_trained", 2**63), "epochs_trained"),
+    (_set("layers", 0, "activation_param", 10**400), "activation_param"),
+    (_set("n_parameters", 10**400), "parameters"),
+    (_set("seed", -1), "seed"),
+]
+
+
+@pytest.mark.parametrize("change, field", OUT_OF_RANGE)
+@pytest.mark.parametrize("read", ["read_header", "load", "load_with_optimizer"])
+def test_out_of_range_header_values_are_value_errors(saved, change, field, read):
+    # each of these gave a bare OverflowError (or loaded) before; now the file and the
+    # field are named, and read_header refuses what load would refuse
+    path, _, _ = saved
+    _rewrite_header(path, change)
+    reader = {"read_header": bpio.read_header, "load": bp.load,
+              "load_with_optimizer": lambda p: bp.load(p, with_optimizer=True)}[read]
+    with pytest.raises(ValueError) as caught:
+        reader(path)
+    assert str(path) in str(caught.value) and field in str(caught.value)
+    assert type(caught.value) is not OverflowError and len(str(caught.value)) < 400
+
+
+def test_deeply_nested_metadata_is_a_value_error(saved):
+    path, _, _ = saved
+    arrays = arrays_of(path)
+    text = arrays["header"].tobytes().decode()
+    depth = 200_000  # far past the interpreter's recursion limit
+    text = text.replace('"metadata": {}', '"metadata": {"deep": ' + "[" * depth + "]" * depth
+                        + "}")
+    assert "deep" in text
+    arrays["header"] = np.frombuffer(text.encode(), dtype=np.uint8)
+    write_npz(path, arrays)
+    for reader in (bpio.read_header, bp.load):
+        with pytest.raises(ValueError, match=f"{path.name}.*nests"):
+            reader(path)
+
+
+def test_saving_deeply_nested_metadata_is_a_value_error(tmp_path):
+    nested = []
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(ValueError, match="metadata nests"):
+        bp.save(make_network(), tmp_path / "deep.npz", metadata={"deep": nested})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_huge_seed_still_loads(saved):
+    # numpy seeds take any non-negative integer: a large one is not out of range
+    path, _, _ = saved
+    _rewrite_header(path, _set("seed", 2**200))
+    assert bp.load(path).seed == 2**200
+
+
+# --------------------------------------------------------------------------- special files
+def _refused_without_blocking(reader, path):
+    """reader(path)'s exception; fails (instead of hanging) if reader blocks on path."""
+    outcome = {}
+
+    def attempt():
+        try:
+            reader(path)
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            with open(path, "wb"):  # a writer releases a reader blocked in open()
+                pass
+        thread.join(30)
+        pytest.fail(f"{reader.__name__} blocked on {path}")
+    return outcome.get("error")
+
+
+def _special_files(tmp_path):
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    specials = [fifo, tmp_path]
+    if os.path.exists("/dev/zero"):
+        specials.append(pathlib.Path("/dev/zero"))
+    return specials
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+@pytest.mark.parametrize("reader", [bp.load, bpio.read_header])
+def test_special_files_are_refused_as_load_sources(tmp_path, reader):
+    for special in _special_files(tmp_path):
+        error = _refused_without_blocking(reader, special)
+        assert isinstance(error, ValueError), (special, error)
+        assert str(special) in str(error) and "not a regular file" in str(error)
+
+
+def test_load_follows_a_symbolic_link(saved, tmp_path):
+    path, net, _ = saved
+    link = tmp_path / "link.npz"
+    link.symlink_to(path)
+    assert bp.load(link).parameters.tobytes() == net.parameters.tobytes()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_save_refuses_a_fifo_and_a_directory(tmp_path):
+    fifo = tmp_path / "model.npz"
+    os.mkfifo(fifo)
+    directory = tmp_path / "folder.npz"
+    directory.mkdir()
+    for target in (fifo, directory):
+        with pytest.raises(ValueError, match=f"{target.name}: not a regular file"):
+            bp.save(make_network(), target)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and directory.is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["folder.npz", "model.npz"]  # no temporary left
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
+def test_save_to_dev_null_fails_before_touching_it(monkeypatch):
+    # As root, renaming over /dev/null would replace the device with a file. This test
+    # cannot do that even where the check is missing: nothing may be created or renamed.
+    before = os.stat("/dev/null")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"save tried to write: {args}")
+    monkeypatch.setattr(bpio.os, "replace", forbidden)
+    monkeypatch.setattr(bpio.os, "fdopen", forbidden)
+    with pytest.raises(ValueError, match="/dev/null: not a regular file"):
+        bp.save(make_network(), "/dev/null")
+    monkeypatch.undo()
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode)
+    assert (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_save_writes_through_a_symbolic_link(tmp_path, dangling):
+    target = tmp_path / "real" / "model.npz"
+    target.parent.mkdir()
+    if not dangling:
+        target.write_bytes(b"old")
+        os.chmod(target, 0o600)
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    net = make_network()
+    bp.save(net, link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert bp.load(target).parameters.tobytes() == net.parameters.tobytes()
+    if not dangling:
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert os.listdir(target.parent) == ["model.npz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o604])
+def test_resaving_keeps_the_permission_bits(tmp_path, mode):
+    path = tmp_path / "model.npz"
+    bp.save(make_network(), path)
+    os.chmod(path, mode)
+    bp.save(make_network(seed=9), path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+    assert bp.load(path).seed == 9
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_new_file_gets_the_umask_mode(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        bp.save(make_network(), tmp_path / "model.npz")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "model.npz").st_mode) == 0o640

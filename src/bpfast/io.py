@@ -29,12 +29,14 @@ anything is read. Every size is checked against the bytes really present before
 memory is allocated, so a small file cannot make ``load`` allocate a huge array.
 """
 import json
+import math
 import os
 import secrets
+import stat
 import struct
 import zipfile
 import zlib
-from typing import Any, Literal, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 
@@ -53,6 +55,8 @@ FORMAT_VERSION = 1
 # A header past this size is not one bpfast wrote (metadata of a very wide
 # dataset stays far below it); refused before it is read.
 _MAX_HEADER_BYTES = 64 << 20
+# The fixed part of a zip entry's local header (APPNOTE 4.3.7), before its name and extra field.
+_LOCAL_HEADER_SIZE = 30
 
 _OPTIMIZER_CLASSES = {cls.__name__: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)}
 _LAYER_FIELDS = ("in_features", "out_features", "activation", "bias", "activation_param")
@@ -73,7 +77,12 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
         The network to save: its layers, dtype, seed and parameters.
     path : str or os.PathLike
         The file to write, used exactly as given (no ``.npz`` is appended).
-        An existing file is replaced only once the new one is complete.
+        An existing file is replaced only once the new one is complete, and keeps
+        its permission bits (and, where allowed, its owner); a new file gets the
+        mode the umask leaves of 0o666. A symbolic link is written through: its
+        target is replaced and the link stays. Anything that is not a regular
+        file (a directory, a FIFO, a device such as ``/dev/null``) is refused
+        with a ValueError before anything is written.
     optimizer : Optimizer, optional
         Also save this optimizer's hyperparameters, step count and state, so that
         training resumes exactly where it stopped. It must be the network's own
@@ -84,9 +93,9 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
 
     Notes
     -----
-    The file is written to a temporary file in the same directory, flushed to
-    disk, then renamed over ``path``: a crash leaves either the old file or the
-    new one, never a half-written one.
+    The file is written to a temporary file in the same directory (the link
+    target's, for a symbolic link), flushed to disk, then renamed over the file:
+    a crash leaves either the old file or the new one, never a half-written one.
     """
     if not isinstance(network, Network):
         raise TypeError(f"network must be a bpfast.Network, got {type(network).__name__}")
@@ -119,6 +128,8 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
         text = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ValueError(f"metadata cannot be stored as JSON: {error}") from None
+    except RecursionError:
+        raise ValueError("metadata nests lists or dicts too deeply to store as JSON") from None
     arrays["header"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     _write_atomically(os.fspath(path), arrays)
 
@@ -151,7 +162,8 @@ def _optimizer_record(network, optimizer):
 
 
 def _write_atomically(path, arrays):
-    directory, name = os.path.split(os.path.abspath(path))
+    target, existing = _save_target(path)
+    directory, name = os.path.split(target)
     while True:
         temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
         try:
@@ -166,8 +178,10 @@ def _write_atomically(path, arrays):
         with os.fdopen(descriptor, "wb") as file:
             np.savez(file, **arrays)
             file.flush()
+            if existing is not None:
+                _keep_owner_and_mode(file.fileno(), existing)
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         try:
             os.remove(temporary)
@@ -175,6 +189,36 @@ def _write_atomically(path, arrays):
             pass
         raise
     _sync_directory(directory)
+
+
+def _save_target(path):
+    """(the file to replace, its os.stat_result or None when it does not exist yet).
+
+    A symbolic link (also one whose target does not exist yet) is followed, so the
+    link survives and its target gets the model, as ``open(path, "w")`` would do.
+    Only a regular file may be replaced: renaming over a FIFO or a device (as root,
+    ``/dev/null``) would destroy it, and a directory cannot be.
+    """
+    target = os.path.realpath(path)
+    try:
+        status = os.stat(target)
+    except FileNotFoundError:
+        return target, None
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError(f"{path}: not a regular file; bpfast.save replaces only regular "
+                         "files (or writes through a symbolic link to one)")
+    return target, status
+
+
+def _keep_owner_and_mode(descriptor, existing):
+    """Give the new file the replaced file's owner (where allowed) and permission bits."""
+    mode = stat.S_IMODE(existing.st_mode)
+    try:
+        os.fchown(descriptor, existing.st_uid, existing.st_gid)
+    except (AttributeError, OSError):  # not permitted (or Windows): we own the new file
+        mode &= ~(stat.S_ISUID | stat.S_ISGID)  # so never make a set-id file of ours
+    if hasattr(os, "fchmod"):
+        os.fchmod(descriptor, mode)
 
 
 def _sync_directory(directory):
@@ -262,7 +306,7 @@ def load(path: PathType, *,
                         bias=spec["bias"], **_activation_keyword(spec))
                   for spec in header["layers"]]
         network = Network(layers, dtype=header["dtype"], seed=header["seed"])
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise _FileError(path, f"invalid network description: {error}") from None
     network.parameters = arrays["parameters"]
     _restore_rng(network, header.get("rng_state"))
@@ -291,10 +335,7 @@ def _restore_rng(network, state):
         return
     generator = network._rng.bit_generator
     if state.get("bit_generator") == type(generator).__name__:
-        try:
-            generator.state = state
-        except (TypeError, ValueError, KeyError):
-            pass  # an unusable state only loses the shuffling order, never the model
+        generator.state = state  # checked by _check_rng_state
 
 
 def _build_optimizer(path, network, record, state):
@@ -302,7 +343,7 @@ def _build_optimizer(path, network, record, state):
         return None
     try:
         optimizer = _OPTIMIZER_CLASSES[record["name"]](**record["hyperparameters"])
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise _FileError(path, f"invalid optimizer: {error}") from None
     if list(optimizer._config.state_names) != record["state_names"]:
         raise _FileError(path, f"optimizer state names {record['state_names']} do not match "
@@ -320,17 +361,43 @@ def _read(path, arrays_wanted):
     """(header, arrays) from path, every check done; arrays is None unless wanted."""
     # Opening is outside the try: a missing or unreadable file stays an OSError, while
     # every error past this point comes from the file's content.
-    with open(path, "rb") as file:
-        return _read_open_file(path, file, arrays_wanted)
+    file, file_size = _open_regular_file(path)
+    with file:
+        return _read_open_file(path, file, file_size, arrays_wanted)
 
 
-def _read_open_file(path, file, arrays_wanted):
+def _open_regular_file(path):
+    """(binary file object, size in bytes) of path, refused unless it is a regular file.
+
+    A FIFO would block the open until a writer comes, ``/dev/zero`` reads forever and
+    a directory cannot be read: none is a model file. The path is checked before it
+    is opened (opening some devices has effects) and the opened file again, in case
+    the path changed in between; the size taken here bounds every later read.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise _FileError(path, "not a regular file, so not a bpfast model file")
+    # O_NONBLOCK: should the path have become a FIFO since, the open still returns
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0)
+                         | getattr(os, "O_NONBLOCK", 0))
     try:
-        members = _inspect_members(path, file)
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise _FileError(path, "not a regular file, so not a bpfast model file")
+        return os.fdopen(descriptor, "rb"), status.st_size
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _read_open_file(path, file, file_size, arrays_wanted):
+    try:
+        if not zipfile.is_zipfile(file):
+            raise _FileError(path, "not a bpfast model file (not an .npz archive)")
         file.seek(0)
-        _check_header_member(path, members["header"])  # before reading a byte of it
-        with np.load(file, allow_pickle=False) as archive:
-            header = _parse_header(path, archive["header"])
+        with zipfile.ZipFile(file) as archive:
+            members = _inspect_members(path, archive, file, file_size)
+            _check_header_member(path, members["header"])  # before reading a byte of it
+            header = _parse_header(path, _read_array(archive, members["header"]))
             expected = _expected_shapes(path, header)
             for key in members:
                 if key != "header" and key not in expected:
@@ -338,17 +405,18 @@ def _read_open_file(path, file, arrays_wanted):
             for key, shape in expected.items():
                 if key not in members:
                     raise _FileError(path, f"missing array {key!r}")
-                if members[key][0] != shape:
-                    raise _FileError(path, f"array {key!r} has shape {members[key][0]}, but "
-                                     f"the header's layers need {shape}")
-                if not _is_float_of(members[key][1], header["dtype"]):
-                    raise _FileError(path, f"array {key!r} has dtype {members[key][1]}, "
+                if members[key].shape != shape:
+                    raise _FileError(path, f"array {key!r} has shape {members[key].shape}, "
+                                     f"but the header's layers need {shape}")
+                if not _is_float_of(members[key].dtype, header["dtype"]):
+                    raise _FileError(path, f"array {key!r} has dtype {members[key].dtype}, "
                                      f"expected {header['dtype']}")
             if not arrays_wanted:
                 return header, None
             arrays = {}
             for key in expected:
-                arrays[key] = archive[key].astype(header["dtype"], copy=False)
+                arrays[key] = _read_array(archive, members[key]).astype(header["dtype"],
+                                                                       copy=False)
                 if not np.isfinite(arrays[key]).all():
                     raise _FileError(path, f"array {key!r} contains NaN or infinity")
             return header, arrays
@@ -363,48 +431,87 @@ def _read_open_file(path, file, arrays_wanted):
                          f"{type(error).__name__}: {error}") from None
 
 
-def _inspect_members(path, file):
-    """{name: (shape, dtype)} of every array in the archive, read from the .npy headers only.
+class _Member(NamedTuple):
+    """An archive member's array as its .npy header declares it, and its zip entry."""
 
-    Each declared size must equal the bytes the member really holds, so nothing
-    is allocated for data that is not there; object arrays (pickles) are refused.
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    info: zipfile.ZipInfo
+
+
+def _read_array(archive, member):
+    # the sizes were checked by _inspect_members, so this reads what the file holds
+    with archive.open(member.info) as stream:
+        return np.lib.format.read_array(stream, allow_pickle=False)
+
+
+def _inspect_members(path, archive, file, file_size):
+    """{name: _Member} of every array in the archive, read from the .npy headers only.
+
+    Every declared size is checked against the bytes really in the file before
+    anything is read: the zip entry's data must lie inside the file, apart from
+    the other entries', and hold exactly the bytes its .npy header's shape and
+    dtype need. So the arrays read later cannot together exceed the file's size,
+    whatever the central directory claims. Object arrays (pickles) are refused.
     """
-    if not zipfile.is_zipfile(file):
-        raise _FileError(path, "not a bpfast model file (not an .npz archive)")
-    file.seek(0)
     members = {}
-    with zipfile.ZipFile(file) as archive:
-        for info in archive.infolist():
-            if not info.filename.endswith(".npy"):
-                raise _FileError(path, f"unexpected member {info.filename!r}")
-            key = info.filename[:-len(".npy")]
-            # bpfast writes stored members only; refusing compression keeps every size
-            # check against bytes really in the file (a small deflated file could
-            # otherwise declare, and make us allocate, gigabytes)
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise _FileError(path, f"array {key!r} is compressed; bpfast model files "
-                                 "are not")
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                if version == (1, 0):
-                    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
-                elif version == (2, 0):
-                    shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
-                else:
-                    raise _FileError(path, f"array {key!r} has .npy version {version}")
-                header_bytes = member.tell()
-            if dtype.hasobject:
-                raise _FileError(path, f"array {key!r} holds Python objects; bpfast files "
-                                 "never do, and loading them could run code, so it is refused")
-            data_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            if header_bytes + data_bytes != info.file_size:
-                raise _FileError(path, f"array {key!r} declares shape {shape} "
-                                 f"({data_bytes} bytes) but holds "
-                                 f"{info.file_size - header_bytes} bytes")
-            members[key] = (tuple(shape), dtype)
+    extents = []
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            raise _FileError(path, f"unexpected member {info.filename!r}")
+        key = info.filename[:-len(".npy")]
+        if key in members:
+            raise _FileError(path, f"array {key!r} appears twice")
+        # bpfast writes stored members only; refusing compression keeps every size
+        # check against bytes really in the file (a small deflated file could
+        # otherwise declare, and make us allocate, gigabytes)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _FileError(path, f"array {key!r} is compressed; bpfast model files "
+                             "are not")
+        start = _member_data_offset(path, file, info)
+        if info.compress_size != info.file_size or start + info.file_size > file_size:
+            raise _FileError(path, f"array {key!r} declares {info.file_size} bytes "
+                             f"({info.compress_size} stored) from offset {start}, but the "
+                             f"file has {file_size} bytes")
+        extents.append((start, start + info.file_size, key))
+        with archive.open(info) as stream:
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+            else:
+                raise _FileError(path, f"array {key!r} has .npy version {version}")
+            header_bytes = stream.tell()
+        if dtype.hasobject:
+            raise _FileError(path, f"array {key!r} holds Python objects; bpfast files "
+                             "never do, and loading them could run code, so it is refused")
+        if any(length < 0 for length in shape):
+            raise _FileError(path, f"array {key!r} declares the shape {shape}")
+        data_bytes = math.prod(shape) * dtype.itemsize
+        if header_bytes + data_bytes != info.file_size:
+            raise _FileError(path, f"array {key!r} declares shape {shape} "
+                             f"({data_bytes} bytes) but holds "
+                             f"{info.file_size - header_bytes} bytes")
+        members[key] = _Member(tuple(shape), dtype, info)
+    extents.sort()
+    for (_, end, first), (start, _, second) in zip(extents, extents[1:]):
+        if start < end:
+            raise _FileError(path, f"arrays {first!r} and {second!r} overlap in the file")
     if "header" not in members:
         raise _FileError(path, "not a bpfast model file (no header)")
     return members
+
+
+def _member_data_offset(path, file, info):
+    """Where the entry's data start: after its local header, whose lengths are read here."""
+    file.seek(info.header_offset)
+    local_header = file.read(_LOCAL_HEADER_SIZE)
+    if len(local_header) != _LOCAL_HEADER_SIZE or local_header[:4] != b"PK\x03\x04":
+        raise _FileError(path, f"member {info.filename!r} has no local header at offset "
+                         f"{info.header_offset}")
+    name_length, extra_length = struct.unpack("<HH", local_header[26:30])
+    return info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
 
 
 def _is_float_of(dtype, name):
@@ -413,7 +520,7 @@ def _is_float_of(dtype, name):
 
 
 def _check_header_member(path, member):
-    shape, dtype = member
+    shape, dtype = member.shape, member.dtype
     if dtype != np.uint8 or len(shape) != 1:
         raise _FileError(path, "header must be a 1-D uint8 array")
     if shape[0] > _MAX_HEADER_BYTES:
@@ -425,6 +532,10 @@ def _parse_header(path, array):
         header = json.loads(array.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _FileError(path, f"header is not valid JSON: {error}") from None
+    except RecursionError:
+        raise _FileError(path, "header nests lists or objects too deeply to read") from None
+    except ValueError as error:  # an integer of more digits than int() takes
+        raise _FileError(path, f"header holds a value out of range: {error}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise _FileError(path, "not a bpfast model file (wrong format name)")
     version = header.get("format_version")
@@ -459,18 +570,19 @@ def _check_fields(path, header):
             fail(f"layer {index} bias must be true or false")
         if spec["activation"] not in ACTIVATIONS:
             fail(f"layer {index} has unknown activation {spec['activation']!r}")
-        if not isinstance(spec["activation_param"], (int, float)) or isinstance(
-                spec["activation_param"], bool):
-            fail(f"layer {index} activation_param must be a number")
+        if not _is_finite_number(spec["activation_param"]):
+            fail(f"layer {index} activation_param must be a finite number, got "
+                 f"{_short(spec['activation_param'])}")
     for field in ("seed", "optimizer"):
         if field not in header:
             fail(f"missing field {field!r}")
     seed = header["seed"]
-    if seed is not None and not _is_int(seed):
-        fail(f"seed must be an integer or null, got {seed!r}")
-    if "epochs_trained" in header and (not _is_int(header["epochs_trained"])
-                                       or header["epochs_trained"] < 0):
-        fail("epochs_trained must be a non-negative integer")
+    if seed is not None and not (_is_int(seed) and seed >= 0):
+        fail(f"seed must be a non-negative integer or null, got {_short(seed)}")
+    if "epochs_trained" in header and not _is_count(header["epochs_trained"]):
+        fail(f"epochs_trained must be an integer in [0, 2**63), got "
+             f"{_short(header['epochs_trained'])}")
+    _check_rng_state(fail, header.get("rng_state"))
     if not isinstance(header.get("metadata", {}), dict):
         fail("metadata must be an object")
     header.setdefault("metadata", {})
@@ -485,13 +597,14 @@ def _check_fields(path, header):
             if not isinstance(betas, list):
                 fail("optimizer betas must be a list")
             record["hyperparameters"]["betas"] = tuple(betas)
-        if not _is_int(record.get("step_count")) or record["step_count"] < 0:
-            fail("optimizer step_count must be a non-negative integer")
+        _check_hyperparameters(fail, record["name"], record["hyperparameters"])
+        if not _is_count(record.get("step_count")):
+            fail(f"optimizer step_count must be an integer in [0, 2**63), got "
+                 f"{_short(record.get('step_count'))}")
         initial_lr = record.get("initial_lr")
-        if initial_lr is not None and (not isinstance(initial_lr, (int, float))
-                                       or isinstance(initial_lr, bool)
-                                       or not np.isfinite(initial_lr) or initial_lr < 0):
-            fail("optimizer initial_lr must be null or a finite number >= 0")
+        if initial_lr is not None and (not _is_finite_number(initial_lr) or initial_lr < 0):
+            fail(f"optimizer initial_lr must be null or a finite number >= 0, got "
+                 f"{_short(initial_lr)}")
         if not isinstance(record.get("has_state"), bool):
             fail("optimizer has_state must be true or false")
         names = record.get("state_names")
@@ -503,12 +616,62 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_count(value):
+    """An int the engine can count in (an int64), and not negative."""
+    return _is_int(value) and 0 <= value < 2**63
+
+
+def _is_finite_number(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)  # float(value) inside: OverflowError past 1.8e308
+    except OverflowError:
+        return False
+
+
+def _short(value, limit=60):
+    """repr(value), cut to a readable length (a header may hold 400-digit numbers)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _check_hyperparameters(fail, name, hyperparameters):
+    """The optimizer's constructor must accept them: read_header checks what load uses."""
+    for key, value in hyperparameters.items():
+        for number in (value if isinstance(value, tuple) else (value,)):
+            if (isinstance(number, (int, float)) and not isinstance(number, bool)
+                    and not _is_finite_number(number)):
+                fail(f"optimizer hyperparameter {key!r} must be finite, got {_short(number)}")
+    try:
+        _OPTIMIZER_CLASSES[name](**hyperparameters)
+    except (TypeError, ValueError, OverflowError) as error:
+        fail(f"optimizer hyperparameters: {error}")
+
+
+# The bit generators a header may name; numpy's own, so setting a state runs no code
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "SFC64", "Philox", "MT19937")
+
+
+def _check_rng_state(fail, state):
+    """rng_state must be null or a state its bit generator accepts (tried on a fresh one)."""
+    if state is None:
+        return
+    if not isinstance(state, dict) or state.get("bit_generator") not in _BIT_GENERATORS:
+        fail(f"rng_state must be null or the state of one of {', '.join(_BIT_GENERATORS)}")
+    try:
+        getattr(np.random, state["bit_generator"])(0).state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as error:
+        fail(f"rng_state is not a valid {state['bit_generator']} state: "
+             f"{type(error).__name__}: {error}")
+
+
 def _expected_shapes(path, header):
     """The shape each array must have for the header's layers."""
     n_parameters = sum(spec["out_features"] * (spec["in_features"] + spec["bias"])
                        for spec in header["layers"])
     if header.get("n_parameters", n_parameters) != n_parameters:
-        raise _FileError(path, f"header says {header['n_parameters']} parameters, but its "
+        raise _FileError(path, f"header says {_short(header['n_parameters'])} parameters, but its "
                          f"layers have {n_parameters}")
     shapes = {"parameters": (n_parameters,)}
     record = header["optimizer"]
