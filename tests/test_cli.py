@@ -215,3 +215,130 @@ def test_python_dash_m_help_and_errors():
     assert result.returncode == 0 and "train" in result.stdout and "demo" in result.stdout
     result = run_module("train", "no-such-file.csv", "--target", "y")
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+# --------------------------------------------------------------------------- failures are one line
+def one_line_error(capsys, command):
+    """The one stderr line of a failed in-process command, checked for its form."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"bpfast {command}: error: "), err
+    return err
+
+
+@pytest.fixture
+def python_model(tmp_path):
+    """A 2-input, 3-output network and data for it; save(metadata) -> the model's path."""
+    net = bp.Network([bp.Dense(2, 3)], seed=0)
+    np.save(tmp_path / "x.npy", np.ones((4, 2)))
+
+    def save(metadata):
+        bp.save(net, tmp_path / "model.npz", metadata=metadata)
+        return str(tmp_path / "model.npz")
+    return save
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"task": "classification"}, "3 class labels"),  # was KeyError
+    ({"task": "classification", "classes": ["a", "b"]}, "3 class labels"),  # IndexError
+    ({"task": "classification", "classes": [["a"], "b", "c"]}, "strings or numbers"),
+    ({"task": "regression", "y_mean": [0, 0, 0]}, "y_scale"),  # KeyError
+    ({"task": "regression", "y_mean": [0, 0, 0], "y_scale": [1, "x", 1]}, "y_scale"),
+    ({"task": "regression", "y_mean": [0, 0], "y_scale": [1, 1, 1]}, "y_mean"),
+    ({"x_mean": [0, 0], "x_scale": [1]}, "x_scale must be a list of 2"),  # broadcast error
+    ({"x_mean": [0, 0], "x_scale": [1, 0]}, "x_scale has a zero"),  # silent inf
+    ({"x_mean": [0, 0]}, "x_scale"),  # KeyError
+    ({"x_scale": [1, 1]}, "x_mean"),
+    ({"task": "clustering"}, "task 'clustering'"),
+    ({"features": ["a"]}, "features"),
+    ({"target_index": "0"}, "target_index"),
+])
+def test_unexpected_metadata_is_a_one_line_error(python_model, tmp_path, capsys, metadata,
+                                                 message):
+    model = python_model(metadata)
+    assert cli.main(["predict", model, str(tmp_path / "x.npy")]) == 1
+    err = one_line_error(capsys, "predict")
+    assert message in err and model in err
+
+
+def test_metadata_that_predict_can_use(python_model, tmp_path, capsys):
+    model = python_model({"task": "classification", "classes": ["a", "b", 7],
+                          "x_mean": [0.5, 0], "x_scale": [2, 1]})
+    assert cli.main(["predict", model, str(tmp_path / "x.npy")]) == 0
+    _, rows = read_csv(capsys.readouterr().out, is_text=True)
+    net = bp.load(model)
+    expected = net.predict(np.array([[0.25, 1.0]] * 4)).argmax(axis=1)
+    assert [row[0] for row in rows] == [["a", "b", "7"][i] for i in expected]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_load_errors_are_one_line(tmp_path, capsys, classification_csv):
+    path, _ = classification_csv
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04" + bytes(100))
+    for model, message in ((fifo, "not a regular file"), (tmp_path, "not a regular file"),
+                           (garbage, "not a bpfast model file")):
+        assert cli.main(["predict", str(model), str(path)]) == 1
+        assert message in one_line_error(capsys, "predict")
+    assert cli.main(["predict", str(garbage), str(fifo)]) == 1  # the data file: refused too
+    one_line_error(capsys, "predict")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_train_to_a_special_file_is_one_line(tmp_path, capsys, classification_csv):
+    path, _ = classification_csv
+    fifo = tmp_path / "out.npz"
+    os.mkfifo(fifo)
+    status = cli.main(["train", str(path), "--target", "species", "--epochs", "1", "--quiet",
+                       "--out", str(fifo)])
+    assert status == 1
+    assert "not a regular file" in one_line_error(capsys, "train")
+
+
+@pytest.mark.parametrize("error, message", [
+    (MemoryError(), "out of memory"),
+    (MemoryError("cannot allocate 8.0 TiB"), "out of memory: cannot allocate 8.0 TiB"),
+    (KeyError("surprise"), "unexpected KeyError"),
+    (OverflowError("int too large\nsecond line"), "unexpected OverflowError: int too large "
+                                                  "second line"),
+])
+def test_any_exception_is_one_line(python_model, tmp_path, capsys, monkeypatch, error,
+                                   message):
+    model = python_model({})
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(cli, "load", fail)
+    assert cli.main(["predict", model, str(tmp_path / "x.npy")]) == 1
+    assert message in one_line_error(capsys, "predict")
+
+
+def test_unexpected_metadata_in_a_child_process(python_model, tmp_path):
+    model = python_model({"task": "classification"})
+    result = run_module("predict", model, str(tmp_path / "x.npy"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("bpfast predict: error: ") and result.stderr.count(
+        "\n") == 1, result.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a POSIX pipe and head(1)")
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    # `bpfast predict model data | head -1`: far more output than a pipe holds, so the
+    # writer meets the closed pipe; it stops with status 141 and says nothing
+    net = bp.Network([bp.Dense(3, 2)], seed=0)
+    bp.save(net, tmp_path / "model.npz")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(50_000, 3)))
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bp.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "bpfast", "predict", str(tmp_path / "model.npz"),
+         str(tmp_path / "x.npy")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    head = subprocess.Popen(["head", "-1"], stdin=producer.stdout, stdout=subprocess.PIPE)
+    producer.stdout.close()  # only head reads the pipe now
+    first_line, _ = head.communicate(timeout=120)
+    stderr = producer.communicate(timeout=120)[1].decode()
+    assert first_line == b"prediction_0,prediction_1\n"
+    assert stderr == "" and producer.returncode == cli.EXIT_CLOSED_PIPE

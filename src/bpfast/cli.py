@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from importlib import resources
 
 import numpy as np
@@ -55,7 +56,8 @@ def read_data(path, target=None, *, need_target=True):
     dropped; every other column is a feature.
     """
     if not os.path.isfile(path):
-        raise CommandError(f"{path}: no such file")
+        raise CommandError(f"{path}: " + ("not a regular file" if os.path.exists(path)
+                                          else "no such file"))
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
         return _read_npz(path, need_target)
@@ -72,7 +74,7 @@ def _read_npz(path, need_target):
                                    f"(and 'y' to train); it has {', '.join(archive.files)}")
             X = archive["X"]
             y = archive["y"] if "y" in archive else None
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise CommandError(f"{path}: cannot read: {error}") from None
     if need_target and y is None:
         raise CommandError(f"{path}: an .npz file to train on needs an array 'y'")
@@ -84,7 +86,7 @@ def _read_npz(path, need_target):
 def _read_npy(path, target, need_target):
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError) as error:
         raise CommandError(f"{path}: cannot read: {error}") from None
     data = _numeric_2d(path, data, "the array")
     if not need_target:
@@ -347,7 +349,7 @@ def command_predict(args):
         network = load(args.model)
     except (ValueError, OSError) as error:
         raise CommandError(str(error)) from None
-    info = header["metadata"]
+    info = _model_metadata(args.model, header["metadata"], network)
     data = read_data(args.data, info.get("target"), need_target=False)
     X = _select_features(args.data, data, info, network.n_inputs)
     if "x_mean" in info:
@@ -374,6 +376,55 @@ def command_predict(args):
     else:
         _write_csv(sys.stdout, columns, rows)
     return 0
+
+
+def _model_metadata(path, info, network):
+    """The metadata predict uses, checked against the network: a model saved from
+    Python may carry any JSON, and what predict cannot use is a one-line error."""
+    def fail(message):
+        raise CommandError(f"{path}: the model's metadata {message}")
+
+    task = info.get("task")
+    if task not in (None, "classification", "regression"):
+        fail(f"has task {task!r}; predict knows 'classification' and 'regression'")
+    if task == "classification":
+        classes = info.get("classes")
+        if not isinstance(classes, list) or len(classes) != network.n_outputs:
+            fail(f"must list the {network.n_outputs} class labels (one per output) for a "
+                 f"classification model, got {_brief(classes)}")
+        if not all(isinstance(label, (str, int, float)) for label in classes):
+            fail("class labels must be strings or numbers")
+    if task == "regression":
+        for key in ("y_mean", "y_scale"):
+            _check_numbers(fail, info, key, network.n_outputs, "output")
+    if "x_mean" in info or "x_scale" in info:
+        for key in ("x_mean", "x_scale"):
+            _check_numbers(fail, info, key, network.n_inputs, "input feature")
+        if not all(info["x_scale"]):
+            fail("x_scale has a zero: features cannot be divided by it")
+    for key, kind in (("target", str), ("target_index", int)):
+        value = info.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            fail(f"{key} must be {'a string' if kind is str else 'an integer'} or null")
+    names = info.get("features")
+    if names is not None and (not isinstance(names, list) or len(names) != network.n_inputs
+                              or not all(isinstance(name, str) for name in names)):
+        fail(f"features must name the {network.n_inputs} inputs, got {_brief(names)}")
+    return info
+
+
+def _check_numbers(fail, info, key, length, what):
+    values = info.get(key)
+    if (not isinstance(values, list) or len(values) != length
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v) for v in values)):
+        fail(f"{key} must be a list of {length} finite numbers (one per {what}), got "
+             f"{_brief(values)}")
+
+
+def _brief(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _select_features(path, data, info, n_inputs):
@@ -553,17 +604,54 @@ def build_parser():
     return parser
 
 
+#: The exit status when standard output is a pipe closed early (``bpfast predict ... |
+#: head -1``): 128 + SIGPIPE, what a tool that the signal ends reports, with no message.
+EXIT_CLOSED_PIPE = 141
+
+
 def main(argv=None):
-    """Run the command line with argv (default sys.argv[1:]); the exit status."""
+    """Run the command line with argv (default sys.argv[1:]); the exit status.
+
+    Every failure is one line on standard error, ``bpfast COMMAND: error: ...``,
+    and status 1 (2 for a usage error, 130 after Ctrl-C); never a traceback. When
+    standard output is a pipe that the reader closed, the command stops quietly
+    with status 141 (``EXIT_CLOSED_PIPE``), like the tools a SIGPIPE ends.
+    """
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         args = parser.parse_args(["demo"])
     try:
-        return args.handler(args)
-    except (CommandError, OSError, DivergenceError) as error:
-        print(f"bpfast {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        status = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
+        return status
+    except BrokenPipeError:
+        _discard_standard_output()
+        return EXIT_CLOSED_PIPE
+    except (CommandError, OSError, DivergenceError, ValueError) as error:
+        message = str(error) or type(error).__name__
+    except MemoryError as error:
+        message = f"out of memory: {error}" if str(error) else "out of memory"
     except KeyboardInterrupt:
         print(f"bpfast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - a bug, but still one line, not a traceback
+        message = f"unexpected {type(error).__name__}: {error} (please report this)"
+    print(f"bpfast {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def _discard_standard_output():
+    """After a closed pipe: point stdout at os.devnull, so that the interpreter's flush
+    at exit (of what is still buffered) cannot fail again and print a warning; see the
+    Python documentation, signal module, "Note on SIGPIPE"."""
+    try:
+        descriptor = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(descriptor, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file behind sys.stdout (captured): nothing to do
+        pass
+    finally:
+        os.close(descriptor)
