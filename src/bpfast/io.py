@@ -25,8 +25,16 @@ attached; the command line keeps its class labels and scaling there).
 
 Loading never runs code from the file: arrays are read with
 ``allow_pickle=False``, and a member holding Python objects is refused before
-anything is read. Every size is checked against the bytes really present before
-memory is allocated, so a small file cannot make ``load`` allocate a huge array.
+anything is read. Only a regular file is read (a FIFO, a device such as
+``/dev/zero`` or a directory is a ValueError). Every size the file declares (the
+zip records' sizes and offsets, each ``.npy`` header's shape and dtype) is checked
+against the bytes really present before memory is allocated, so what ``load``
+allocates stays within the file's size plus a small constant, and every integer
+and number in the header is checked against the range it is used in.
+
+Saving replaces only regular files; a symbolic link is written through (its
+target gets the model, the link stays), and a replaced file keeps its
+permission bits.
 """
 import json
 import math
