@@ -75,11 +75,23 @@ def instance_by_name(what, value, base, by_name):
                      f"{', '.join(by_name)}")
 
 
+def as_kernel_array(array, dtype):
+    """array as compiled code reads it: an ndarray of exactly dtype in native byte order,
+    C-contiguous and aligned; a copy only where array is not that already.
+
+    Every array a caller gives reaches the kernels through this function (through
+    as_float_array for float data), whatever its dtype (float16 to longdouble),
+    strides, byte order, alignment or storage (a memory map): the compiled side
+    assumes this layout and refuses anything else with a TypeError.
+    """
+    return np.require(array, dtype=dtype, requirements=["C_CONTIGUOUS", "ALIGNED"])
+
+
 def check_finite(name, array, position_name="row"):
     """Refuse NaN and infinity, naming the position of the first one.
 
-    A 1-D array's position is a "row" (per-sample labels and weights) unless
-    position_name says otherwise.
+    array comes from as_kernel_array. A 1-D array's position is a "row" (per-sample
+    labels and weights) unless position_name says otherwise.
     """
     index = _core.first_nonfinite(array)
     if index >= 0:
@@ -112,7 +124,7 @@ def as_float_array(name, value, dtype, ndim, position_name="row"):
         raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
     # aligned too: the kernels read whole floats (np.ascontiguousarray keeps a misaligned
     # buffer that is contiguous)
-    array = np.require(array, dtype=dtype, requirements=["C_CONTIGUOUS", "ALIGNED"])
+    array = as_kernel_array(array, dtype)
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
     check_finite(name, array, position_name)
@@ -123,14 +135,13 @@ def check_sample_weight(sample_weight, n_samples, name="sample_weight"):
     """None, or a C-contiguous float64 (n_samples,) array of finite weights >= 0, not all 0."""
     if sample_weight is None:
         return None
-    array = np.asarray(sample_weight)
+    array = as_array(name, sample_weight)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
     if array.shape != (n_samples,):
         raise ValueError(f"{name} must have shape ({n_samples},), one weight per sample, "
                          f"got {array.shape}")
-    array = np.ascontiguousarray(array, dtype=np.float64)
-    check_finite(name, array)
+    array = as_float_array(name, array, np.float64, 1)
     if n_samples and array.min() < 0:
         index = int(np.argmin(array))
         raise ValueError(f"{name} must be >= 0, got {array[index]} at row {index}")
