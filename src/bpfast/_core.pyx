@@ -1477,7 +1477,7 @@ cdef class Engine:
         cdef void* x_ptr = _input_data(x, float_type, "x", -1, self.n_inputs)
         cdef Py_ssize_t n_rows = x.shape[0]
         cdef void* target_ptr = _input_data_or_null(target, float_type, "target", n_rows,
-                                                     self.n_outputs)
+                                                    self.n_outputs)
         cdef intp* label_ptr = <intp*>_input_data_or_null(labels, cnp.NPY_INTP, "labels",
                                                           n_rows, -1)
         cdef double* weight_ptr = <double*>_input_data_or_null(weights, cnp.NPY_DOUBLE,
@@ -1537,7 +1537,7 @@ cdef class Engine:
         cdef void* x_ptr = _input_data(x, float_type, "x", -1, self.n_inputs)
         cdef Py_ssize_t n_x = x.shape[0]
         cdef void* target_ptr = _input_data_or_null(target, float_type, "target", n_x,
-                                                     self.n_outputs)
+                                                    self.n_outputs)
         cdef intp* label_ptr = <intp*>_input_data_or_null(labels, cnp.NPY_INTP, "labels",
                                                           n_x, -1)
         cdef double* weight_ptr = <double*>_input_data_or_null(weights, cnp.NPY_DOUBLE,
