@@ -368,3 +368,91 @@ def test_finite_extreme_fit_does_not_raise_divergence(dtype):
     history = net.fit(X, LABELS, loss=bp.CrossEntropy(), optimizer=bp.SGD(lr=1e-3), epochs=3)
     assert np.isfinite(history.history["loss"]).all()
     assert min(history.history["loss"]) > 1e3
+
+
+# =========================================================================== issue 12, item 7
+def _small_regression(dtype, seed=0):
+    X = np.random.default_rng(seed).standard_normal((8, 3))
+    net = bp.Network([bp.Dense(3, 4, "tanh"), bp.Dense(4, 1)], dtype=dtype, seed=0)
+    return net, X, 100 * X[:, :1]
+
+
+UNREPRESENTABLE_IN_FLOAT32 = [
+    (lambda: bp.SGD(lr=1e39), "lr=1e\\+39"),
+    (lambda: bp.SGD(lr=1e-50), "lr=1e-50"),
+    (lambda: bp.SGD(lr=0.1, momentum=1e39), "momentum"),
+    (lambda: bp.SGD(lr=0.1, dampening=-1e39), "dampening"),
+    (lambda: bp.SGD(lr=0.1, weight_decay=1e39), "weight_decay"),
+    (lambda: bp.Adam(eps=1e-50), "eps=1e-50"),
+    (lambda: bp.AdamW(weight_decay=1e39), "weight_decay"),
+    (lambda: bp.RMSprop(eps=1e-46), "eps"),
+    (lambda: bp.Adagrad(initial_accumulator_value=1e39), "initial_accumulator_value"),
+    (lambda: bp.Adagrad(lr_decay=1e39), "lr_decay"),
+]
+
+
+@pytest.mark.parametrize("call", ["train_step", "fit", "step"])
+@pytest.mark.parametrize("make, name", UNREPRESENTABLE_IN_FLOAT32)
+def test_hyperparameter_not_representable_in_float32_is_refused(make, name, call):
+    """SGD(lr=1e39) is a finite double but inf in float32: refused (ValueError naming it)
+    when the optimizer first meets a float32 network, before anything changes; the same
+    optimizer steps a float64 network."""
+    net, X, y = _small_regression("float32")
+    opt = make()
+    before = net.parameters.copy()
+    with pytest.raises(ValueError, match=f"{name}.*float32"):
+        if call == "train_step":
+            net.train_step(X, y, "mse", opt)
+        elif call == "fit":
+            net.fit(X, y, loss="mse", optimizer=opt, epochs=1)
+        else:
+            net.compute_gradients(X, y, "mse")
+            opt.step(net)
+    assert net.parameters.tobytes() == before.tobytes()
+    assert opt.step_count == 0 and opt.state == {}
+    net64, X, y = _small_regression("float64")
+    net64.compute_gradients(X, y, "mse")
+    opt.step(net64)  # representable in float64: no error (whatever the step gives)
+
+
+def test_changed_learning_rate_is_checked_in_the_network_dtype():
+    net, X, y = _small_regression("float32")
+    opt = bp.SGD(lr=1e-3)
+    net.train_step(X, y, "mse", opt)
+    with pytest.raises(ValueError, match="lr=1e\\+39 .*float32"):
+        opt.lr = 1e39
+    assert opt.lr == 1e-3
+    # a schedule's rate, per epoch and per step, the same
+    class Huge(bp.schedules.Schedule):
+        def factor(self, t):
+            return np.full(np.shape(t), 1e42)
+
+    for schedule in (lambda epoch: 1e39, Huge(per="step")):
+        with pytest.raises(ValueError, match="1e\\+39"):
+            net.fit(X, y, loss="mse", optimizer=bp.SGD(lr=1e-3), epochs=1, schedule=schedule)
+    assert np.isfinite(net.parameters).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("on_divergence", ["raise", "warn"])
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_fit_whose_last_update_overflows_ends_finite(on_divergence, early_stopping, dtype):
+    """The loss is computed before each update, so within an epoch an overflowing update
+    shows at the next batch; the last update of a fit has no next batch. It is checked
+    too: fit raises DivergenceError or warns (the on_divergence action), and the network
+    keeps the finite parameters of the epoch's start."""
+    net, X, y = _small_regression(dtype)
+    lr = 1e37 if dtype == "float32" else 1e307
+    net.fit(X, y, loss="mse", optimizer=bp.SGD(lr=1e-3), epochs=1)  # one finite epoch
+    before = net.parameters.copy()
+    kwargs = dict(loss="mse", optimizer=bp.SGD(lr=lr), epochs=1, early_stopping=early_stopping,
+                  on_divergence=on_divergence)
+    if on_divergence == "raise":
+        with pytest.raises(bp.DivergenceError, match="parameters became NaN or infinite"):
+            net.fit(X, y, **kwargs)
+    else:
+        with pytest.warns(RuntimeWarning, match="parameters became NaN or infinite"):
+            history = net.fit(X, y, **kwargs)
+        assert history.stop_reason == "diverged" and history.epoch == []
+    assert net.parameters.tobytes() == before.tobytes()
+    assert net.epochs_trained == 1

@@ -240,6 +240,7 @@ class Trainer:
                     # a per-step schedule's rate for the epoch's first step, for the logs
                     t = epoch if self.schedule.per == "epoch" else optimizer.step_count
                     optimizer.lr = float(self.schedule(t, optimizer.initial_lr))
+                    optimizer._bind_check(network)  # the rate, before the first step
                 logs = {"lr": optimizer.lr}
                 for callback in self.callbacks:
                     callback.on_epoch_begin(epoch, logs)
@@ -345,10 +346,14 @@ class Trainer:
         steps = self.optimizer._config.step_count + np.arange(n_batches)
         lrs = np.ascontiguousarray(self.schedule(steps, self.optimizer.initial_lr),
                                    dtype=np.float64)
-        bad = ~(np.isfinite(lrs) & (lrs >= 0))
+        with np.errstate(over="ignore", under="ignore"):
+            in_dtype = lrs.astype(self.network.dtype)
+        # finite and >= 0, and so in the network's dtype, where 0 only if it is 0
+        bad = ~(np.isfinite(in_dtype) & (lrs >= 0) & ((in_dtype == 0) == (lrs == 0)))
         if bad.any():
             raise ValueError(f"the schedule gave the learning rate {lrs[bad][0]}; it must be "
-                             "finite and >= 0")
+                             f"finite and >= 0 in the network's dtype "
+                             f"{self.network.dtype.name}")
         return lrs
 
     def _train_one_epoch(self, epoch):
@@ -382,7 +387,9 @@ class Trainer:
             weight_sum += part_weight
             rows_done += part_rows
             if diverged:
-                self._diverged(epoch, batch + part_rows // batch_size)
+                self._diverged(f"the training loss became NaN or infinite at epoch {epoch}, "
+                               f"batch {batch + part_rows // batch_size}",
+                               "the update was skipped and ")
                 if weight_sum == 0 and rows_done == 0:
                     return None  # nothing of this epoch was applied: it does not count
                 break
@@ -398,16 +405,20 @@ class Trainer:
                     # progress only: grow chunks to about _PROGRESS_INTERVAL seconds each
                     elapsed = time.perf_counter() - started
                     chunk = max(1, int(_PROGRESS_INTERVAL * batch / max(elapsed, 1e-9)))
+        if not self._all_finite():
+            # an update overflowed. Within an epoch the next batch's loss shows that; the
+            # last update has no next loss, and a fit must not end with such parameters
+            self._diverged(f"the parameters became NaN or infinite in epoch {epoch}")
+            return None  # undone (back to the epoch's start): it does not count
         if lrs is not None:
             self.optimizer.lr = float(self.schedule(self.optimizer._config.step_count,
                                                     self.optimizer.initial_lr))
         # an epoch whose samples all weigh 0 has loss 0 (as each of its batches)
         return loss_sum / weight_sum if weight_sum else 0.0
 
-    def _diverged(self, epoch, batch):
+    def _diverged(self, what, skipped=""):
         where = self._restore_after_divergence()
-        message = (f"the training loss became NaN or infinite at epoch {epoch}, batch "
-                   f"{batch} (lr {self.optimizer.lr:g}); the update was skipped and {where}. "
+        message = (f"{what} (lr {self.optimizer.lr:g}); {skipped}{where}. "
                    "Try a lower learning rate, clip_norm=, or scaled inputs.")
         if self.on_divergence == "raise":
             raise DivergenceError(message)

@@ -229,16 +229,19 @@ class Network:
         """
         loss = self._check_loss(loss)
         X, target, labels = self._prepare_batch(X, y, loss)
+        optimizer = get_optimizer(optimizer)
+        if optimizer._config.owner is not self._engine:
+            optimizer._bind_check(self)  # its first step: hyperparameters in our dtype
         # the plain step (no weights, no l2, no clipping) skips those checks: this
         # wrapper is a measurable part of a small network's step
         if sample_weight is None and clip_norm is None and clip_value is None \
                 and type(l2) is float and l2 == 0.0:
             value = self._engine.train_step(X, target, labels, None, loss._config,
-                                            get_optimizer(optimizer)._config)
+                                            optimizer._config)
         else:
             weights = check_sample_weight(sample_weight, X.shape[0])
             value = self._engine.train_step(X, target, labels, weights, loss._config,
-                                            get_optimizer(optimizer)._config,
+                                            optimizer._config,
                                             *self._step_options(l2, clip_norm, clip_value))
         if value - value != 0:  # NaN or infinite, without a call in the common case
             finite_or_raise(value, "training step")
@@ -401,7 +404,7 @@ class Network:
                                         name="X_val")
             except (TypeError, ValueError) as error:
                 raise type(error)(f"validation_data: {error}") from None
-        optimizer._config.check_owner(self._engine)
+        optimizer._bind_check(self)
         rng_state = self._rng.bit_generator.state
         try:
             if validation_split is not None:
