@@ -1524,15 +1524,20 @@ cdef class Engine:
     def train_epoch(self, x, target, labels, weights, order, Py_ssize_t batch_size,
                     LossConfig loss, OptimizerConfig optimizer, double l2=0.0,
                     double clip_value=0.0, double clip_norm=0.0, batch_lrs=None,
-                    bint check_signals=True):
+                    bint check_signals=True, totals=None):
         """Mini-batch steps over x (in `order` if given) in compiled code.
 
         order: intp row indices (a permutation, or a slice of one), or None for
         consecutive batches; batch_lrs: float64 learning rate per batch, or None.
         Returns (loss_sum, weight_sum, n_rows, diverged): the batch losses summed
         with their batch weights, so that chunks of an epoch combine exactly.
-        KeyboardInterrupt (Ctrl-C) propagates at a batch boundary.
+        totals, a float64 (3,) array or None, gets those three sums added before
+        this returns: a Ctrl-C that arrived during the last batch raises
+        KeyboardInterrupt as soon as the result reaches Python, which loses it, but
+        not what totals holds. KeyboardInterrupt propagates at a batch boundary.
         """
+        cdef double* totals_ptr = <double*>_input_data_or_null(totals, cnp.NPY_DOUBLE,
+                                                               "totals", 3, -1)
         cdef int float_type = _float_type(self.is_double)
         cdef void* x_ptr = _input_data(x, float_type, "x", -1, self.n_inputs)
         cdef Py_ssize_t n_x = x.shape[0]
@@ -1588,6 +1593,10 @@ cdef class Engine:
                                    options_ptr, &optimizer.p, lr_ptr, check_signals,
                                    &optimizer.step_count, <float*>state, self.n_parameters,
                                    &result)
+            if totals_ptr != NULL:
+                totals_ptr[0] += result.loss_sum
+                totals_ptr[1] += result.weight_sum
+                totals_ptr[2] += result.n_rows
         finally:
             self.busy = False
         return result.loss_sum, result.weight_sum, result.n_rows, bool(result.diverged)
