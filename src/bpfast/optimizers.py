@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._compiled import core as _core
-from ._validation import check_bool, check_real, instance_by_name
+from ._validation import check_bool, check_memory, check_real, instance_by_name
 
 if TYPE_CHECKING:
     from .network import Network
@@ -56,6 +56,12 @@ class Optimizer:
             if not isinstance(value, bool):
                 _check_representable(_PUBLIC_NAMES.get(name, name), value, network.dtype)
         _check_representable("lr", self.lr, network.dtype)
+        n_states = len(self._config.state_names)
+        if n_states:
+            names = ", ".join(self._config.state_names)
+            check_memory(f"the state of {type(self).__name__} ({names}) for "
+                         f"{network.n_parameters} parameters",
+                         n_states * network.n_parameters * network.dtype.itemsize)
 
     @property
     def lr(self) -> float:
