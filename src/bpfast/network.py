@@ -364,9 +364,11 @@ class Network:
         verbose : {0, 1, 2}
             0 silent; 1 a progress bar per epoch (tqdm if installed); 2 one line per epoch.
         on_divergence : {"raise", "warn"}
-            When the loss becomes NaN or infinite: raise :class:`DivergenceError`,
-            or warn and stop. Either way the update is skipped and the network
-            keeps finite parameters; the history so far is in ``self.history``.
+            When the loss becomes NaN or infinite, or an epoch's updates leave
+            non-finite parameters (checked at the end of every epoch, so also after
+            the last update): raise :class:`DivergenceError`, or warn and stop.
+            Either way the network keeps finite parameters (from before the update,
+            or the epoch's start); the history so far is in ``self.history``.
 
         Returns
         -------
@@ -378,7 +380,14 @@ class Network:
         Notes
         -----
         Ctrl-C stops at the next batch boundary: every finished update is kept,
-        ``self.history`` holds the finished epochs, and KeyboardInterrupt is raised.
+        ``self.history`` holds the finished epochs (one whose last batch was running
+        counts, with NaN for the metrics it did not compute), and KeyboardInterrupt
+        is raised.
+
+        Optimizer hyperparameters must be representable in the network's dtype
+        (``SGD(lr=1e39)`` is refused for float32); a network, optimizer state or
+        batch that cannot fit in the available memory is a MemoryError, before
+        anything is allocated.
         """
         # held from the checks to the end, so that a fit refused because another
         # thread is training this network changes nothing (not even the RNG)
