@@ -115,11 +115,11 @@ def as_float_array(name, value, dtype, ndim, position_name="row", max_rows=None)
     """A C-contiguous array of dtype with ndim dimensions, finite; copied only if needed.
 
     Integer input is converted; bool, complex, string and object arrays are refused.
-    With max_rows, more rows than that are refused (check_batch_rows) before any copy;
-    a copy that cannot fit in memory is a MemoryError (check_memory).
+    With max_rows, more rows than that are refused (check_batch_rows) before any copy
+    (an array that needs none is the caller's to check); a copy that cannot fit in
+    memory is a MemoryError (check_memory).
     """
-    if _core.ready_array(value, dtype, ndim) and (max_rows is None
-                                                  or value.shape[0] <= max_rows):
+    if _core.ready_array(value, dtype, ndim):
         return value  # the fast path of a training step: no copy, no conversion, checked in C
     array = as_array(name, value)
     if array.dtype.kind not in "fiu":

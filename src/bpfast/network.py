@@ -188,7 +188,9 @@ class Network:
             self._check_workspace(rows)
 
     def _check_input(self, X, name="X", batch=True):
-        """X converted (as_float_array); with batch, also one batch of an engine step."""
+        """X converted (as_float_array); with batch, also one batch of an engine step
+        (rows and workspaces checked where the engine must grow: its capacity is never
+        above MAX_BATCH_ROWS)."""
         X = as_float_array(name, X, self.dtype, 2, max_rows=MAX_BATCH_ROWS if batch else None)
         if X.shape[1] != self.n_inputs:
             raise ValueError(f"{name} has {X.shape[1]} features, but the network takes "
