@@ -894,3 +894,172 @@ def test_cross_entropy_probability_rows_need_not_sum_to_one(kind, from_logits):
     expected = np.concatenate([np.concatenate([w.ravel(), b]) for w, b in zip(grad_w, grad_b)])
     np.testing.assert_allclose(net.gradients, expected, rtol=1e-10,
                                atol=1e-13 * np.abs(expected).max())
+
+
+# =========================================================================== any float array
+# Every array argument of every public entry point, in every float dtype and in every
+# layout or storage that compiled code cannot read as is, gives what its contiguous
+# float64 copy gives (issue 12, item 1: float16 labels from a memory map crashed fit).
+# The values are float16-exact, so every dtype holds them exactly and the one documented
+# conversion (to the network's dtype; float labels and weights to float64) loses nothing.
+ANY_DTYPES = [np.float16, np.float32, np.float64, np.longdouble]
+ANY_LAYOUTS = ["contiguous", "npy_mmap", "strided", "negative_stride", "fortran",
+               "misaligned"]
+
+
+def _stored(values, dtype, layout, path):
+    """values (float64) as an array of dtype in the given layout or storage."""
+    cast = values.astype(dtype)
+    if layout == "contiguous":
+        return cast
+    if layout == "npy_mmap":
+        np.save(path, cast)
+        return np.load(path, mmap_mode="r")
+    if layout in ("strided", "negative_stride"):
+        # the gaps hold NaN: a kernel that read them would say so
+        wide = np.full((2 * cast.shape[0],) + cast.shape[1:], np.nan, dtype=dtype)
+        if layout == "strided":
+            wide[::2] = cast
+            return wide[::2]
+        wide[::2] = cast[::-1]
+        return wide[-2::-2]
+    if layout == "fortran":
+        return np.asfortranarray(cast) if cast.ndim == 2 else cast
+    if layout == "misaligned":
+        buffer = np.zeros(cast.nbytes + 1, dtype=np.uint8)
+        shifted = np.frombuffer(buffer.data, dtype=dtype, offset=1, count=cast.size)
+        shifted = shifted.reshape(cast.shape)
+        shifted[...] = cast
+        assert not shifted.flags.aligned
+        return shifted
+    raise AssertionError(layout)
+
+
+def _every_entry_point(net, arrays):
+    """The results of every public entry point of net, of a loss and of the estimators,
+    fed the arrays of the dict arrays (X, outputs O, gradient G, targets Y, float
+    labels, sample weights w)."""
+    X, O, G, Y, labels, w = (arrays[k] for k in ("X", "O", "G", "Y", "labels", "w"))
+    results = [net.forward(X), net.backward(G), net.gradients.copy(), net.predict(X)]
+    for loss, target in [(CE, labels), (CE, Y), (bp.MSE(), Y), (bp.L1(), Y),
+                         (bp.Huber(), Y), (bp.BinaryCrossEntropy(), Y)]:
+        results += [loss(O, target), loss(O, target, sample_weight=w),
+                    loss.gradient(O, target, sample_weight=w)]
+        results.append(net.compute_gradients(X, target, loss, sample_weight=w))
+        opt = bp.Adam(lr=0.01)
+        results.append(net.train_step(X, target, loss, opt, sample_weight=w))
+        history = net.fit(X, target, loss=loss, optimizer=opt, epochs=2, batch_size=7,
+                          sample_weight=w, validation_data=(X, target, w))
+        results += [history.history["loss"], history.history["val_loss"]]
+        results.append(net.partial_fit(X, target, loss=loss, optimizer=opt, batch_size=6,
+                                       sample_weight=w))
+        results.append(net.parameters.copy())
+    return results
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("net_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ANY_LAYOUTS)
+@pytest.mark.parametrize("dtype", ANY_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_entry_point_takes_any_float_array_as_its_float64_copy(dtype, layout,
+                                                                     net_dtype, tmp_path):
+    rng = np.random.default_rng(11)
+    plain = {name: values.astype(np.float16).astype(np.float64) for name, values in {
+        "X": rng.standard_normal((N, N_IN)), "O": rng.standard_normal((N, N_OUT)),
+        "G": rng.standard_normal((N, N_OUT)), "Y": rng.uniform(size=(N, N_OUT)),
+        "labels": rng.integers(0, N_OUT, N).astype(np.float64),
+        "w": rng.uniform(0.25, 2.0, N)}.items()}
+    odd = {name: _stored(values, dtype, layout, tmp_path / f"{name}.npy")
+           for name, values in plain.items()}
+    # a loss computes in its output's dtype when that is float32 or float64, else float64
+    plain["O"] = plain["O"].astype(np.float32 if dtype is np.float32 else np.float64)
+    got = _every_entry_point(make_net(net_dtype), odd)
+    expected = _every_entry_point(make_net(net_dtype), plain)
+    assert len(got) == len(expected)
+    for index, (g, e) in enumerate(zip(got, expected)):
+        assert np.asarray(g).dtype == np.asarray(e).dtype, index
+        assert np.asarray(g).tobytes() == np.asarray(e).tobytes(), index
+    # the scikit-learn estimators, which convert through validate_data first
+    sklearn = pytest.importorskip("sklearn")
+    del sklearn
+    from bpfast.sklearn import MLPClassifier, MLPRegressor
+    for make, target in [(MLPClassifier, "labels"), (MLPRegressor, "Y")]:
+        models = [make(hidden_layer_sizes=(8,), max_iter=3, batch_size=7, random_state=0,
+                       dtype=net_dtype) for _ in range(2)]
+        models[0].fit(odd["X"], odd[target], sample_weight=odd["w"])
+        models[1].fit(plain["X"], plain[target], sample_weight=plain["w"])
+        assert models[0].network_.parameters.tobytes() == models[1].network_.parameters.tobytes()
+        np.testing.assert_array_equal(np.asarray(models[0].predict(odd["X"]), dtype=float),
+                                      np.asarray(models[1].predict(plain["X"]), dtype=float))
+
+
+def test_float16_labels_from_a_memory_map_train(tmp_path):
+    """The issue's crash: 2**20 float16 labels from np.load(mmap_mode="r") made fit read
+    them as float32 (past the end of the map: a segfault)."""
+    n = 1 << 20
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, 2)).astype(np.float32)
+    labels = rng.integers(0, 3, n)
+    np.save(tmp_path / "y.npy", labels.astype(np.float16))
+    mapped = np.load(tmp_path / "y.npy", mmap_mode="r")
+    a = bp.Network([bp.Dense(2, 3)], seed=0)
+    b = bp.Network([bp.Dense(2, 3)], seed=0)
+    ha = a.fit(X, mapped, loss=CE, optimizer=bp.SGD(lr=0.1), epochs=1, batch_size=1 << 16)
+    hb = b.fit(X, labels, loss=CE, optimizer=bp.SGD(lr=0.1), epochs=1, batch_size=1 << 16)
+    assert ha.history == hb.history
+    assert a.parameters.tobytes() == b.parameters.tobytes()
+
+
+def test_strided_float_labels_name_the_right_row():
+    # the issue's strided float64 labels: [0, 1, 2, 1] at even positions, NaN between
+    net, X = make_net(), make_data(4)[0]
+    labels = np.array([0, np.nan, 1, np.nan, 2, np.nan, 1, np.nan])[::2]
+    assert np.isfinite(net.train_step(X, labels, CE, bp.SGD(lr=0.1)))
+    with raises_and_unchanged(ValueError, r"target contains nan at row 2;", net):
+        net.train_step(X, np.array([0, 7, 1, 7, np.nan, 7, 2, 7])[::2], CE, bp.SGD(lr=0.1))
+
+
+def _unconverted():
+    """Arrays that compiled code must not read as float64: (array, what is wrong)."""
+    good = np.zeros((N, N_IN))
+    misaligned = np.frombuffer(bytearray(good.nbytes + 1), dtype=np.float64, offset=1,
+                               count=good.size).reshape(good.shape)
+    return {"float16": good.astype(np.float16), "float32": good.astype(np.float32),
+            "longdouble": good.astype(np.longdouble), "strided": np.zeros((N, 2 * N_IN))[:, ::2],
+            "fortran": np.asfortranarray(good), "big_endian": good.astype(">f8"),
+            "misaligned": misaligned, "list": good.tolist()}
+
+
+@pytest.mark.parametrize("kind", list(_unconverted()))
+def test_compiled_code_refuses_an_array_that_was_not_converted(kind):
+    """The guarantee of the Python layer's conversion, enforced again where the pointers
+    are taken: a wrong array is a TypeError, never read as the wrong type."""
+    from bpfast._compiled import core
+    bad = _unconverted()[kind]
+    net, opt, X, y = warmed_up("float64")
+    engine = net._engine
+    expected = "x must be a C-contiguous, aligned float64 array"
+    with raises_and_unchanged(TypeError, expected, net, opt):
+        engine.train_step(bad, None, y, None, CE._config, opt._config)
+    with raises_and_unchanged(TypeError, expected, net, opt):
+        engine.train_epoch(bad, None, y, None, None, 5, CE._config, opt._config)
+    with raises_and_unchanged(TypeError, "x must be", net, opt):
+        engine.forward(bad)
+    with raises_and_unchanged(TypeError, "x must be", net, opt):
+        engine.predict(bad, 8)
+    target = bad[:, :N_OUT] if kind != "list" else bad
+    with raises_and_unchanged(TypeError, "target must be", net, opt):
+        engine.train_step(X, target, None, None, bp.MSE()._config, opt._config)
+    with pytest.raises(TypeError, match="out must be|target must be"):
+        bp.MSE()._config.evaluate(np.zeros((N, N_OUT)), target, None, None)
+    if kind != "float32":  # float32 and float64 are first_nonfinite's two types
+        with pytest.raises(TypeError, match="first_nonfinite"):
+            core.first_nonfinite(bad)
+    weights = bad[:, 0] if kind != "list" else bad
+    if kind not in ("fortran", "list"):  # a column of a Fortran array is contiguous
+        with raises_and_unchanged(TypeError, "weights must be", net, opt):
+            engine.train_step(X, None, y, weights, CE._config, opt._config)
+    with raises_and_unchanged(TypeError, "labels must be a C-contiguous, aligned", net, opt):
+        engine.train_step(X, None, y.astype(np.int32), None, CE._config, opt._config)
+    with raises_and_unchanged(ValueError, "labels has shape", net, opt):
+        engine.train_step(X, None, y[:-1], None, CE._config, opt._config)

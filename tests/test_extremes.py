@@ -368,3 +368,176 @@ def test_finite_extreme_fit_does_not_raise_divergence(dtype):
     history = net.fit(X, LABELS, loss=bp.CrossEntropy(), optimizer=bp.SGD(lr=1e-3), epochs=3)
     assert np.isfinite(history.history["loss"]).all()
     assert min(history.history["loss"]) > 1e3
+
+
+# =========================================================================== issue 12, item 7
+def _small_regression(dtype, seed=0):
+    X = np.random.default_rng(seed).standard_normal((8, 3))
+    net = bp.Network([bp.Dense(3, 4, "tanh"), bp.Dense(4, 1)], dtype=dtype, seed=0)
+    return net, X, 100 * X[:, :1]
+
+
+UNREPRESENTABLE_IN_FLOAT32 = [
+    (lambda: bp.SGD(lr=1e39), "lr=1e\\+39"),
+    (lambda: bp.SGD(lr=1e-50), "lr=1e-50"),
+    (lambda: bp.SGD(lr=0.1, momentum=1e39), "momentum"),
+    (lambda: bp.SGD(lr=0.1, dampening=-1e39), "dampening"),
+    (lambda: bp.SGD(lr=0.1, weight_decay=1e39), "weight_decay"),
+    (lambda: bp.Adam(eps=1e-50), "eps=1e-50"),
+    (lambda: bp.AdamW(weight_decay=1e39), "weight_decay"),
+    (lambda: bp.RMSprop(eps=1e-46), "eps"),
+    (lambda: bp.Adagrad(initial_accumulator_value=1e39), "initial_accumulator_value"),
+    (lambda: bp.Adagrad(lr_decay=1e39), "lr_decay"),
+]
+
+
+@pytest.mark.parametrize("call", ["train_step", "fit", "step"])
+@pytest.mark.parametrize("make, name", UNREPRESENTABLE_IN_FLOAT32)
+def test_hyperparameter_not_representable_in_float32_is_refused(make, name, call):
+    """SGD(lr=1e39) is a finite double but inf in float32: refused (ValueError naming it)
+    when the optimizer first meets a float32 network, before anything changes; the same
+    optimizer steps a float64 network."""
+    net, X, y = _small_regression("float32")
+    opt = make()
+    before = net.parameters.copy()
+    with pytest.raises(ValueError, match=f"{name}.*float32"):
+        if call == "train_step":
+            net.train_step(X, y, "mse", opt)
+        elif call == "fit":
+            net.fit(X, y, loss="mse", optimizer=opt, epochs=1)
+        else:
+            net.compute_gradients(X, y, "mse")
+            opt.step(net)
+    assert net.parameters.tobytes() == before.tobytes()
+    assert opt.step_count == 0 and opt.state == {}
+    net64, X, y = _small_regression("float64")
+    net64.compute_gradients(X, y, "mse")
+    opt.step(net64)  # representable in float64: no error (whatever the step gives)
+
+
+def test_changed_learning_rate_is_checked_in_the_network_dtype():
+    net, X, y = _small_regression("float32")
+    opt = bp.SGD(lr=1e-3)
+    net.train_step(X, y, "mse", opt)
+    with pytest.raises(ValueError, match="lr=1e\\+39 .*float32"):
+        opt.lr = 1e39
+    assert opt.lr == 1e-3
+    # a schedule's rate, per epoch and per step, the same
+    class Huge(bp.schedules.Schedule):
+        def factor(self, t):
+            return np.full(np.shape(t), 1e42)
+
+    for schedule in (lambda epoch: 1e39, Huge(per="step")):
+        with pytest.raises(ValueError, match="1e\\+39"):
+            net.fit(X, y, loss="mse", optimizer=bp.SGD(lr=1e-3), epochs=1, schedule=schedule)
+    assert np.isfinite(net.parameters).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("on_divergence", ["raise", "warn"])
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_fit_whose_last_update_overflows_ends_finite(on_divergence, early_stopping, dtype):
+    """The loss is computed before each update, so within an epoch an overflowing update
+    shows at the next batch; the last update of a fit has no next batch. It is checked
+    too: fit raises DivergenceError or warns (the on_divergence action), and the network
+    keeps the finite parameters of the epoch's start."""
+    net, X, y = _small_regression(dtype)
+    lr = 1e37 if dtype == "float32" else 1e307
+    net.fit(X, y, loss="mse", optimizer=bp.SGD(lr=1e-3), epochs=1)  # one finite epoch
+    before = net.parameters.copy()
+    kwargs = dict(loss="mse", optimizer=bp.SGD(lr=lr), epochs=1, early_stopping=early_stopping,
+                  on_divergence=on_divergence)
+    if on_divergence == "raise":
+        with pytest.raises(bp.DivergenceError, match="parameters became NaN or infinite"):
+            net.fit(X, y, **kwargs)
+    else:
+        with pytest.warns(RuntimeWarning, match="parameters became NaN or infinite"):
+            history = net.fit(X, y, **kwargs)
+        assert history.stop_reason == "diverged" and history.epoch == []
+    assert net.parameters.tobytes() == before.tobytes()
+    assert net.epochs_trained == 1
+
+
+# =========================================================================== issue 12, item 4
+HUGE_ROWS = 2 ** 31  # one more than BLAS's int takes
+
+
+@pytest.fixture
+def little_memory(monkeypatch):
+    """available_memory() says 64 MiB: sizes that fail here need no real allocation."""
+    import bpfast._validation as validation
+    monkeypatch.setattr(validation, "available_memory", lambda: 64 << 20)
+
+
+def test_available_memory_is_a_plausible_size():
+    from bpfast._validation import available_memory
+    available = available_memory()
+    assert available is None or 0 < available < 1 << 60
+
+
+def test_network_larger_than_memory_is_refused_before_allocating():
+    # 10**12 parameters: 3.6 TiB each for parameters and gradients, on any machine
+    with pytest.raises(MemoryError, match=r"1000001000000 float32 parameters .* needs 14\.6 TiB"):
+        bp.Network([bp.Dense(10 ** 6, 10 ** 6)])
+    with pytest.raises(ValueError, match=r"wider than 2147483647"):
+        bp.Network([bp.Dense(1, 2 ** 31)])
+
+
+def test_network_of_the_issue_is_refused_where_it_cannot_fit(little_memory):
+    """Dense(1, 10**9) was OOM-killed; with 64 MiB available, Dense(1, 10**7) (2 x 76 MiB
+    and a float64 draw) is refused the same way, with nothing allocated."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemoryError, match=r"20000000 float32 parameters .* needs 305\.2 MiB, "
+                                              r"but only 64\.0 MiB"):
+            bp.Network([bp.Dense(1, 10 ** 7)])
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_optimizer_state_larger_than_memory_is_refused(monkeypatch):
+    import bpfast._validation as validation
+    net = bp.Network([bp.Dense(1000, 1000)], seed=0)  # 1001000 float32: 3.8 MiB
+    X, y = np.ones((2, 1000)), np.zeros((2, 1000))
+    before = net.parameters.copy()
+    monkeypatch.setattr(validation, "available_memory", lambda: 5 << 20)
+    opt = bp.Adam()
+    for call in (lambda: net.train_step(X, y, "mse", opt),
+                 lambda: net.fit(X, y, loss="mse", optimizer=opt)):
+        with pytest.raises(MemoryError, match=r"state of Adam \(exp_avg, exp_avg_sq\) for "
+                                              r"1001000 parameters needs 7\.6 MiB"):
+            call()
+    assert net.parameters.tobytes() == before.tobytes() and opt.state == {}
+    net.train_step(X, y, "mse", bp.SGD(lr=0.1))  # no state: fits
+
+
+def test_workspaces_of_a_huge_batch_are_refused(little_memory):
+    net = bp.Network([bp.Dense(4, 2000, "relu"), bp.Dense(2000, 3)], seed=0)
+    X = np.ones((20000, 4), dtype=np.float32)  # 0.3 MiB; its workspaces about 0.5 GiB
+    y = np.zeros(20000, dtype=np.intp)
+    before = net.parameters.copy()
+    for call in (net.forward, lambda X: net.compute_gradients(X, y, "cross_entropy"),
+                 lambda X: net.train_step(X, y, "cross_entropy", "sgd"),
+                 lambda X: net.fit(X, y, loss="cross_entropy", optimizer="sgd")):
+        with pytest.raises(MemoryError, match="workspaces for a batch of 20000 rows"):
+            call(X)
+    assert net.parameters.tobytes() == before.tobytes()
+    # in batches that fit, and predict (which works in chunks): no error
+    net.fit(X, y, loss="cross_entropy", optimizer="sgd", batch_size=100)
+    assert net.predict(X).shape == (20000, 3)
+
+
+def test_batch_of_more_rows_than_blas_takes_is_refused():
+    """A batch of 2**31 rows would reach BLAS as a C int: refused before any copy (the
+    input is a zero-stride view of 4 bytes; a copy would be 8 GiB)."""
+    net = bp.Network([bp.Dense(1, 1)], seed=0)
+    X = np.broadcast_to(np.float32(1), (HUGE_ROWS, 1))
+    y = np.broadcast_to(np.float32(0), (HUGE_ROWS, 1))
+    for call in (net.forward, lambda X: net.compute_gradients(X, y, "mse"),
+                 lambda X: net.train_step(X, y, "mse", "sgd")):
+        with pytest.raises(ValueError, match=r"X has 2147483648 rows; .* at most 2147483647"):
+            call(X)
+    with pytest.raises(ValueError, match=r"batch of fit \(batch_size=None, 2147483648 samples"):
+        net.fit(X, y, loss="mse", optimizer="sgd")

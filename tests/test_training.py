@@ -9,6 +9,7 @@ train_step, and the stopping rules written out. Data: scikit-learn's digits, bre
 cancer and diabetes sets, scaled, and crafted cases. Callbacks are in
 test_callbacks.py, schedules in test_schedules.py.
 """
+import contextlib
 import math
 import os
 import signal
@@ -960,6 +961,33 @@ needs_sigint = pytest.mark.skipif(
     reason="sends SIGINT to the main thread (POSIX only)")
 
 
+@contextlib.contextmanager
+def sigint_raises_keyboard_interrupt():
+    """SIGINT raises KeyboardInterrupt inside, whatever the runner's disposition: a test
+    runner started as a background job of a non-interactive shell ignores SIGINT, and
+    a test waiting for it would hang. Python's handler is installed, then restored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class SigintAt(bp.callbacks.Callback):
+    """Sends SIGINT to this process from another thread when epoch `epoch` begins, so that
+    it arrives while the main thread runs the compiled epoch (or soon after): a real
+    Ctrl-C, with no timing in the test."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+        self.sender = None
+
+    def on_epoch_begin(self, epoch, logs):
+        if epoch == self.epoch:
+            self.sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+            self.sender.start()
+
+
 @needs_sigint
 def test_ctrl_c_during_fit_stops_at_a_batch_boundary():
     X, y = digits()
@@ -968,15 +996,13 @@ def test_ctrl_c_during_fit_stops_at_a_batch_boundary():
     opt_a, opt_b = bp.Adam(lr=1e-3), bp.Adam(lr=1e-3)
     batch_size, n_batches = 16, 25
     a.fit(X, y, loss=CE, optimizer=opt_a, epochs=1, batch_size=batch_size, shuffle=False)
-    ender = Recorder()
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            a.fit(X, y, loss=CE, optimizer=opt_a, epochs=10 ** 7, batch_size=batch_size,
-                  shuffle=False, callbacks=[ender])
-    finally:
-        timer.cancel()
+    ender, sender = Recorder(), SigintAt(epoch=3)
+    # bounded: if SIGINT never arrived, fit would end after these epochs (a few seconds)
+    # and pytest.raises would fail, instead of the test hanging
+    with sigint_raises_keyboard_interrupt(), pytest.raises(KeyboardInterrupt):
+        a.fit(X, y, loss=CE, optimizer=opt_a, epochs=2000, batch_size=batch_size,
+              shuffle=False, callbacks=[ender, sender])
+    sender.sender.join()
     history = a.history
     completed = len(history.epoch)
     assert history.stop_reason == "interrupted"
@@ -985,8 +1011,9 @@ def test_ctrl_c_during_fit_stops_at_a_batch_boundary():
     assert ender.events[-1] == ("train_end", None)
     assert ender.train_end_logs["stop_reason"] == "interrupted"
     steps = opt_a.step_count
-    # every finished epoch is recorded; the partial one's batches are counted
-    assert (1 + completed) * n_batches <= steps <= (2 + completed) * n_batches
+    # every finished epoch is recorded (issue 12, item 9: also one whose last batch was
+    # running when Ctrl-C came); the partial one's batches are counted
+    assert (1 + completed) * n_batches <= steps < (2 + completed) * n_batches
     assert np.isfinite(a.parameters).all()
     # replay exactly opt.step_count steps in the same order: the same parameters
     b.fit(X, y, loss=CE, optimizer=opt_b, epochs=steps // n_batches, batch_size=batch_size,
@@ -999,6 +1026,74 @@ def test_ctrl_c_during_fit_stops_at_a_batch_boundary():
     assert np.isfinite(a.train_step(X[:16], y[:16], CE, opt_a))
     again = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=1, batch_size=batch_size)
     assert again.epoch == [1 + completed] and again.stop_reason is None
+
+
+class InterruptOnReturn:
+    """The network's engine, except that the `at`-th train_epoch call raises
+    KeyboardInterrupt once the real call has returned: what a Ctrl-C that arrives during
+    the call's last batch does (Python runs the signal handler as the compiled call
+    returns, and the call's result is lost)."""
+
+    def __init__(self, engine, at):
+        self.engine, self.at, self.calls = engine, at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def train_epoch(self, *args, **kwargs):
+        result = self.engine.train_epoch(*args, **kwargs)
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return result
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("metrics, validation", [(None, False), (["accuracy"], True)])
+def test_ctrl_c_during_the_last_batch_of_an_epoch_counts_the_epoch(per_batch, metrics,
+                                                                   validation):
+    """Issue 12, item 9: the epoch's updates were all applied, but neither epochs_trained
+    nor the history counted it. Its History record has the epoch's loss and rate (the
+    same as an uninterrupted twin's) and NaN for what was not computed."""
+    X, y = digits()
+    X, y = X[:60], y[:60]
+    a, b = twins((64, 8, 10), seed=3)
+    opt_a, opt_b = bp.SGD(lr=0.1, momentum=0.9), bp.SGD(lr=0.1, momentum=0.9)
+    n_batches = 4  # batches of 16: 16, 16, 16, 12
+    kwargs = dict(loss=CE, batch_size=16, metrics=metrics,
+                  validation_data=(X[:10], y[:10]) if validation else None,
+                  callbacks=[Recorder(wants_batches=True)] if per_batch else None)
+    trainer = a._trainer(X, y, optimizer=opt_a, epochs=3, **kwargs)
+    # the second epoch's last compiled call: one per epoch, or one per batch
+    trainer.engine = InterruptOnReturn(trainer.engine, at=2 * n_batches if per_batch else 2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(3)
+    twin = b.fit(X, y, optimizer=opt_b, epochs=2, **kwargs)
+    assert a.epochs_trained == 2 and opt_a.step_count == 2 * n_batches
+    np.testing.assert_array_equal(a.parameters, b.parameters)
+    history = a.history
+    assert history.stop_reason == "interrupted" and history.epoch == [0, 1]
+    assert history.history["loss"] == twin.history["loss"]
+    assert history.history["lr"] == twin.history["lr"]
+    assert set(history.history) == set(twin.history)
+    for key, values in history.history.items():
+        if key not in ("loss", "lr"):
+            assert values[0] == twin.history[key][0] and math.isnan(values[1])
+    # the epoch count continues from there
+    assert a.fit(X, y, optimizer=opt_a, epochs=1, **kwargs).epoch == [2]
+
+
+def test_ctrl_c_before_the_last_batch_does_not_count_the_epoch():
+    X, y = digits()
+    X, y = X[:60], y[:60]
+    net = mlp((64, 8, 10), seed=3)
+    opt = bp.SGD(lr=0.1)
+    trainer = net._trainer(X, y, CE, opt, epochs=3, batch_size=16,
+                           callbacks=[Recorder(wants_batches=True)])
+    trainer.engine = InterruptOnReturn(trainer.engine, at=7)  # the second epoch's third
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(3)
+    assert net.epochs_trained == 1 and net.history.epoch == [0] and opt.step_count == 7
 
 
 class InterruptAt(bp.callbacks.Callback):

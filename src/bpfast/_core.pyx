@@ -1043,11 +1043,59 @@ cdef void predict_chunk(const LayerSpec* layers, int n_layers, const floating* p
 
 # --------------------------------------------------------------------------- Python-facing
 cdef inline void* _data(object array):
+    """The data of an array the engine allocated itself (its layout is known)."""
     return cnp.PyArray_DATA(<cnp.ndarray>array)
 
 
 cdef inline void* _data_or_null(object array):
     return NULL if array is None else cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+cdef inline int _float_type(bint is_double) noexcept:
+    return cnp.NPY_DOUBLE if is_double else cnp.NPY_FLOAT
+
+
+cdef bint _kernel_ready(object array, int type_num):
+    """Whether the kernels may read array as a C array of type_num: an ndarray of exactly
+    that type, in native byte order, C-contiguous and aligned."""
+    if not cnp.PyArray_Check(array):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>array
+    return (cnp.PyArray_TYPE(a) == type_num and cnp.PyArray_ISNOTSWAPPED(a)
+            and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a))
+
+
+cdef void* _input_data(object array, int type_num, str name, Py_ssize_t n_rows=-1,
+                       Py_ssize_t n_cols=-2) except? NULL:
+    """The data of a caller's array, which must be _kernel_ready for type_num and, where
+    given, have n_rows rows (n_rows >= 0) and be 1-D (n_cols == -1) or have n_cols
+    columns (n_cols >= 0).
+
+    The Python layer converts every array (bpfast._validation.as_kernel_array) before
+    it gets here; this check makes sure that an array that skipped it is refused
+    (TypeError, ValueError for a shape) instead of read as the wrong type or length.
+    """
+    if not _kernel_ready(array, type_num):
+        expected = cnp.PyArray_DescrFromType(type_num).name
+        got = (f"dtype {array.dtype}, C-contiguous {array.flags.c_contiguous}, aligned "
+               f"{array.flags.aligned}" if isinstance(array, np.ndarray)
+               else type(array).__name__)
+        raise TypeError(f"{name} must be a C-contiguous, aligned {expected} array in native "
+                        f"byte order for compiled code; got {got}")
+    cdef cnp.ndarray a = <cnp.ndarray>array
+    cdef int ndim = cnp.PyArray_NDIM(a)
+    if n_cols >= -1 and (ndim != (1 if n_cols == -1 else 2)
+                         or (n_cols >= 0 and cnp.PyArray_DIMS(a)[1] != n_cols)
+                         or (n_rows >= 0 and cnp.PyArray_DIMS(a)[0] != n_rows)):
+        raise ValueError(f"{name} has shape {array.shape}, expected "
+                         f"{'(' + str(n_rows) + ',)' if n_cols == -1 else (n_rows, n_cols)}"
+                         " (-1: any)")
+    return cnp.PyArray_DATA(a)
+
+
+cdef void* _input_data_or_null(object array, int type_num, str name, Py_ssize_t n_rows=-1,
+                               Py_ssize_t n_cols=-2) except? NULL:
+    return NULL if array is None else _input_data(array, type_num, name, n_rows, n_cols)
 
 
 cdef Py_ssize_t first_nonfinite_index(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -1091,6 +1139,8 @@ def ready_array(object array, object dtype, int ndim):
     cdef Py_ssize_t n = cnp.PyArray_SIZE(a), index
     cdef void* data = cnp.PyArray_DATA(a)
     cdef int type_num = cnp.PyArray_TYPE(a)
+    if not cnp.PyArray_ISNOTSWAPPED(a):
+        return False
     if type_num == cnp.NPY_DOUBLE:
         with nogil:
             index = first_nonfinite_index(<double*>data, n)
@@ -1107,8 +1157,7 @@ def ready_labels(object labels, Py_ssize_t n_rows, Py_ssize_t n_classes):
     if not cnp.PyArray_CheckExact(labels):
         return False
     cdef cnp.ndarray a = <cnp.ndarray>labels
-    if (cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_TYPE(a) != cnp.NPY_INTP
-            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a)
+    if (cnp.PyArray_NDIM(a) != 1 or not _kernel_ready(a, cnp.NPY_INTP)
             or cnp.PyArray_DIMS(a)[0] != n_rows):
         return False
     cdef const intp* data = <const intp*>cnp.PyArray_DATA(a)
@@ -1120,10 +1169,14 @@ def ready_labels(object labels, Py_ssize_t n_rows, Py_ssize_t n_classes):
 
 
 def first_nonfinite(array):
-    """Flat index of the first NaN or infinity in a C-contiguous float array, or -1."""
-    cdef Py_ssize_t n = array.size, index
-    cdef void* data = _data(array)
+    """Flat index of the first NaN or infinity in a C-contiguous, aligned float32 or
+    float64 array, or -1; TypeError for any other array."""
+    if not (isinstance(array, np.ndarray) and array.dtype in (np.float32, np.float64)):
+        raise TypeError(f"first_nonfinite needs a float32 or float64 ndarray, got "
+                        f"{getattr(array, 'dtype', type(array).__name__)}")
     cdef bint is_double = array.dtype == np.float64
+    cdef void* data = _input_data(array, _float_type(is_double), "first_nonfinite's array")
+    cdef Py_ssize_t n = array.size, index
     with nogil:
         if is_double:
             index = first_nonfinite_index(<double*>data, n)
@@ -1150,15 +1203,22 @@ cdef class LossConfig:
         Arrays are C-contiguous, out/target/grad of one float dtype, labels intp,
         weights (n,) float64 or None: the caller checks.
         """
+        cdef bint is_double = isinstance(out, np.ndarray) and out.dtype == np.float64
+        cdef int float_type = _float_type(is_double)
+        cdef void* out_ptr = _input_data(out, float_type, "out")
+        if out.ndim != 2 or out.shape[1] < 1:
+            raise ValueError(f"out must be 2-D with at least one column, got {out.shape}")
         cdef Py_ssize_t n_rows = out.shape[0], width = out.shape[1]
         cdef object row_loss = np.empty(n_rows)
         cdef double* row_loss_ptr = <double*>_data(row_loss)
-        cdef void* out_ptr = _data(out)
-        cdef void* target_ptr = _data_or_null(target)
-        cdef intp* label_ptr = <intp*>_data_or_null(labels)
-        cdef void* grad_ptr = _data_or_null(grad)
-        cdef double* weight_ptr = <double*>_data_or_null(weights)
-        cdef bint is_double = out.dtype == np.float64
+        cdef void* target_ptr = _input_data_or_null(target, float_type, "target", n_rows, width)
+        cdef intp* label_ptr = <intp*>_input_data_or_null(labels, cnp.NPY_INTP, "labels",
+                                                          n_rows, -1)
+        cdef void* grad_ptr = _input_data_or_null(grad, float_type, "grad", n_rows, width)
+        cdef double* weight_ptr = <double*>_input_data_or_null(weights, cnp.NPY_DOUBLE,
+                                                               "weights", n_rows, -1)
+        if target_ptr == NULL and label_ptr == NULL:
+            raise ValueError("evaluate needs a target or labels")
         cdef double value
         with nogil:
             if is_double:
@@ -1413,11 +1473,15 @@ cdef class Engine:
         The caller checks. A loss that is not finite skips the update (and does not
         count as an optimizer step).
         """
+        cdef int float_type = _float_type(self.is_double)
+        cdef void* x_ptr = _input_data(x, float_type, "x", -1, self.n_inputs)
         cdef Py_ssize_t n_rows = x.shape[0]
-        cdef void* x_ptr = _data(x)
-        cdef void* target_ptr = _data_or_null(target)
-        cdef intp* label_ptr = <intp*>_data_or_null(labels)
-        cdef double* weight_ptr = <double*>_data_or_null(weights)
+        cdef void* target_ptr = _input_data_or_null(target, float_type, "target", n_rows,
+                                                    self.n_outputs)
+        cdef intp* label_ptr = <intp*>_input_data_or_null(labels, cnp.NPY_INTP, "labels",
+                                                          n_rows, -1)
+        cdef double* weight_ptr = <double*>_input_data_or_null(weights, cnp.NPY_DOUBLE,
+                                                               "weights", n_rows, -1)
         cdef const OptimizerParams* opt_params = NULL
         cdef StepOptions options
         cdef StepOptions* options_ptr = self.step_options(&options, l2, clip_value,
@@ -1460,22 +1524,36 @@ cdef class Engine:
     def train_epoch(self, x, target, labels, weights, order, Py_ssize_t batch_size,
                     LossConfig loss, OptimizerConfig optimizer, double l2=0.0,
                     double clip_value=0.0, double clip_norm=0.0, batch_lrs=None,
-                    bint check_signals=True):
+                    bint check_signals=True, totals=None):
         """Mini-batch steps over x (in `order` if given) in compiled code.
 
         order: intp row indices (a permutation, or a slice of one), or None for
         consecutive batches; batch_lrs: float64 learning rate per batch, or None.
         Returns (loss_sum, weight_sum, n_rows, diverged): the batch losses summed
         with their batch weights, so that chunks of an epoch combine exactly.
-        KeyboardInterrupt (Ctrl-C) propagates at a batch boundary.
+        totals, a float64 (3,) array or None, gets those three sums added before
+        this returns: a Ctrl-C that arrived during the last batch raises
+        KeyboardInterrupt as soon as the result reaches Python, which loses it, but
+        not what totals holds. KeyboardInterrupt propagates at a batch boundary.
         """
-        cdef Py_ssize_t n_samples = x.shape[0] if order is None else order.shape[0]
-        cdef void* x_ptr = _data(x)
-        cdef void* target_ptr = _data_or_null(target)
-        cdef intp* label_ptr = <intp*>_data_or_null(labels)
-        cdef double* weight_ptr = <double*>_data_or_null(weights)
-        cdef intp* order_ptr = <intp*>_data_or_null(order)
-        cdef double* lr_ptr = <double*>_data_or_null(batch_lrs)
+        cdef double* totals_ptr = <double*>_input_data_or_null(totals, cnp.NPY_DOUBLE,
+                                                               "totals", 3, -1)
+        cdef int float_type = _float_type(self.is_double)
+        cdef void* x_ptr = _input_data(x, float_type, "x", -1, self.n_inputs)
+        cdef Py_ssize_t n_x = x.shape[0]
+        cdef void* target_ptr = _input_data_or_null(target, float_type, "target", n_x,
+                                                    self.n_outputs)
+        cdef intp* label_ptr = <intp*>_input_data_or_null(labels, cnp.NPY_INTP, "labels",
+                                                          n_x, -1)
+        cdef double* weight_ptr = <double*>_input_data_or_null(weights, cnp.NPY_DOUBLE,
+                                                               "weights", n_x, -1)
+        cdef intp* order_ptr = <intp*>_input_data_or_null(order, cnp.NPY_INTP, "order", -1, -1)
+        cdef Py_ssize_t n_samples = n_x if order is None else order.shape[0]
+        cdef double* lr_ptr = <double*>_input_data_or_null(batch_lrs, cnp.NPY_DOUBLE,
+                                                           "batch_lrs", -1, -1)
+        if batch_size < 1 or (batch_lrs is not None and batch_lrs.shape[0]
+                              < (n_samples + batch_size - 1) // batch_size):
+            raise ValueError("batch_size must be >= 1 and batch_lrs must hold one rate per batch")
         cdef StepOptions options
         cdef StepOptions* options_ptr = self.step_options(&options, l2, clip_value,
                                                           clip_norm)
@@ -1515,6 +1593,10 @@ cdef class Engine:
                                    options_ptr, &optimizer.p, lr_ptr, check_signals,
                                    &optimizer.step_count, <float*>state, self.n_parameters,
                                    &result)
+            if totals_ptr != NULL:
+                totals_ptr[0] += result.loss_sum
+                totals_ptr[1] += result.weight_sum
+                totals_ptr[2] += result.n_rows
         finally:
             self.busy = False
         return result.loss_sum, result.weight_sum, result.n_rows, bool(result.diverged)
@@ -1524,8 +1606,8 @@ cdef class Engine:
 
         x is copied into the workspace, so the caller may change it before backward().
         """
+        cdef void* x_ptr = _input_data(x, _float_type(self.is_double), "x", -1, self.n_inputs)
         cdef Py_ssize_t n_rows = x.shape[0]
-        cdef void* x_ptr = _data(x)
         cdef void* x_batch
         cdef Py_ssize_t x_bytes = x.nbytes
         self.acquire()
@@ -1555,7 +1637,8 @@ cdef class Engine:
         cdef Py_ssize_t n_rows
         cdef const LayerSpec* last = &self.layers[self.n_layers - 1]
         cdef void* grad_x
-        cdef void* grad_out = _data(grad_output)
+        cdef void* grad_out = _input_data(grad_output, _float_type(self.is_double),
+                                          "grad_output", -1, self.n_outputs)
         cdef void* x_batch
         cdef void* out
         cdef void* z
@@ -1597,11 +1680,12 @@ cdef class Engine:
 
         Uses its own scratch, so it never disturbs a cached forward pass.
         """
+        cdef char* x_ptr = <char*>_input_data(x, _float_type(self.is_double), "x", -1,
+                                              self.n_inputs)
         cdef Py_ssize_t n_rows = x.shape[0], begin, rows
         chunk_rows = max(1, min(chunk_rows, n_rows))
         out = np.empty((n_rows, self.n_outputs), dtype=self.dtype)
         scratch = np.empty(max(1, 2 * chunk_rows * self.max_width), dtype=self.dtype)
-        cdef char* x_ptr = <char*>_data(x)
         cdef char* out_ptr = <char*>_data(out)
         cdef void* scratch_ptr = _data(scratch)
         cdef Py_ssize_t item = self.itemsize

@@ -171,6 +171,9 @@ class Trainer:
         self.on_divergence = check_choice("on_divergence", on_divergence, ("raise", "warn"))
         self.history = History()
         self._snapshot = None  # [parameters, optimizer state, step count], reused per epoch
+        # the loss sum, weight sum and rows of the current epoch's finished batches, which
+        # the engine adds to in compiled code (see Engine.train_epoch: survives a Ctrl-C)
+        self._epoch_totals = np.zeros(3)
         self.callbacks = self._build_callbacks(callbacks, early_stopping, tol, patience,
                                                verbose, epochs)
         keys = {"loss", "lr"} | {name for name, _ in metrics}
@@ -178,6 +181,7 @@ class Trainer:
             keys |= {"val_loss"} | {f"val_{name}" for name, _ in metrics}
         for callback in self.callbacks:
             callback.check_keys(keys)
+        self._log_keys = keys
         if self.schedule is not None and any(
                 isinstance(c, ReduceLROnPlateau) for c in self.callbacks):
             raise ValueError("use either schedule= or a ReduceLROnPlateau callback: "
@@ -231,16 +235,21 @@ class Trainer:
         if self.schedule is not None and optimizer.initial_lr is None:
             optimizer.initial_lr = optimizer.lr
         end_logs = {"n_samples": self.data.n_samples}
+        epoch = epoch_lr = None  # the epoch under way, for a Ctrl-C
         try:
             for callback in self.callbacks:
                 callback.on_train_begin(end_logs)
             for _ in range(epochs):
+                self._epoch_totals[:] = 0  # before epoch changes: see _count_interrupted
                 epoch = network.epochs_trained
+                epoch_lr = None
                 if self.schedule is not None:
                     # a per-step schedule's rate for the epoch's first step, for the logs
                     t = epoch if self.schedule.per == "epoch" else optimizer.step_count
                     optimizer.lr = float(self.schedule(t, optimizer.initial_lr))
-                logs = {"lr": optimizer.lr}
+                    optimizer._bind_check(network)  # the rate, before the first step
+                epoch_lr = optimizer.lr
+                logs = {"lr": epoch_lr}
                 for callback in self.callbacks:
                     callback.on_epoch_begin(epoch, logs)
                 loss = self._train_one_epoch(epoch)
@@ -249,7 +258,7 @@ class Trainer:
                     break
                 # every update of the epoch is applied: it counts, even if Ctrl-C comes next
                 network.epochs_trained += 1
-                logs = {"loss": loss, **self._evaluate(), "lr": logs["lr"]}
+                logs = {"loss": loss, **self._evaluate(), "lr": epoch_lr}
                 for callback in self.callbacks:
                     callback.on_epoch_end(epoch, logs)
                 if network.stop_training:
@@ -258,6 +267,8 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             self.history.stop_reason = "interrupted"
+            if epoch_lr is not None:
+                self._count_interrupted(epoch, epoch_lr)
             raise
         except DivergenceError:
             self.history.stop_reason = "diverged"
@@ -266,6 +277,30 @@ class Trainer:
             end_logs["stop_reason"] = self.history.stop_reason
             self._end_callbacks(end_logs)
         return self.history
+
+    def _count_interrupted(self, epoch, lr):
+        """Count and record an epoch whose every batch was applied when Ctrl-C came.
+
+        A Ctrl-C during an epoch's last batch is raised only once the compiled epoch
+        has returned, which loses its result (Engine.train_epoch keeps the sums in
+        _epoch_totals), or anywhere later in the loop. Such an epoch is done: it
+        counts in epochs_trained and gets a History record (its loss and rate; the
+        keys not computed yet are NaN), unless its updates overflowed (then the
+        network goes back to the epoch's start, as the end-of-epoch check does).
+        """
+        loss_sum, weight_sum, n_rows = self._epoch_totals
+        if self.network.epochs_trained == epoch:  # not counted yet
+            if n_rows != self.data.n_samples:
+                return  # a partial epoch: its batches are counted in step_count only
+            if not self._all_finite():
+                self._restore_after_divergence()
+                return
+            self.network.epochs_trained += 1
+        if self.history.epoch and self.history.epoch[-1] == epoch:
+            return  # recorded already
+        record = dict.fromkeys(self._log_keys, math.nan)
+        record.update(loss=loss_sum / weight_sum if weight_sum else 0.0, lr=lr)
+        self.history.on_epoch_end(epoch, record)
 
     def _end_callbacks(self, logs):
         """Every callback's on_train_end, even if one raises (files close, weights are
@@ -345,10 +380,14 @@ class Trainer:
         steps = self.optimizer._config.step_count + np.arange(n_batches)
         lrs = np.ascontiguousarray(self.schedule(steps, self.optimizer.initial_lr),
                                    dtype=np.float64)
-        bad = ~(np.isfinite(lrs) & (lrs >= 0))
+        with np.errstate(over="ignore", under="ignore"):
+            in_dtype = lrs.astype(self.network.dtype)
+        # finite and >= 0, and so in the network's dtype, where 0 only if it is 0
+        bad = ~(np.isfinite(in_dtype) & (lrs >= 0) & ((in_dtype == 0) == (lrs == 0)))
         if bad.any():
             raise ValueError(f"the schedule gave the learning rate {lrs[bad][0]}; it must be "
-                             "finite and >= 0")
+                             f"finite and >= 0 in the network's dtype "
+                             f"{self.network.dtype.name}")
         return lrs
 
     def _train_one_epoch(self, epoch):
@@ -377,12 +416,14 @@ class Trainer:
                 args = (data.X, data.dense, data.labels, data.weights, order[rows])
             part_loss, part_weight, part_rows, diverged = engine.train_epoch(
                 *args, batch_size, self.loss._config, self.optimizer._config, *self.options,
-                None if lrs is None else lrs[batch:end])
+                None if lrs is None else lrs[batch:end], totals=self._epoch_totals)
             loss_sum += part_loss
             weight_sum += part_weight
             rows_done += part_rows
             if diverged:
-                self._diverged(epoch, batch + part_rows // batch_size)
+                self._diverged(f"the training loss became NaN or infinite at epoch {epoch}, "
+                               f"batch {batch + part_rows // batch_size}",
+                               "the update was skipped and ")
                 if weight_sum == 0 and rows_done == 0:
                     return None  # nothing of this epoch was applied: it does not count
                 break
@@ -398,16 +439,20 @@ class Trainer:
                     # progress only: grow chunks to about _PROGRESS_INTERVAL seconds each
                     elapsed = time.perf_counter() - started
                     chunk = max(1, int(_PROGRESS_INTERVAL * batch / max(elapsed, 1e-9)))
+        if not self._all_finite():
+            # an update overflowed. Within an epoch the next batch's loss shows that; the
+            # last update has no next loss, and a fit must not end with such parameters
+            self._diverged(f"the parameters became NaN or infinite in epoch {epoch}")
+            return None  # undone (back to the epoch's start): it does not count
         if lrs is not None:
             self.optimizer.lr = float(self.schedule(self.optimizer._config.step_count,
                                                     self.optimizer.initial_lr))
         # an epoch whose samples all weigh 0 has loss 0 (as each of its batches)
         return loss_sum / weight_sum if weight_sum else 0.0
 
-    def _diverged(self, epoch, batch):
+    def _diverged(self, what, skipped=""):
         where = self._restore_after_divergence()
-        message = (f"the training loss became NaN or infinite at epoch {epoch}, batch "
-                   f"{batch} (lr {self.optimizer.lr:g}); the update was skipped and {where}. "
+        message = (f"{what} (lr {self.optimizer.lr:g}); {skipped}{where}. "
                    "Try a lower learning rate, clip_norm=, or scaled inputs.")
         if self.on_divergence == "raise":
             raise DivergenceError(message)

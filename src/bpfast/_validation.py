@@ -5,6 +5,7 @@ argument and says what is wrong. Kept in one place so losses, optimizers and
 the network refuse bad input with the same words.
 """
 import numbers
+import os
 
 import numpy as np
 
@@ -75,11 +76,23 @@ def instance_by_name(what, value, base, by_name):
                      f"{', '.join(by_name)}")
 
 
+def as_kernel_array(array, dtype):
+    """array as compiled code reads it: an ndarray of exactly dtype in native byte order,
+    C-contiguous and aligned; a copy only where array is not that already.
+
+    Every array a caller gives reaches the kernels through this function (through
+    as_float_array for float data), whatever its dtype (float16 to longdouble),
+    strides, byte order, alignment or storage (a memory map): the compiled side
+    assumes this layout and refuses anything else with a TypeError.
+    """
+    return np.require(array, dtype=dtype, requirements=["C_CONTIGUOUS", "ALIGNED"])
+
+
 def check_finite(name, array, position_name="row"):
     """Refuse NaN and infinity, naming the position of the first one.
 
-    A 1-D array's position is a "row" (per-sample labels and weights) unless
-    position_name says otherwise.
+    array comes from as_kernel_array. A 1-D array's position is a "row" (per-sample
+    labels and weights) unless position_name says otherwise.
     """
     index = _core.first_nonfinite(array)
     if index >= 0:
@@ -98,10 +111,13 @@ def as_array(name, value):
         raise type(error)(f"{name} is not an array of numbers: {error}") from None
 
 
-def as_float_array(name, value, dtype, ndim, position_name="row"):
+def as_float_array(name, value, dtype, ndim, position_name="row", max_rows=None):
     """A C-contiguous array of dtype with ndim dimensions, finite; copied only if needed.
 
     Integer input is converted; bool, complex, string and object arrays are refused.
+    With max_rows, more rows than that are refused (check_batch_rows) before any copy
+    (an array that needs none is the caller's to check); a copy that cannot fit in
+    memory is a MemoryError (check_memory).
     """
     if _core.ready_array(value, dtype, ndim):
         return value  # the fast path of a training step: no copy, no conversion, checked in C
@@ -110,9 +126,16 @@ def as_float_array(name, value, dtype, ndim, position_name="row"):
         raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
     if array.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
+    if max_rows is not None:
+        check_batch_rows(name, array.shape[0])
+    dtype = np.dtype(dtype)
+    copied = not (array.dtype == dtype and array.flags.c_contiguous and array.flags.aligned)
+    if copied and array.size * dtype.itemsize > 1 << 26:  # large: worth the system calls
+        check_memory(f"a C-contiguous {dtype.name} copy of {name} {array.shape}",
+                     array.size * dtype.itemsize)
     # aligned too: the kernels read whole floats (np.ascontiguousarray keeps a misaligned
     # buffer that is contiguous)
-    array = np.require(array, dtype=dtype, requirements=["C_CONTIGUOUS", "ALIGNED"])
+    array = as_kernel_array(array, dtype)
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
     check_finite(name, array, position_name)
@@ -123,17 +146,111 @@ def check_sample_weight(sample_weight, n_samples, name="sample_weight"):
     """None, or a C-contiguous float64 (n_samples,) array of finite weights >= 0, not all 0."""
     if sample_weight is None:
         return None
-    array = np.asarray(sample_weight)
+    array = as_array(name, sample_weight)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
     if array.shape != (n_samples,):
         raise ValueError(f"{name} must have shape ({n_samples},), one weight per sample, "
                          f"got {array.shape}")
-    array = np.ascontiguousarray(array, dtype=np.float64)
-    check_finite(name, array)
+    array = as_float_array(name, array, np.float64, 1)
     if n_samples and array.min() < 0:
         index = int(np.argmin(array))
         raise ValueError(f"{name} must be >= 0, got {array[index]} at row {index}")
     if n_samples and not array.any():
         raise ValueError(f"{name} is zero everywhere; at least one sample must count")
     return array
+
+
+# --------------------------------------------------------------------------- memory
+#: the most rows one batch may have: BLAS takes matrix sizes as a C int
+MAX_BATCH_ROWS = 2 ** 31 - 1
+
+
+def _read_bytes(path):
+    """An integer from a one-line file, or None (absent, unreadable, or "max")."""
+    try:
+        with open(path) as file:
+            text = file.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_room():
+    """Bytes left under this process's cgroup memory limit (v2, then v1), or None."""
+    try:
+        with open("/proc/self/cgroup") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: memory.max and memory.current
+            names, base = ("memory.max", "memory.current"), "/sys/fs/cgroup"
+        elif "memory" in controllers.split(","):  # v1
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            base = "/sys/fs/cgroup/memory"
+        else:
+            continue
+        # the process's own group where it is mounted, else the root (inside a container)
+        for directory in (base + path.rstrip("/"), base):
+            limit, usage = (_read_bytes(f"{directory}/{name}") for name in names)
+            if limit is not None and usage is not None:
+                rooms.append(max(0, limit - usage))
+                break
+    return min(rooms) if rooms else None
+
+
+def available_memory():
+    """Bytes this process can still allocate, as far as the system says, or None.
+
+    The smaller of /proc/meminfo's MemAvailable and the room left under the cgroup's
+    memory limit (memory.max less memory.current in v2, limit_in_bytes less
+    usage_in_bytes in v1). Where neither exists (not Linux), the physical memory
+    (os.sysconf), else None: unknown, nothing is refused. An estimate: other
+    processes allocate too, and the kernel may overcommit; it only stops a request
+    that cannot fit anyway before it is OOM-killed.
+    """
+    candidates = [_cgroup_room()]
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    candidates = [value for value in candidates if value is not None]
+    if not candidates:
+        try:
+            candidates.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(candidates)
+
+
+def format_bytes(n_bytes):
+    """A size for messages: '1.5 GiB'."""
+    size = float(n_bytes)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def check_memory(what, n_bytes):
+    """Refuse, with a MemoryError naming what and its size, an allocation of n_bytes
+    that cannot fit in available_memory(); before anything is allocated."""
+    available = available_memory()
+    if available is not None and n_bytes > available:
+        raise MemoryError(f"{what} needs {format_bytes(n_bytes)}, but only "
+                          f"{format_bytes(available)} of memory is available")
+
+
+def check_batch_rows(name, n_rows):
+    """Refuse a batch of more rows than BLAS can take (a ValueError naming the limit)."""
+    if n_rows > MAX_BATCH_ROWS:
+        raise ValueError(f"{name} has {n_rows} rows; one batch may have at most "
+                         f"{MAX_BATCH_ROWS} (2**31 - 1, BLAS's int sizes): use fit with a "
+                         "batch_size, or smaller parts")

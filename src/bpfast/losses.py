@@ -14,8 +14,8 @@ from ._compiled import core as _core
 from ._validation import (
     as_array,
     as_float_array,
+    as_kernel_array,
     check_bool,
-    check_finite,
     check_real,
     check_sample_weight,
     instance_by_name,
@@ -147,6 +147,8 @@ class CrossEntropy(Loss):
 
     Targets are integer class labels of shape (n,) or probabilities of shape
     (n, k); probability rows need not sum to 1 (PyTorch's formula is used as is).
+    Labels may be stored as floats (any float dtype) if they are whole numbers;
+    they are converted to float64 for that check, then to integers.
     """
 
     accepts_labels = True
@@ -171,8 +173,10 @@ class CrossEntropy(Loss):
             if target_array.dtype.kind != "f":
                 raise TypeError("class labels must be integers, got dtype "
                                 f"{target_array.dtype}")
-            # whole numbers stored as floats are labels too; name the first that is not
-            check_finite("target", target_array)
+            # whole numbers stored as floats are labels too; name the first that is not.
+            # Converted to float64 first, as any float array (float16 to longdouble, any
+            # layout) is before compiled code reads it
+            target_array = as_float_array("target", target_array, np.float64, 1)
             fractional = np.flatnonzero(target_array != np.round(target_array))
             if fractional.size:
                 raise TypeError(f"class labels must be integers, got "
@@ -182,9 +186,7 @@ class CrossEntropy(Loss):
             raise ValueError(f"class label {target_array[outside[0]]} at row {outside[0]} "
                              f"is out of range for {n_outputs} outputs (labels must be in "
                              f"[0, {n_outputs - 1}])")
-        labels = (target_array if target_array.dtype == np.intp and target_array.flags.c_contiguous
-                  else np.ascontiguousarray(target_array, dtype=np.intp))
-        return None, labels
+        return None, as_kernel_array(target_array, np.intp)
 
     def class_indices(self, dense, labels):
         # probability targets: the most likely class

@@ -19,12 +19,16 @@ from ._training import (
     split_validation,
 )
 from ._validation import (
+    MAX_BATCH_ROWS,
     as_float_array,
+    check_batch_rows,
     check_bool,
     check_dtype,
     check_int,
+    check_memory,
     check_real,
     check_sample_weight,
+    format_bytes,
 )
 from .callbacks import Callback, EarlyStopping, History
 from .layers import Dense
@@ -86,8 +90,9 @@ class Network:
                                  "is hidden)")
         self.layers = layers
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
         n_parameters = sum(layer.n_parameters for layer in layers)
+        self._check_size(n_parameters)
+        self._rng = np.random.default_rng(seed)
         self._parameters = np.zeros(n_parameters, dtype=self.dtype)
         self._gradients = np.zeros(n_parameters, dtype=self.dtype)
         table, offset = [], 0
@@ -146,11 +151,52 @@ class Network:
         return self.layers[-1].out_features
 
     # ------------------------------------------------------------------ checks
-    def _check_input(self, X, name="X"):
-        X = as_float_array(name, X, self.dtype, 2)
+    def _check_size(self, n_parameters):
+        """Refuse, before allocating, a network that cannot fit in memory or in BLAS's int
+        sizes: parameters and gradients, and the float64 draw of the largest layer's
+        initial weights (the optimizer's state is checked when it binds, workspaces
+        when a batch needs them)."""
+        for index, layer in enumerate(self.layers):
+            if max(layer.in_features, layer.out_features) > MAX_BATCH_ROWS:
+                raise ValueError(f"layer {index} ({layer!r}) is wider than {MAX_BATCH_ROWS} "
+                                 "(2**31 - 1, BLAS's int sizes)")
+        largest = max(layer.n_parameters for layer in self.layers)
+        check_memory(f"a network of {n_parameters} {self.dtype.name} parameters "
+                     f"({format_bytes(n_parameters * self.dtype.itemsize)} each for the "
+                     f"parameters and the gradients, and its initialisation)",
+                     2 * n_parameters * self.dtype.itemsize + 8 * largest)
+
+    def _check_workspace(self, n_rows):
+        """Refuse a batch of n_rows rows that is too large for BLAS or whose workspaces
+        (grown by the engine, once, for the largest batch so far) cannot fit in memory.
+        An estimate from above: every layer's output and pre-activation, the two
+        largest gradient blocks, a batch of inputs and targets, three per-row values."""
+        check_batch_rows("a batch", n_rows)
+        widths = sum(layer.out_features for layer in self.layers)
+        widest = max(max(layer.in_features, layer.out_features) for layer in self.layers)
+        per_row = (2 * widths + 2 * widest + self.n_inputs + self.n_outputs) * \
+            self.dtype.itemsize + 24
+        check_memory(f"the workspaces for a batch of {n_rows} rows", n_rows * per_row)
+
+    def _check_fit_batch(self, n_samples, batch_size):
+        """fit's batches of batch_size (None: all n_samples) rows: _check_workspace."""
+        rows = n_samples if batch_size is None else min(batch_size, n_samples)
+        if rows > MAX_BATCH_ROWS:
+            check_batch_rows(f"a batch of fit (batch_size={batch_size}, {n_samples} samples)",
+                             rows)
+        if rows > self._engine.capacity:
+            self._check_workspace(rows)
+
+    def _check_input(self, X, name="X", batch=True):
+        """X converted (as_float_array); with batch, also one batch of an engine step
+        (rows and workspaces checked where the engine must grow: its capacity is never
+        above MAX_BATCH_ROWS)."""
+        X = as_float_array(name, X, self.dtype, 2, max_rows=MAX_BATCH_ROWS if batch else None)
         if X.shape[1] != self.n_inputs:
             raise ValueError(f"{name} has {X.shape[1]} features, but the network takes "
                              f"{self.n_inputs}")
+        if batch and X.shape[0] > self._engine.capacity:
+            self._check_workspace(X.shape[0])
         return X
 
     def _check_loss(self, loss):
@@ -229,23 +275,26 @@ class Network:
         """
         loss = self._check_loss(loss)
         X, target, labels = self._prepare_batch(X, y, loss)
+        optimizer = get_optimizer(optimizer)
+        if optimizer._config.owner is not self._engine:
+            optimizer._bind_check(self)  # its first step: hyperparameters in our dtype
         # the plain step (no weights, no l2, no clipping) skips those checks: this
         # wrapper is a measurable part of a small network's step
         if sample_weight is None and clip_norm is None and clip_value is None \
                 and type(l2) is float and l2 == 0.0:
             value = self._engine.train_step(X, target, labels, None, loss._config,
-                                            get_optimizer(optimizer)._config)
+                                            optimizer._config)
         else:
             weights = check_sample_weight(sample_weight, X.shape[0])
             value = self._engine.train_step(X, target, labels, weights, loss._config,
-                                            get_optimizer(optimizer)._config,
+                                            optimizer._config,
                                             *self._step_options(l2, clip_norm, clip_value))
         if value - value != 0:  # NaN or infinite, without a call in the common case
             finite_or_raise(value, "training step")
         return value
 
     def _data(self, X, y, loss, sample_weight=None, class_weight=None, name="X"):
-        X = self._check_input(X, name)
+        X = self._check_input(X, name, batch=False)  # fit checks its batch size
         dense, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
         weights = combined_weights(loss, dense, labels, sample_weight, class_weight,
                                    X.shape[0], self.n_outputs)
@@ -317,9 +366,11 @@ class Network:
         verbose : {0, 1, 2}
             0 silent; 1 a progress bar per epoch (tqdm if installed); 2 one line per epoch.
         on_divergence : {"raise", "warn"}
-            When the loss becomes NaN or infinite: raise :class:`DivergenceError`,
-            or warn and stop. Either way the update is skipped and the network
-            keeps finite parameters; the history so far is in ``self.history``.
+            When the loss becomes NaN or infinite, or an epoch's updates leave
+            non-finite parameters (checked at the end of every epoch, so also after
+            the last update): raise :class:`DivergenceError`, or warn and stop.
+            Either way the network keeps finite parameters (from before the update,
+            or the epoch's start); the history so far is in ``self.history``.
 
         Returns
         -------
@@ -331,7 +382,14 @@ class Network:
         Notes
         -----
         Ctrl-C stops at the next batch boundary: every finished update is kept,
-        ``self.history`` holds the finished epochs, and KeyboardInterrupt is raised.
+        ``self.history`` holds the finished epochs (one whose last batch was running
+        counts, with NaN for the metrics it did not compute), and KeyboardInterrupt
+        is raised.
+
+        Optimizer hyperparameters must be representable in the network's dtype
+        (``SGD(lr=1e39)`` is refused for float32); a network, optimizer state or
+        batch that cannot fit in the available memory is a MemoryError, before
+        anything is allocated.
         """
         # held from the checks to the end, so that a fit refused because another
         # thread is training this network changes nothing (not even the RNG)
@@ -388,6 +446,8 @@ class Network:
         shuffle = check_bool("shuffle", shuffle)
         patience = check_int("patience", patience, minimum=0)
         options = self._step_options(l2, clip_norm, clip_value)
+        if isinstance(X, np.ndarray) and X.ndim:  # before X and y are copied
+            self._check_fit_batch(X.shape[0], batch_size)
         data = self._data(X, y, loss, sample_weight, class_weight)
         metrics = resolve_metrics(metrics, loss)
         validation = None
@@ -401,7 +461,8 @@ class Network:
                                         name="X_val")
             except (TypeError, ValueError) as error:
                 raise type(error)(f"validation_data: {error}") from None
-        optimizer._config.check_owner(self._engine)
+        optimizer._bind_check(self)
+        self._check_fit_batch(data.n_samples, batch_size)
         rng_state = self._rng.bit_generator.state
         try:
             if validation_split is not None:
@@ -423,8 +484,11 @@ class Network:
 
     def predict(self, X: ArrayLike) -> NDArray[np.floating]:
         """Inference without caches, in chunks for large X; a new (n, n_outputs) array."""
-        X = self._check_input(X)
+        X = self._check_input(X, batch=False)  # in chunks: any number of rows
         widest = max(max(layer.in_features, layer.out_features) for layer in self.layers)
+        if X.shape[0] * self.n_outputs > _PREDICT_CHUNK_ELEMENTS:
+            check_memory(f"the predictions for {X.shape[0]} rows",
+                         X.shape[0] * self.n_outputs * self.dtype.itemsize)
         return self._engine.predict(X, max(1, _PREDICT_CHUNK_ELEMENTS // widest))
 
     def __reduce__(self):

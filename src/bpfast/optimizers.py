@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._compiled import core as _core
-from ._validation import check_bool, check_real, instance_by_name
+from ._validation import check_bool, check_memory, check_real, instance_by_name
 
 if TYPE_CHECKING:
     from .network import Network
@@ -43,7 +43,25 @@ class Optimizer:
 
     def step(self, network: "Network") -> None:
         """One update of ``network.parameters`` from ``network.gradients``."""
+        self._bind_check(network)
         self._config.step(network._engine)
+
+    def _bind_check(self, network):
+        """Refuse, before it steps network, what would go wrong only then: another
+        network's optimizer, or a hyperparameter that network's dtype cannot hold."""
+        if self._config.owner is network._engine:
+            return  # checked when it bound, and lr on every change since
+        self._config.check_owner(network._engine)
+        for name, value in self._hyperparameters.items():
+            if not isinstance(value, bool):
+                _check_representable(_PUBLIC_NAMES.get(name, name), value, network.dtype)
+        _check_representable("lr", self.lr, network.dtype)
+        n_states = len(self._config.state_names)
+        if n_states:
+            names = ", ".join(self._config.state_names)
+            check_memory(f"the state of {type(self).__name__} ({names}) for "
+                         f"{network.n_parameters} parameters",
+                         n_states * network.n_parameters * network.dtype.itemsize)
 
     @property
     def lr(self) -> float:
@@ -52,7 +70,10 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._config.lr = check_real("lr", value, minimum=0.0)
+        value = check_real("lr", value, minimum=0.0)
+        if self._config.owner is not None:
+            _check_representable("lr", value, self._config.owner.dtype)
+        self._config.lr = value
 
     @property
     def step_count(self) -> int:
@@ -86,9 +107,27 @@ class Optimizer:
 
     def _restore(self, network, state, step_count):
         """Belong to network with the given state rows and step count (for bpfast.io.load)."""
+        self._bind_check(network)
         self._config.attach(network._engine)
         self._config.state[...] = state
         self._config.step_count = step_count
+
+
+# the constructor's names of the hyperparameters that it stores under other names
+_PUBLIC_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
+
+
+def _check_representable(name, value, dtype):
+    """Refuse a hyperparameter that the kernels, computing in dtype, would see as
+    infinite (``SGD(lr=1e39)`` on float32) or as zero while it is not (an ``eps`` of
+    1e-50 would divide by zero); a ValueError naming it and the dtype."""
+    with np.errstate(over="ignore", under="ignore"):
+        cast = dtype.type(value)
+    if not np.isfinite(cast) or (cast == 0) != (value == 0):
+        limits = np.finfo(dtype)
+        raise ValueError(f"{name}={value} cannot be represented in the network's dtype "
+                         f"{dtype.name} (which holds magnitudes from {limits.smallest_subnormal}"
+                         f" to {limits.max}); it would become {cast}")
 
 
 def _check_betas(betas):
