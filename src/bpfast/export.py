@@ -241,8 +241,8 @@ def _finish_model(onnx, graph, inputs, outputs, path, doc, properties):
 
 
 def network_to_onnx(network, path=None, *, opset=None, input_name="input",
-                    output_name="output"):
-    """See :meth:`bpfast.Network.to_onnx`."""
+                    output_name="output", metadata=None):
+    """See :meth:`bpfast.Network.to_onnx`; ``metadata`` (JSON-able) goes into metadata_props."""
     onnx = _import("onnx", "'bpfast[onnx]'")
     graph = _Graph(onnx, network.dtype, _check_opset(network, opset, onnx))
     output = _network_nodes(network, graph, input_name)
@@ -251,7 +251,8 @@ def network_to_onnx(network, path=None, *, opset=None, input_name="input",
         onnx, graph, [_value_info(onnx, input_name, network.dtype, network.n_inputs)],
         [_value_info(onnx, output_name, network.dtype, network.n_outputs)], path,
         repr(network), {"bpfast_layers": json.dumps(
-            [layer.arguments() for layer in network.layers])})
+            [layer.arguments() for layer in network.layers]),
+            **({} if metadata is None else {"bpfast_metadata": json.dumps(metadata)})})
 
 
 # --------------------------------------------------------------------------- ONNX import
