@@ -113,15 +113,42 @@ def _activation_onnx(layer, graph, z, name):
     simple = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
     if activation in simple:
         return graph.node(simple[activation], [z])
+    double = graph.dtype == np.float64
+    if (activation in ("leaky_relu", "elu") and double) or activation == "softplus":
+        positive = graph.node("Greater", [z, graph.scalar(
+            f"{name}.{activation}_threshold",
+            SOFTPLUS_THRESHOLD if activation == "softplus" else 0.0)])
     if activation == "leaky_relu":
-        return graph.node("LeakyRelu", [z], alpha=float(layer.activation_param))
+        if not double:  # the attribute is a float32, as the float32 kernel uses it
+            return graph.node("LeakyRelu", [z], alpha=float(layer.activation_param))
+        # float64: the slope as a float64 constant (an attribute would round it to
+        # float32), bpfast's formula z > 0 ? z : slope * z
+        slope = graph.scalar(f"{name}.negative_slope", layer.activation_param)
+        return graph.node("Where", [positive, z, graph.node("Mul", [z, slope])])
     if activation == "elu":
-        return graph.node("Elu", [z], alpha=float(layer.activation_param))
+        if not double:
+            return graph.node("Elu", [z], alpha=float(layer.activation_param))
+        # z > 0 ? z : alpha * expm1(z), expm1(z) = tanh(z/2) * (exp(z) + 1) (no
+        # cancellation near 0; exp(z) may overflow only in the branch not taken)
+        expm1 = graph.node("Mul", [
+            graph.node("Tanh", [graph.node("Mul", [z, graph.scalar(f"{name}.elu_half", 0.5)])]),
+            graph.node("Add", [graph.node("Exp", [z]), graph.scalar(f"{name}.elu_one", 1.0)])])
+        alpha = graph.scalar(f"{name}.elu_alpha", layer.activation_param)
+        return graph.node("Where", [positive, z, graph.node("Mul", [expm1, alpha])])
     if activation == "softplus":
         # ONNX Softplus has no threshold; bpfast's (PyTorch's) returns z above 20
-        threshold = graph.scalar(f"{name}.softplus_threshold", SOFTPLUS_THRESHOLD)
-        above = graph.node("Greater", [z, threshold])
-        return graph.node("Where", [above, z, graph.node("Softplus", [z])])
+        if not double:
+            return graph.node("Where", [positive, z, graph.node("Softplus", [z])])
+        # float64: log1p(exp(z)), log1p(u) = u * log(w) / (w - 1) with w = 1 + u
+        # (Goldberg), u where w rounds to 1; the Div's 0/0 only in the branch not taken
+        u = graph.node("Exp", [z])
+        w = graph.node("Add", [u, graph.scalar(f"{name}.softplus_one", 1.0)])
+        w_minus_1 = graph.node("Sub", [w, graph.scalar(f"{name}.softplus_one_", 1.0)])
+        ratio = graph.node("Div", [graph.node("Log", [w]), w_minus_1])
+        log1p = graph.node("Where", [
+            graph.node("Equal", [w_minus_1, graph.scalar(f"{name}.softplus_zero", 0.0)]), u,
+            graph.node("Mul", [u, ratio])])
+        return graph.node("Where", [positive, z, log1p])
     if activation == "gelu":
         if graph.opset >= GELU_OPSET:
             return graph.node("Gelu", [z], approximate="none")
@@ -394,10 +421,10 @@ class _OnnxReader:
                 raise ValueError(f"the graph's output {self.output!r} is not reached from "
                                  f"its input {self.input.name!r} by an MLP chain "
                                  f"(stuck at {x!r})")
-            matched = self._softplus_threshold(x, users) or self._gelu_erf(x, users)
+            matched = self._template(x, users) or self._gelu_erf(x, users)
             if matched is not None:
-                activation, x = matched
-                self._set_activation(layers, activation, None, users[0])
+                activation, parameter, x = matched
+                self._set_activation(layers, activation, parameter, users[0])
                 continue
             if len(users) != 1:
                 raise ValueError(f"tensor {x!r} feeds {len(users)} nodes "
@@ -478,18 +505,52 @@ class _OnnxReader:
         layers[-1] = (weight, bias, activation, parameter)
 
     # ------------------------------------------------------------- multi-node patterns
-    def _softplus_threshold(self, z, users):
-        """bpfast's export of softplus: Where(z > 20, z, Softplus(z))."""
-        ops = {node.op_type: node for node in users}
-        if len(users) != 3 or set(ops) != {"Greater", "Softplus", "Where"}:
-            return None
-        greater, softplus, where = ops["Greater"], ops["Softplus"], ops["Where"]
-        if list(greater.input[:1]) != [z] or \
-                not self._is_scalar(greater.input[1], SOFTPLUS_THRESHOLD) or \
-                list(where.input) != [greater.output[0], z, softplus.output[0]]:
-            return None
-        self._use(greater, softplus, where)
-        return "softplus", where.output[0]
+    def _template(self, z, users):
+        """One of the multi-node activations bpfast writes (see ``_templates``)."""
+        for activation, nodes, constants in _templates(self.onnx, self.dtype, self.opset):
+            mapping, matched, parameter = {"z": z}, [], None
+            for pattern in nodes:
+                anchor = mapping[next(name for name in pattern.input if name in mapping)]
+                found = None
+                for node in self._users(anchor):
+                    if id(node) in map(id, matched) or node.op_type != pattern.op_type or \
+                            len(node.input) != len(pattern.input) or \
+                            _attributes(self.onnx, node) != _attributes(self.onnx, pattern):
+                        continue
+                    captured = self._match_inputs(pattern, node, mapping, constants)
+                    if captured is not False:
+                        found = node
+                        parameter = parameter if captured is None else captured
+                        break
+                if found is None:
+                    break
+                mapping[pattern.output[0]] = found.output[0]
+                matched.append(found)
+            else:
+                # a match only if nothing else reads z or the intermediate values
+                inner = [z] + [node.output[0] for node in matched[:-1]]
+                if all(id(user) in map(id, matched) for name in inner
+                       for user in self._users(name)):
+                    self._use(*matched)
+                    return activation, parameter, matched[-1].output[0]
+        return None
+
+    def _match_inputs(self, pattern, node, mapping, constants):
+        """False, or the captured parameter (None if none) when node's inputs fit."""
+        captured = None
+        for wanted, actual in zip(pattern.input, node.input):
+            if wanted in mapping:
+                if mapping[wanted] != actual:
+                    return False
+                continue
+            value = self.constants.get(actual)
+            if value is None or value.size != 1:
+                return False
+            if constants[wanted] == _PARAMETER:
+                captured = float(value.ravel()[0])
+            elif value.ravel()[0] != constants[wanted]:
+                return False
+        return captured
 
     def _gelu_erf(self, z, users):
         """z * 0.5 * (1 + Erf(z / sqrt(2))), in the three orders exporters write it."""
@@ -528,12 +589,40 @@ class _OnnxReader:
                 second = first
                 nodes = [scale, erf, add, z_user, first]
             self._use(*nodes)
-            return "gelu", second.output[0]
+            return "gelu", None, second.output[0]
         return None
 
     def _only_user(self, name, op):
         users = self._users(name)
         return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+
+# stands for the activation's parameter in a template (a value no layer is given)
+_PARAMETER = -1234.5678
+
+
+def _templates(onnx, dtype, opset):
+    """[(activation, nodes, {constant name: value})]: bpfast's multi-node activations.
+
+    Written by ``_activation_onnx`` itself for a layer whose parameter is
+    ``_PARAMETER``, so reading follows writing by construction.
+    """
+    templates = []
+    for activation in ("leaky_relu", "elu", "softplus"):
+        graph = _Graph(onnx, dtype, opset)
+        layer = type("TemplateLayer", (), {"activation": activation,
+                                           "activation_param": _PARAMETER})()
+        _activation_onnx(layer, graph, "z", "template")
+        if len(graph.nodes) > 1:
+            constants = {init.name: onnx.numpy_helper.to_array(init).ravel()[0]
+                         for init in graph.initializers}
+            templates.append((activation, graph.nodes, constants))
+    return templates
+
+
+def _shortest_float32(value):
+    """A float32 attribute as the shortest decimal that rounds to it (0.2, not 0.2000000029)."""
+    return float(str(np.float32(value)))
 
 
 def _softmax_axis(reader, node, attributes):
@@ -556,8 +645,10 @@ _ONNX_ACTIVATIONS = {
     "Sigmoid": lambda reader, node, attributes: ("sigmoid", None),
     "Tanh": lambda reader, node, attributes: ("tanh", None),
     "Relu": lambda reader, node, attributes: ("relu", None),
-    "LeakyRelu": lambda reader, node, attributes: ("leaky_relu", attributes.get("alpha", 0.01)),
-    "Elu": lambda reader, node, attributes: ("elu", attributes.get("alpha", 1.0)),
+    "LeakyRelu": lambda reader, node, attributes: (
+        "leaky_relu", _shortest_float32(attributes.get("alpha", 0.01))),
+    "Elu": lambda reader, node, attributes: (
+        "elu", _shortest_float32(attributes.get("alpha", 1.0))),
     # a bare Softplus has no threshold: within 2.1e-9 of bpfast's above 20 (module docstring)
     "Softplus": lambda reader, node, attributes: ("softplus", None),
     "Gelu": _gelu,
@@ -727,7 +818,9 @@ def network_from_torch(module):
         where = f"module {name} ({kind})"
         if isinstance(child, torch.nn.Linear):
             weight = child.weight.detach().cpu().numpy()
-            if weight.dtype not in (np.float32, np.float64) or dtype not in (None, weight.dtype):
+            # (not `dtype in (None, ...)`: NumPy takes None for float64 there)
+            if weight.dtype not in (np.float32, np.float64) or \
+                    (dtype is not None and dtype != weight.dtype):
                 raise ValueError(f"{where}: parameters are {weight.dtype}; bpfast takes one "
                                  "dtype, float32 or float64, for the whole network")
             dtype = weight.dtype
