@@ -115,16 +115,19 @@ def test_gelu_operator_from_opset_20(dtype):
     assert np.array_equal(bp.Network.from_onnx(high).predict(X), network.predict(X))
 
 
-def test_softplus_above_its_threshold_is_exact():
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softplus_above_its_threshold_is_exact(dtype):
     # bpfast returns z above 20; a bare ONNX Softplus would give log1p(exp(z)), off by
-    # up to 2.1e-9: the export's Where(z > 20, z, Softplus(z)) gives z itself
-    network = bp.Network([bp.Dense(1, 1, "softplus")], dtype="float32")
+    # up to 2.1e-9 (visible in float64): the export gives z itself
+    network = bp.Network([bp.Dense(1, 1, "softplus")], dtype=dtype)
     network.layers[0].weight[...] = 1.0
     network.layers[0].bias[...] = 0.0
-    X = np.array([[-30.0], [-1.0], [0.0], [19.5], [20.0], [20.5], [21.0], [80.0]], "float32")
+    X = np.array([[-800.0], [-40.0], [-1e-9], [0.0], [19.5], [20.0], [20.5], [21.0], [80.0],
+                  [800.0]], dtype)
     (output,) = run_onnx(network.to_onnx(), X)
     assert np.array_equal(output[X[:, 0] > 20], X[X[:, 0] > 20])
-    assert_close(output, network.predict(X), "float32")
+    assert_close(output, network.predict(X), dtype)
+    assert np.isfinite(output).all()
 
 
 def test_to_onnx_writes_a_file_and_refuses_a_bad_opset(tmp_path):
