@@ -459,3 +459,28 @@ def test_cli_export(tmp_path, capsys):
     loaded = network.to_torch()
     loaded.load_state_dict(torch.load(tmp_path / "m.pt"))
     assert np.array_equal(bp.Network.from_torch(loaded).parameters, network.parameters)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_cli_export_of_a_trained_model_predicts_as_bpfast_predict(task, tmp_path, capsys):
+    from bpfast import cli
+    rng = np.random.default_rng(0)
+    X = 5 + 3 * rng.normal(size=(90, 3))  # far from standardised, so the scaling matters
+    y = np.array(["low", "mid", "high"])[(X[:, 0] > 5).astype(int) + (X[:, 1] > 5)] \
+        if task == "classification" else 100 + 10 * X @ [1.0, -2.0, 0.5]
+    np.savez(tmp_path / "data.npz", X=X, y=y)
+    assert cli.main(["train", str(tmp_path / "data.npz"), "--epochs", "3", "--quiet",
+                     "--hidden", "6", "--dtype", "float64",
+                     "--out", str(tmp_path / "model.npz")]) == 0
+    assert cli.main(["predict", str(tmp_path / "model.npz"), str(tmp_path / "data.npz"),
+                     "--out", str(tmp_path / "predicted.csv")]) == 0
+    assert cli.main(["export", str(tmp_path / "model.npz"), str(tmp_path / "model.onnx")]) == 0
+    capsys.readouterr()
+    predicted = np.loadtxt(tmp_path / "predicted.csv", skiprows=1, delimiter=",",
+                           dtype=str if task == "classification" else float)
+    outputs = run_onnx(onnx.load(tmp_path / "model.onnx"), X)
+    if task == "classification":
+        assert np.array_equal(outputs[0], predicted)
+        np.testing.assert_allclose(outputs[1].sum(axis=1), 1.0, rtol=1e-12)
+    else:
+        np.testing.assert_allclose(outputs[0].ravel(), predicted, rtol=1e-12)

@@ -448,7 +448,11 @@ def command_export(args):
         raise CommandError(str(error)) from None
     metadata = header["metadata"]
     try:
-        if args.format == "onnx":
+        trained = metadata.get("task") in ("classification", "regression")
+        if args.format == "onnx" and trained and not args.network_only:
+            from .export import pipeline_to_onnx
+            pipeline_to_onnx(network, args.out, metadata=metadata)
+        elif args.format == "onnx":
             from .export import network_to_onnx
             network_to_onnx(network, args.out, metadata=metadata or None)
         else:
@@ -462,10 +466,9 @@ def command_export(args):
         raise CommandError(f"{args.model}: {error}") from None
     print(f"wrote {args.out} ({args.format}, {network.n_inputs} inputs, "
           f"{network.n_outputs} outputs)")
-    if "x_mean" in metadata:
-        print("note: the model takes standardised features: (X - x_mean) / x_scale, "
-              "kept in the file's metadata" + (" (bpfast_metadata)" if args.format == "onnx"
-                                               else " of MODEL"))
+    if "x_mean" in metadata and (args.format == "torch" or args.network_only):
+        print("note: the network takes standardised features, (X - x_mean) / x_scale, "
+              "with the statistics in MODEL's metadata")
     return 0
 
 
@@ -572,13 +575,20 @@ def build_parser():
 
     export = commands.add_parser(
         "export", help="write a saved model as ONNX or a PyTorch state dict",
-        description="Export a model saved by `bpfast train` (or bpfast.save): ONNX (needs "
-                    "onnx) or a PyTorch state dict .pt for torch.nn.Sequential (needs torch). "
-                    "The ONNX file keeps the model's metadata (feature scaling, classes).")
+        description="Export a model saved by `bpfast train` (or bpfast.save) as ONNX (needs "
+                    "onnx) or as a PyTorch state dict .pt for the torch.nn.Sequential of "
+                    "Network.to_torch() (needs torch). The ONNX graph of a `bpfast train` "
+                    "model predicts as `bpfast predict` does: it standardises the raw "
+                    "features and outputs 'label' and 'probabilities' (classification) or "
+                    "'variable' in the target's units (regression); --network-only writes "
+                    "the bare network (input 'input', output 'output').")
     export.add_argument("model", metavar="MODEL", help="a .npz model file")
     export.add_argument("out", metavar="OUT", help="the file to write (.onnx or .pt)")
     export.add_argument("--format", choices=("onnx", "torch"), default="onnx",
                         help="default onnx")
+    export.add_argument("--network-only", action="store_true",
+                        help="ONNX: the network alone, without the feature scaling and the "
+                             "class labels of a `bpfast train` model")
     export.set_defaults(handler=command_export)
 
     info = commands.add_parser("info", help="print the version, OpenMP, threads and BLAS")

@@ -944,6 +944,44 @@ def _label_constant(graph, classes):
                      "(integers, floats or strings)")
 
 
+def _classifier_outputs(onnx, graph, logits, kind, classes, n_outputs):
+    """Nodes computing "label" and "probabilities" from logits; their value infos.
+
+    kind: "multiclass" (softmax over the columns), "binary" (one logit) or
+    "multilabel" (one logit per label); labels are bpfast's predict exactly: the
+    first largest logit, or a positive logit (sigmoid above 1/2).
+    """
+    element = onnx.TensorProto.INT64
+    if kind == "multiclass":
+        table = _label_constant(graph, classes)
+        element = graph.initializers[-1].data_type
+        index = graph.node("ArgMax", [logits], axis=1, keepdims=0)
+        graph.node("Gather", [table, index], "label", axis=0)
+        graph.node("Softmax", [logits], "probabilities", axis=1)
+        label_shape = ["batch"]
+    else:
+        zero = graph.scalar("zero", 0.0)
+        positive = graph.node("Cast", [graph.node("Greater", [logits, zero])],
+                              to=onnx.TensorProto.INT64)
+        probability = graph.node("Sigmoid", [logits])
+        if kind == "binary":
+            table = _label_constant(graph, classes)
+            element = graph.initializers[-1].data_type
+            flat = graph.node("Squeeze", [positive, graph.constant(
+                "squeeze_axes", np.array([1], dtype=np.int64))])
+            graph.node("Gather", [table, flat], "label", axis=0)
+            complement = graph.node("Sub", [graph.scalar("one", 1.0), probability])
+            graph.node("Concat", [complement, probability], "probabilities", axis=1)
+            label_shape = ["batch"]
+        else:
+            graph.node("Identity", [positive], "label")
+            graph.node("Identity", [probability], "probabilities")
+            label_shape = ["batch", n_outputs]
+    width = n_outputs if kind == "multilabel" else len(classes)
+    return [onnx.helper.make_tensor_value_info("label", element, label_shape),
+            _value_info(onnx, "probabilities", graph.dtype, width)]
+
+
 def estimator_to_onnx(estimator, path=None, *, opset=None):
     """See :meth:`bpfast.sklearn.MLPClassifier.to_onnx`."""
     from sklearn.utils.validation import check_is_fitted
@@ -958,36 +996,41 @@ def estimator_to_onnx(estimator, path=None, *, opset=None):
         graph.node("Identity", [logits], "variable")
         outputs = [_value_info(onnx, "variable", dtype, network.n_outputs)]
         return _finish_model(onnx, graph, inputs, outputs, path, repr(estimator), {})
-    kind = estimator._target_kind
-    element = onnx.TensorProto.INT64
-    if kind == "multiclass":
-        classes = _label_constant(graph, estimator.classes_)
-        element = graph.initializers[-1].data_type
-        index = graph.node("ArgMax", [logits], axis=1, keepdims=0)
-        graph.node("Gather", [classes, index], "label", axis=0)
-        graph.node("Softmax", [logits], "probabilities", axis=1)
-        label_shape = ["batch"]
-    else:
-        # bpfast predicts a label where the logit is positive (sigmoid > 1/2)
-        zero = graph.scalar("zero", 0.0)
-        positive = graph.node("Cast", [graph.node("Greater", [logits, zero])],
-                              to=onnx.TensorProto.INT64)
-        probability = graph.node("Sigmoid", [logits])
-        if kind == "binary":
-            classes = _label_constant(graph, estimator.classes_)
-            element = graph.initializers[-1].data_type
-            flat = graph.node("Squeeze", [positive, graph.constant(
-                "squeeze_axes", np.array([1], dtype=np.int64))])
-            graph.node("Gather", [classes, flat], "label", axis=0)
-            complement = graph.node("Sub", [graph.scalar("one", 1.0), probability])
-            graph.node("Concat", [complement, probability], "probabilities", axis=1)
-            label_shape = ["batch"]
-        else:
-            graph.node("Identity", [positive], "label")
-            graph.node("Identity", [probability], "probabilities")
-            label_shape = ["batch", network.n_outputs]
-    width = network.n_outputs if kind == "multilabel" else len(estimator.classes_)
-    outputs = [onnx.helper.make_tensor_value_info("label", element, label_shape),
-               _value_info(onnx, "probabilities", dtype, width)]
+    outputs = _classifier_outputs(onnx, graph, logits, estimator._target_kind,
+                                  estimator.classes_, network.n_outputs)
     return _finish_model(onnx, graph, inputs, outputs, path, repr(estimator),
                          {"classes": json.dumps([str(c) for c in estimator.classes_])})
+
+
+def pipeline_to_onnx(network, path=None, *, metadata, opset=None):
+    """A model saved by ``bpfast train`` as one ONNX graph that predicts as ``bpfast predict``.
+
+    Input "input": the raw features, standardised in the graph with the saved
+    ``x_mean``/``x_scale``. Classification: outputs "label" (the saved classes) and
+    "probabilities"; regression: "variable", the network's output mapped back with
+    ``y_scale``/``y_mean``. ``metadata`` is the model file's, kept in metadata_props.
+    """
+    onnx = _import("onnx", "'bpfast[onnx]'")
+    dtype = network.dtype
+    graph = _Graph(onnx, dtype, _check_opset(network, opset, onnx))
+    x = "input"
+    if "x_mean" in metadata:
+        x = graph.node("Div", [
+            graph.node("Sub", [x, graph.constant("x_mean", np.asarray(metadata["x_mean"],
+                                                                       dtype))]),
+            graph.constant("x_scale", np.asarray(metadata["x_scale"], dtype))])
+    output = _network_nodes(network, graph, x)
+    inputs = [_value_info(onnx, "input", dtype, network.n_inputs)]
+    if metadata.get("task") == "classification":
+        outputs = _classifier_outputs(onnx, graph, output, "multiclass", metadata["classes"],
+                                      network.n_outputs)
+    else:
+        if "y_mean" in metadata:
+            output = graph.node("Add", [
+                graph.node("Mul", [output, graph.constant(
+                    "y_scale", np.asarray(metadata["y_scale"], dtype))]),
+                graph.constant("y_mean", np.asarray(metadata["y_mean"], dtype))])
+        graph.node("Identity", [output], "variable")
+        outputs = [_value_info(onnx, "variable", dtype, network.n_outputs)]
+    return _finish_model(onnx, graph, inputs, outputs, path, repr(network),
+                         {"bpfast_metadata": json.dumps(metadata)})
