@@ -252,6 +252,12 @@ def test_corrupt_onnx_file(tmp_path):
     path.write_bytes(b"not onnx at all")
     with pytest.raises(ValueError, match="bad.onnx"):
         bp.Network.from_onnx(path)
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        bp.Network.from_onnx(good[: len(good) // 2])
+    with pytest.raises(FileNotFoundError):
+        bp.Network.from_onnx(tmp_path / "missing.onnx")
+    network = bp.Network.from_onnx(good)  # bytes
+    assert network.n_inputs == 5
 
 
 # --------------------------------------------------------------------------- state dict

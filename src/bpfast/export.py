@@ -289,6 +289,12 @@ _ONNX_DTYPES = {1: np.float32, 11: np.float64}  # TensorProto.FLOAT, DOUBLE
 def _load_model(onnx, model):
     if isinstance(model, onnx.ModelProto):
         source = "the model"
+    elif isinstance(model, (bytes, bytearray)):
+        source = "the model bytes"
+        try:
+            model = onnx.load_from_string(bytes(model))
+        except Exception as error:  # protobuf's DecodeError
+            raise ValueError(f"{source}: not a readable ONNX model ({error})") from None
     else:
         source = os.fspath(model)
         try:
@@ -685,6 +691,9 @@ def network_from_onnx(model, *, output=None):
     model = _load_model(onnx, model)
     reader = _OnnxReader(onnx, model, output)
     width = reader.input.type.tensor_type.shape.dim
+    if len(width) not in (0, 2):
+        raise ValueError(f"input {reader.input.name!r} has {len(width)} dimensions; an MLP "
+                         "takes a batch of rows (2)")
     specs = reader.read()
     if len(width) == 2 and width[1].HasField("dim_value") and \
             width[1].dim_value != specs[0][0].shape[1]:

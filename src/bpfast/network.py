@@ -462,7 +462,7 @@ class Network:
 
     @classmethod
     def from_onnx(cls, model: Any, *, output: str | None = None) -> "Network":
-        """A Network from an MLP-shaped ONNX graph (a path or an ``onnx.ModelProto``).
+        """A Network from an MLP-shaped ONNX graph (a path, bytes or an ``onnx.ModelProto``).
 
         Gemm (or MatMul + Add) layers, each followed by at most one activation
         (Sigmoid, Tanh, Relu, LeakyRelu, Elu, Softplus, Gelu or its Erf form, Softmax
