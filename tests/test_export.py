@@ -14,8 +14,12 @@ import pytest
 
 import bpfast as bp
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+try:  # optional: without them the ONNX tests skip and the PyTorch/scikit-learn ones run
+    import onnx
+    import onnxruntime as ort
+except ImportError:
+    onnx = ort = None
+needs_onnx = pytest.mark.skipif(ort is None, reason="needs onnx and onnxruntime")
 
 # ONNX Runtime 1.32 has no float64 kernel for Erf or Gelu: float64 GELU graphs are
 # valid ONNX (full check) and run on onnx's reference evaluator
@@ -80,6 +84,7 @@ def assert_close(actual, expected, dtype):
 
 
 # --------------------------------------------------------------------------- ONNX export
+@needs_onnx
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", bp.ACTIVATIONS)
@@ -104,6 +109,7 @@ def test_onnx_runtime_matches_predict(activation, bias, dtype):
     assert np.array_equal(again.predict(X), network.predict(X))
 
 
+@needs_onnx
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_gelu_operator_from_opset_20(dtype):
     network = make_network("gelu", dtype=dtype)
@@ -115,6 +121,7 @@ def test_gelu_operator_from_opset_20(dtype):
     assert np.array_equal(bp.Network.from_onnx(high).predict(X), network.predict(X))
 
 
+@needs_onnx
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_softplus_above_its_threshold_is_exact(dtype):
     # bpfast returns z above 20; a bare ONNX Softplus would give log1p(exp(z)), off by
@@ -130,6 +137,7 @@ def test_softplus_above_its_threshold_is_exact(dtype):
     assert np.isfinite(output).all()
 
 
+@needs_onnx
 def test_to_onnx_writes_a_file_and_refuses_a_bad_opset(tmp_path):
     network = make_network("relu")
     path = tmp_path / "model.onnx"
@@ -154,6 +162,7 @@ def graph_model(nodes, initializers, n_in=3, n_out=2, opset=13, element=None, ou
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
 
 
+@needs_onnx
 def test_matmul_add_chain_with_identity_and_flatten():
     rng = np.random.default_rng(0)
     W1, b1, W2 = rng.normal(size=(3, 4)), rng.normal(size=(1, 4)), rng.normal(size=(4, 2))
@@ -169,6 +178,7 @@ def test_matmul_add_chain_with_identity_and_flatten():
     np.testing.assert_allclose(network.predict(X), np.tanh(X @ W1 + b1) @ W2, rtol=1e-13)
 
 
+@needs_onnx
 def test_torch_onnx_export_loads():
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -194,6 +204,7 @@ def test_torch_onnx_export_loads():
         np.testing.assert_allclose(network.predict(X.numpy()), expected, rtol=1e-5, atol=1e-7)
 
 
+@needs_onnx
 def test_skl2onnx_classifier_loads():
     pytest.importorskip("sklearn")
     skl2onnx = pytest.importorskip("skl2onnx")
@@ -236,13 +247,16 @@ def corrupt_cases():
                                       {"W": W}), "axis 0"
 
 
-@pytest.mark.parametrize("case", list(corrupt_cases()), ids=lambda case: case[0])
+@needs_onnx
+@pytest.mark.parametrize("case", list(corrupt_cases()) if onnx else [],
+                         ids=lambda case: case[0])
 def test_unsupported_graphs_are_named(case):
     _, model, message = case
     with pytest.raises(ValueError, match=message):
         bp.Network.from_onnx(model)
 
 
+@needs_onnx
 def test_corrupt_onnx_file(tmp_path):
     path = tmp_path / "bad.onnx"
     good = make_network("relu").to_onnx().SerializeToString()
@@ -413,6 +427,24 @@ def test_sklearn_interchange(case):
                                rtol=1e-12)
     np.testing.assert_allclose(back.loss_curve_, fitted.loss_curve_, rtol=1e-12)
     assert ours.n_iter_ == back.n_iter_ == fitted.n_iter_
+
+
+def fitted_estimator(case):
+    import bpfast.sklearn as bpsk
+    name, kind, X, y = case
+    ours_class = bpsk.MLPClassifier if kind == "classifier" else bpsk.MLPRegressor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ours_class(hidden_layer_sizes=(6,), activation="relu", max_iter=40,
+                          random_state=0).fit(X, y)
+
+
+@needs_onnx
+@pytest.mark.parametrize("case", list(sklearn_cases()), ids=lambda case: case[0])
+def test_estimator_to_onnx(case):
+    pytest.importorskip("sklearn")
+    name, kind, X, y = case
+    ours = fitted_estimator(case)
     model = ours.to_onnx()
     outputs = run_onnx(model, X)
     if kind == "classifier":
@@ -448,6 +480,7 @@ def test_import_bpfast_imports_neither_onnx_nor_torch():
     assert result.stdout.strip() == "[]"
 
 
+@needs_onnx
 def test_cli_export(tmp_path, capsys):
     from bpfast import cli
     network = make_network("relu", dtype="float32")
@@ -467,6 +500,7 @@ def test_cli_export(tmp_path, capsys):
     assert np.array_equal(bp.Network.from_torch(loaded).parameters, network.parameters)
 
 
+@needs_onnx
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_cli_export_of_a_trained_model_predicts_as_bpfast_predict(task, tmp_path, capsys):
     from bpfast import cli
