@@ -40,14 +40,26 @@ with keys ``"0.weight", "0.bias", "2.weight", "2.bias"``.
 
 Exactness
 ---------
-Every activation is exported exactly: bpfast's softplus returns ``z`` above 20
-(PyTorch's threshold) while ONNX ``Softplus`` has no threshold, so it is
-exported as ``Where(z > 20, z, Softplus(z))``; GELU (the erf form, as
+Every activation is exported as bpfast computes it: bpfast's softplus returns
+``z`` above 20 (PyTorch's threshold) while ONNX ``Softplus`` has no threshold,
+so it is exported as ``Where(z > 20, z, Softplus(z))``; GELU (the erf form, as
 bpfast and PyTorch's default compute it) is the ``Gelu`` operator from opset 20
-and ``x * 0.5 * (1 + Erf(x * sqrt(1/2)))`` below it. On import, a bare
+and ``z * 0.5 * (1 + Erf(z * sqrt(1/2)))`` below it. On import, a bare
 ``Softplus`` node (as other exporters write it) is read as bpfast's softplus,
 which differs from it by at most ``log1p(exp(-20)) < 2.1e-9`` (absolute), only
 where the input exceeds 20.
+
+float64 graphs write LeakyRelu, Elu and Softplus with elementary operators
+(``Where``, ``Greater``, ``Mul``, ``Exp``, ``Tanh``, ``Log``...): an ONNX float
+attribute would round the slope or alpha to float32, and ONNX Runtime (1.32)
+has no float64 kernel for those three operators. expm1 and log1p are written
+without cancellation (``tanh(z/2) * (exp(z) + 1)``, Goldberg's
+``u * log(1 + u) / ((1 + u) - 1)``), a few ulps from libm's. ONNX Runtime has
+no float64 ``Erf``/``Gelu`` kernel either: a float64 GELU network exports to a
+valid graph that ONNX Runtime refuses to run (the tests check it with onnx's
+reference evaluator); nothing composed of ONNX operators computes erf exactly.
+``from_onnx`` recognises these forms through templates written by the exporter
+itself (``_templates``), so reading follows writing.
 """
 import json
 import math
@@ -62,7 +74,8 @@ from .layers import Dense
 
 __all__ = ["LAYER_KINDS", "MIN_OPSET", "LayerKind", "network_to_onnx", "network_from_onnx",
            "state_dict", "load_state_dict", "network_to_torch", "network_from_torch",
-           "estimator_from_sklearn", "estimator_to_sklearn", "estimator_to_onnx"]
+           "estimator_from_sklearn", "estimator_to_sklearn", "estimator_to_onnx",
+           "pipeline_to_onnx"]
 
 #: The lowest opset bpfast writes: the first where Softmax normalises along one axis
 #: (earlier versions flatten to 2-D) and every operator used has its current definition.
