@@ -455,7 +455,9 @@ class Network:
         dtype, with a dynamic batch axis; checked with ``onnx.checker`` (full check).
         ``opset`` defaults to the lowest that expresses every layer exactly (13 for
         Dense layers; GELU uses the ``Gelu`` operator from opset 20, ``Erf`` below).
-        Needs ``onnx`` (``pip install 'bpfast[onnx]'``). See :mod:`bpfast.export`.
+        ONNX Runtime runs every float32 graph and every float64 one but GELU (it has
+        no float64 Erf/Gelu kernel). Needs ``onnx`` (``pip install 'bpfast[onnx]'``).
+        See :mod:`bpfast.export`.
         """
         from .export import network_to_onnx
         return network_to_onnx(self, path, opset=opset)
