@@ -491,6 +491,38 @@ def command_demo(args):
     return 0
 
 
+def command_export(args):
+    try:
+        header = read_header(args.model)
+        network = load(args.model)
+    except (ValueError, OSError) as error:
+        raise CommandError(str(error)) from None
+    metadata = header["metadata"]
+    try:
+        trained = metadata.get("task") in ("classification", "regression")
+        if args.format == "onnx" and trained and not args.network_only:
+            from .export import pipeline_to_onnx
+            pipeline_to_onnx(network, args.out, metadata=metadata)
+        elif args.format == "onnx":
+            from .export import network_to_onnx
+            network_to_onnx(network, args.out, metadata=metadata or None)
+        else:
+            import torch
+            torch.save({key: torch.from_numpy(value)
+                        for key, value in network.state_dict().items()}, args.out)
+    except ImportError as error:
+        needs = "onnx (pip install 'bpfast[onnx]')" if args.format == "onnx" else "torch"
+        raise CommandError(f"--format {args.format} needs {needs}: {error}") from None
+    except ValueError as error:
+        raise CommandError(f"{args.model}: {error}") from None
+    print(f"wrote {args.out} ({args.format}, {network.n_inputs} inputs, "
+          f"{network.n_outputs} outputs)")
+    if "x_mean" in metadata and (args.format == "torch" or args.network_only):
+        print("note: the network takes standardised features, (X - x_mean) / x_scale, "
+              "with the statistics in MODEL's metadata")
+    return 0
+
+
 def command_info(args):
     show_config()
     return 0
@@ -591,6 +623,24 @@ def build_parser():
     predict.add_argument("data", metavar="DATA", help="CSV, .npz or .npy file")
     predict.add_argument("--out", metavar="FILE", help="CSV file to write (default: stdout)")
     predict.set_defaults(handler=command_predict)
+
+    export = commands.add_parser(
+        "export", help="write a saved model as ONNX or a PyTorch state dict",
+        description="Export a model saved by `bpfast train` (or bpfast.save) as ONNX (needs "
+                    "onnx) or as a PyTorch state dict .pt for the torch.nn.Sequential of "
+                    "Network.to_torch() (needs torch). The ONNX graph of a `bpfast train` "
+                    "model predicts as `bpfast predict` does: it standardises the raw "
+                    "features and outputs 'label' and 'probabilities' (classification) or "
+                    "'variable' in the target's units (regression); --network-only writes "
+                    "the bare network (input 'input', output 'output').")
+    export.add_argument("model", metavar="MODEL", help="a .npz model file")
+    export.add_argument("out", metavar="OUT", help="the file to write (.onnx or .pt)")
+    export.add_argument("--format", choices=("onnx", "torch"), default="onnx",
+                        help="default onnx")
+    export.add_argument("--network-only", action="store_true",
+                        help="ONNX: the network alone, without the feature scaling and the "
+                             "class labels of a `bpfast train` model")
+    export.set_defaults(handler=command_export)
 
     info = commands.add_parser("info", help="print the version, OpenMP, threads and BLAS")
     info.set_defaults(handler=command_info)

@@ -509,6 +509,74 @@ class Network:
         from .io import save
         save(self, path, optimizer=optimizer, metadata=metadata)
 
+    # ------------------------------------------------------------------ interchange
+    # thin wrappers: the conversions live in bpfast.export, which imports onnx/torch lazily
+    def to_onnx(self, path: str | PathLike[str] | None = None, *,
+                opset: int | None = None) -> Any:
+        """This network as an ONNX model (``onnx.ModelProto``), written to path if given.
+
+        Input "input" and output "output" of shape (batch, features) in the network's
+        dtype, with a dynamic batch axis; checked with ``onnx.checker`` (full check).
+        ``opset`` defaults to the lowest that expresses every layer exactly (13 for
+        Dense layers; GELU uses the ``Gelu`` operator from opset 20, ``Erf`` below).
+        ONNX Runtime runs every float32 graph and every float64 one but GELU (it has
+        no float64 Erf/Gelu kernel). Needs ``onnx`` (``pip install 'bpfast[onnx]'``).
+        See :mod:`bpfast.export`.
+        """
+        from .export import network_to_onnx
+        return network_to_onnx(self, path, opset=opset)
+
+    @classmethod
+    def from_onnx(cls, model: Any, *, output: str | None = None) -> "Network":
+        """A Network from an MLP-shaped ONNX graph (a path, bytes or an ``onnx.ModelProto``).
+
+        Gemm (or MatMul + Add) layers, each followed by at most one activation
+        (Sigmoid, Tanh, Relu, LeakyRelu, Elu, Softplus, Gelu or its Erf form, Softmax
+        on the last axis); Identity and Flatten(axis=1) are skipped. ``output`` names
+        the graph output to follow when there are several (e.g. "probabilities");
+        nodes that it does not depend on are ignored. Anything else is a ValueError
+        naming the node.
+        """
+        from .export import network_from_onnx
+        return network_from_onnx(model, output=output)
+
+    def state_dict(self) -> dict[str, NDArray[np.floating]]:
+        """Copies of the parameters under the keys of ``to_torch()``'s nn.Sequential.
+
+        Each Dense is a ``Linear`` at the next index, followed by its activation
+        module at the index after it unless the activation is the identity:
+        ``{"0.weight": (out, in), "0.bias": (out,), "2.weight": ...}``.
+        """
+        from .export import state_dict
+        return state_dict(self)
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """Set the parameters from a ``state_dict`` (NumPy arrays or torch tensors).
+
+        Keys and shapes must be exactly this network's; floating values are cast to
+        the network's dtype (as torch's ``load_state_dict`` copies them). Everything
+        is checked before anything changes: on error the network is as it was.
+        """
+        from .export import load_state_dict
+        load_state_dict(self, state_dict)
+
+    def to_torch(self) -> Any:
+        """The equivalent ``torch.nn.Sequential`` (same parameters, same dtype, copies)."""
+        from .export import network_to_torch
+        return network_to_torch(self)
+
+    @classmethod
+    def from_torch(cls, module: Any) -> "Network":
+        """A Network from a ``torch.nn.Sequential`` of Linear and bpfast's activations.
+
+        Activations: Sigmoid, Tanh, ReLU, LeakyReLU, ELU, Softplus(beta=1,
+        threshold=20), GELU(approximate='none'), Softmax(dim=-1), one after each
+        Linear at most; Identity and Flatten are skipped. Parameters are copied; the
+        dtype is the module's (float32 or float64).
+        """
+        from .export import network_from_torch
+        return network_from_torch(module)
+
 
 def _rebuild_network(layers, dtype, seed, parameters, rng_state, epochs_trained):
     """The inverse of Network.__reduce__."""

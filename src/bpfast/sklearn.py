@@ -713,6 +713,40 @@ class _BaseMLP(BaseEstimator):
         tags.input_tags.sparse = False  # dense arrays only; sparse input is a TypeError
         return tags
 
+    # ------------------------------------------------------------- interchange
+    # thin wrappers around bpfast.export
+    @classmethod
+    def from_sklearn(cls, fitted):
+        """This estimator made from a fitted scikit-learn MLPClassifier/MLPRegressor.
+
+        The parameters, weights (copied, in the coefficients' dtype), classes and
+        fitted records are taken over, so ``predict``/``predict_proba`` agree with
+        the scikit-learn estimator's. The optimizer's state is not: a ``partial_fit``
+        or warm-started ``fit`` continues with fresh Adam moments or momentum.
+        """
+        from .export import estimator_from_sklearn
+        return estimator_from_sklearn(cls, fitted)
+
+    def to_sklearn(self):
+        """The equivalent fitted scikit-learn estimator (weights copied).
+
+        bpfast's own parameters (``dtype``, ``n_threads``, ``class_weight``) have no
+        scikit-learn counterpart and are left out; predictions are the same.
+        """
+        from .export import estimator_to_sklearn
+        return estimator_to_sklearn(self)
+
+    def to_onnx(self, path=None, *, opset=None):
+        """This estimator as an ONNX model, written to path if given, in skl2onnx's layout.
+
+        Input "input" (batch, n_features). A classifier has the outputs "label"
+        (the ``classes_`` values, or the 0/1 indicator matrix for multilabel
+        targets) and "probabilities" (batch, n_classes), as skl2onnx writes them
+        without ZipMap; a regressor has "variable" (batch, n_outputs).
+        """
+        from .export import estimator_to_onnx
+        return estimator_to_onnx(self, path, opset=opset)
+
 
 def _is_stochastic(estimator):
     if estimator.solver not in ("sgd", "adam"):

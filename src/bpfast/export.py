@@ -1,0 +1,1058 @@
+"""Models that leave bpfast (and come back): ONNX, PyTorch state dicts and modules, scikit-learn.
+
+Nothing here is imported by ``import bpfast``: onnx, onnxruntime, torch and
+scikit-learn are optional and imported inside the functions that need them.
+:class:`bpfast.Network` and the :mod:`bpfast.sklearn` estimators expose this
+module through thin methods (``to_onnx``, ``from_onnx``, ``state_dict``,
+``load_state_dict``, ``to_torch``, ``from_torch``, ``from_sklearn``,
+``to_sklearn``).
+
+How layer kinds are converted (one table, one entry per kind)
+-------------------------------------------------------------
+``LAYER_KINDS`` maps a layer class to a :class:`LayerKind`, which says for that
+kind, and only there:
+
+* ``opset(layer)``: the lowest ONNX opset that expresses the layer exactly
+  (``to_onnx``'s default opset is the largest over the layers, at least
+  ``MIN_OPSET``);
+* ``onnx(layer, graph, x, name)``: the ONNX nodes from input ``x``, returning
+  the output's name (or raising ValueError naming the layer when the layer
+  cannot be expressed exactly at the opset asked for);
+* ``torch_modules(layer)``: the ``torch.nn`` modules the layer becomes, in
+  order, as ``(class name, constructor arguments, {parameter or buffer name:
+  array})``, without importing torch. ``to_torch`` instantiates exactly this
+  list and ``state_dict`` enumerates it, so both agree on the indices.
+
+The way back is op-driven: ``_ONNX_ACTIVATIONS`` / ``_TORCH_ACTIVATIONS`` map an
+ONNX operator / a torch module class to a bpfast activation, and
+``_ONNX_LINEAR`` / ``"Linear"`` start a new Dense. A future Dropout, BatchNorm1d
+or LayerNorm adds one ``LayerKind`` to ``LAYER_KINDS`` (BatchNormalization,
+LayerNormalization at opset 17 raising its ``opset``) and one entry to each way
+back; nothing else changes.
+
+State-dict indices
+------------------
+``state_dict`` uses the keys of the ``torch.nn.Sequential`` that ``to_torch``
+builds: each Dense is a ``Linear`` at the next index, followed, unless its
+activation is the identity, by the activation module at the index after it. So
+``[Dense(4, 8, "relu"), Dense(8, 3)]`` is ``Sequential(Linear, ReLU, Linear)``
+with keys ``"0.weight", "0.bias", "2.weight", "2.bias"``.
+
+Exactness
+---------
+Every activation is exported as bpfast computes it: bpfast's softplus returns
+``z`` above 20 (PyTorch's threshold) while ONNX ``Softplus`` has no threshold,
+so it is exported as ``Where(z > 20, z, Softplus(z))``; GELU (the erf form, as
+bpfast and PyTorch's default compute it) is the ``Gelu`` operator from opset 20
+and ``z * 0.5 * (1 + Erf(z * sqrt(1/2)))`` below it. On import, a bare
+``Softplus`` node (as other exporters write it) is read as bpfast's softplus,
+which differs from it by at most ``log1p(exp(-20)) < 2.1e-9`` (absolute), only
+where the input exceeds 20.
+
+float64 graphs write LeakyRelu, Elu and Softplus with elementary operators
+(``Where``, ``Greater``, ``Mul``, ``Exp``, ``Tanh``, ``Log``...): an ONNX float
+attribute would round the slope or alpha to float32, and ONNX Runtime (1.32)
+has no float64 kernel for those three operators. expm1 and log1p are written
+without cancellation (``tanh(z/2) * (exp(z) + 1)``, Goldberg's
+``u * log(1 + u) / ((1 + u) - 1)``), a few ulps from libm's. ONNX Runtime has
+no float64 ``Erf``/``Gelu`` kernel either: a float64 GELU network exports to a
+valid graph that ONNX Runtime refuses to run (the tests check it with onnx's
+reference evaluator); nothing composed of ONNX operators computes erf exactly.
+``from_onnx`` recognises these forms through templates written by the exporter
+itself (``_templates``), so reading follows writing.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .layers import Dense
+
+__all__ = ["LAYER_KINDS", "MIN_OPSET", "LayerKind", "network_to_onnx", "network_from_onnx",
+           "state_dict", "load_state_dict", "network_to_torch", "network_from_torch",
+           "estimator_from_sklearn", "estimator_to_sklearn", "estimator_to_onnx",
+           "pipeline_to_onnx"]
+
+#: The lowest opset bpfast writes: the first where Softmax normalises along one axis
+#: (earlier versions flatten to 2-D) and every operator used has its current definition.
+MIN_OPSET = 13
+#: Opset of the ``Gelu`` operator; below it GELU is written with ``Erf``.
+GELU_OPSET = 20
+#: PyTorch's (and bpfast's) softplus threshold, beta = 1: above it softplus(z) = z.
+SOFTPLUS_THRESHOLD = 20.0
+_SQRT1_2 = math.sqrt(0.5)
+
+
+def _import(name, extra):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ImportError(f"this needs {name}: pip install {extra}") from None
+
+
+# --------------------------------------------------------------------------- ONNX graph
+class _Graph:
+    """Nodes and initializers being collected for onnx.helper, with unique names."""
+
+    def __init__(self, onnx, dtype, opset):
+        self.onnx, self.dtype, self.opset = onnx, np.dtype(dtype), opset
+        self.nodes, self.initializers, self._count = [], [], 0
+
+    def constant(self, name, array):
+        array = np.asarray(array)
+        self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
+        return name
+
+    def scalar(self, name, value):
+        return self.constant(name, np.asarray(value, dtype=self.dtype))
+
+    def node(self, op, inputs, output=None, **attributes):
+        self._count += 1
+        output = output or f"{op.lower()}_{self._count}"
+        self.nodes.append(self.onnx.helper.make_node(
+            op, list(inputs), [output], name=f"{op}_{self._count}", **attributes))
+        return output
+
+
+def _activation_onnx(layer, graph, z, name):
+    """The nodes applying layer's activation to z (exactly as bpfast computes it)."""
+    activation = layer.activation
+    if activation == "identity":
+        return z
+    simple = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+    if activation in simple:
+        return graph.node(simple[activation], [z])
+    double = graph.dtype == np.float64
+    if (activation in ("leaky_relu", "elu") and double) or activation == "softplus":
+        positive = graph.node("Greater", [z, graph.scalar(
+            f"{name}.{activation}_threshold",
+            SOFTPLUS_THRESHOLD if activation == "softplus" else 0.0)])
+    if activation == "leaky_relu":
+        if not double:  # the attribute is a float32, as the float32 kernel uses it
+            return graph.node("LeakyRelu", [z], alpha=float(layer.activation_param))
+        # float64: the slope as a float64 constant (an attribute would round it to
+        # float32), bpfast's formula z > 0 ? z : slope * z
+        slope = graph.scalar(f"{name}.negative_slope", layer.activation_param)
+        return graph.node("Where", [positive, z, graph.node("Mul", [z, slope])])
+    if activation == "elu":
+        if not double:
+            return graph.node("Elu", [z], alpha=float(layer.activation_param))
+        # z > 0 ? z : alpha * expm1(z), expm1(z) = tanh(z/2) * (exp(z) + 1) (no
+        # cancellation near 0; exp(z) may overflow only in the branch not taken)
+        expm1 = graph.node("Mul", [
+            graph.node("Tanh", [graph.node("Mul", [z, graph.scalar(f"{name}.elu_half", 0.5)])]),
+            graph.node("Add", [graph.node("Exp", [z]), graph.scalar(f"{name}.elu_one", 1.0)])])
+        alpha = graph.scalar(f"{name}.elu_alpha", layer.activation_param)
+        return graph.node("Where", [positive, z, graph.node("Mul", [expm1, alpha])])
+    if activation == "softplus":
+        # ONNX Softplus has no threshold; bpfast's (PyTorch's) returns z above 20
+        if not double:
+            return graph.node("Where", [positive, z, graph.node("Softplus", [z])])
+        # float64: log1p(exp(z)), log1p(u) = u * log(w) / (w - 1) with w = 1 + u
+        # (Goldberg), u where w rounds to 1; the Div's 0/0 only in the branch not taken
+        u = graph.node("Exp", [z])
+        w = graph.node("Add", [u, graph.scalar(f"{name}.softplus_one", 1.0)])
+        w_minus_1 = graph.node("Sub", [w, graph.scalar(f"{name}.softplus_one_", 1.0)])
+        ratio = graph.node("Div", [graph.node("Log", [w]), w_minus_1])
+        log1p = graph.node("Where", [
+            graph.node("Equal", [w_minus_1, graph.scalar(f"{name}.softplus_zero", 0.0)]), u,
+            graph.node("Mul", [u, ratio])])
+        return graph.node("Where", [positive, z, log1p])
+    if activation == "gelu":
+        if graph.opset >= GELU_OPSET:
+            return graph.node("Gelu", [z], approximate="none")
+        # bpfast's formula, operation by operation: z * 0.5 * (1 + erf(z * sqrt(1/2)))
+        scaled = graph.node("Mul", [z, graph.scalar(f"{name}.gelu_sqrt1_2", _SQRT1_2)])
+        one_plus = graph.node("Add", [graph.node("Erf", [scaled]),
+                                      graph.scalar(f"{name}.gelu_one", 1.0)])
+        half_z = graph.node("Mul", [z, graph.scalar(f"{name}.gelu_half", 0.5)])
+        return graph.node("Mul", [half_z, one_plus])
+    if activation == "softmax":
+        return graph.node("Softmax", [z], axis=-1)
+    raise ValueError(f"{name} ({layer!r}): activation {activation!r} has no ONNX form")
+
+
+# the torch module of each activation: (class name, constructor arguments(layer))
+_TORCH_MODULES = {
+    "sigmoid": ("Sigmoid", lambda layer: {}),
+    "tanh": ("Tanh", lambda layer: {}),
+    "relu": ("ReLU", lambda layer: {}),
+    "leaky_relu": ("LeakyReLU", lambda layer: {"negative_slope": layer.activation_param}),
+    "elu": ("ELU", lambda layer: {"alpha": layer.activation_param}),
+    "softplus": ("Softplus", lambda layer: {"beta": 1.0, "threshold": SOFTPLUS_THRESHOLD}),
+    "gelu": ("GELU", lambda layer: {"approximate": "none"}),
+    "softmax": ("Softmax", lambda layer: {"dim": -1}),
+}
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one layer kind converts (see the module docstring)."""
+
+    name: str
+    opset: Any
+    onnx: Any
+    torch_modules: Any
+
+
+def _dense_opset(layer):
+    return MIN_OPSET
+
+
+def _dense_onnx(layer, graph, x, name):
+    weight = graph.constant(f"{name}.weight", layer.weight)
+    inputs = [x, weight]
+    if layer.use_bias:
+        inputs.append(graph.constant(f"{name}.bias", layer.bias))
+    z = graph.node("Gemm", inputs, transB=1)
+    return _activation_onnx(layer, graph, z, name)
+
+
+def _dense_torch_modules(layer):
+    parameters = {"weight": layer.weight}
+    if layer.use_bias:
+        parameters["bias"] = layer.bias
+    modules = [("Linear", {"in_features": layer.in_features,
+                           "out_features": layer.out_features, "bias": layer.use_bias},
+                parameters)]
+    if layer.activation != "identity":
+        class_name, arguments = _TORCH_MODULES[layer.activation]
+        modules.append((class_name, arguments(layer), {}))
+    return modules
+
+
+#: layer class -> its conversions; a new layer kind is one more entry
+LAYER_KINDS = {Dense: LayerKind("dense", _dense_opset, _dense_onnx, _dense_torch_modules)}
+
+
+def _kind(layer, index):
+    kind = LAYER_KINDS.get(type(layer))
+    if kind is None:
+        raise ValueError(f"layer {index} ({layer!r}): {type(layer).__name__} cannot be "
+                         "exported")
+    return kind
+
+
+def _check_opset(network, opset, onnx):
+    lowest = max([MIN_OPSET] + [_kind(layer, index).opset(layer)
+                                for index, layer in enumerate(network.layers)])
+    if opset is None:
+        return lowest
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) \
+            or not lowest <= opset <= newest:
+        raise ValueError(f"opset must be an integer from {lowest} (what this network's layers "
+                         f"need) to {newest} (the installed onnx's newest), got {opset!r}")
+    return int(opset)
+
+
+def _network_nodes(network, graph, x):
+    """Append the network's nodes to graph, from input x; the output's name."""
+    index = 0
+    for position, layer in enumerate(network.layers):
+        # parameter names follow state_dict's keys ("0.weight", "2.bias", ...)
+        x = _kind(layer, position).onnx(layer, graph, x, str(index))
+        index += len(_kind(layer, position).torch_modules(layer))
+    return x
+
+
+def _value_info(onnx, name, dtype, width):
+    element = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return onnx.helper.make_tensor_value_info(name, element, ["batch", width])
+
+
+def _finish_model(onnx, graph, inputs, outputs, path, doc, properties):
+    """The checked ModelProto (written to path when given)."""
+    onnx_graph = onnx.helper.make_graph(graph.nodes, "bpfast", inputs, outputs,
+                                        initializer=graph.initializers, doc_string=doc)
+    opsets = [onnx.helper.make_opsetid("", graph.opset)]
+    model = onnx.helper.make_model(onnx_graph, opset_imports=opsets, producer_name="bpfast",
+                                   producer_version=__version__,
+                                   ir_version=onnx.helper.find_min_ir_version_for(opsets))
+    onnx.helper.set_model_props(model, {"bpfast_version": __version__, **properties})
+    onnx.checker.check_model(model, full_check=True)
+    if path is not None:
+        onnx.save(model, os.fspath(path))
+    return model
+
+
+def network_to_onnx(network, path=None, *, opset=None, input_name="input",
+                    output_name="output", metadata=None):
+    """See :meth:`bpfast.Network.to_onnx`; ``metadata`` (JSON-able) goes into metadata_props."""
+    onnx = _import("onnx", "'bpfast[onnx]'")
+    graph = _Graph(onnx, network.dtype, _check_opset(network, opset, onnx))
+    output = _network_nodes(network, graph, input_name)
+    graph.node("Identity", [output], output_name)
+    return _finish_model(
+        onnx, graph, [_value_info(onnx, input_name, network.dtype, network.n_inputs)],
+        [_value_info(onnx, output_name, network.dtype, network.n_outputs)], path,
+        repr(network), {"bpfast_layers": json.dumps(
+            [layer.arguments() for layer in network.layers]),
+            **({} if metadata is None else {"bpfast_metadata": json.dumps(metadata)})})
+
+
+# --------------------------------------------------------------------------- ONNX import
+_ONNX_DTYPES = {1: np.float32, 11: np.float64}  # TensorProto.FLOAT, DOUBLE
+
+
+def _load_model(onnx, model):
+    if isinstance(model, onnx.ModelProto):
+        source = "the model"
+    elif isinstance(model, (bytes, bytearray)):
+        source = "the model bytes"
+        try:
+            model = onnx.load_from_string(bytes(model))
+        except Exception as error:  # protobuf's DecodeError
+            raise ValueError(f"{source}: not a readable ONNX model ({error})") from None
+    else:
+        source = os.fspath(model)
+        try:
+            model = onnx.load(source)
+        except OSError:
+            raise
+        except Exception as error:  # protobuf's DecodeError and the like
+            raise ValueError(f"{source}: not a readable ONNX model ({error})") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as error:
+        raise ValueError(f"{source}: not a valid ONNX model: {error}") from None
+    return model
+
+
+def _attributes(onnx, node):
+    return {attribute.name: onnx.helper.get_attribute_value(attribute)
+            for attribute in node.attribute}
+
+
+def _describe(node):
+    return f"node {node.name or '(unnamed)'!r} ({node.op_type})"
+
+
+class _OnnxReader:
+    """Walks an MLP-shaped ONNX graph from its input to one output, into Dense layers."""
+
+    def __init__(self, onnx, model, output):
+        self.onnx = onnx
+        graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                          None)
+        if self.opset is None:
+            raise ValueError("the model imports no standard ONNX opset")
+        self.constants = {init.name: onnx.numpy_helper.to_array(init)
+                          for init in graph.initializer}
+        inputs = [value for value in graph.input if value.name not in self.constants]
+        if len(inputs) != 1:
+            raise ValueError(f"an MLP graph has one input, this one has "
+                             f"{[value.name for value in inputs]}")
+        self.input = inputs[0]
+        element = self.input.type.tensor_type.elem_type
+        if element not in _ONNX_DTYPES:
+            raise ValueError(f"input {self.input.name!r} has element type "
+                             f"{onnx.helper.tensor_dtype_to_np_dtype(element)}; bpfast "
+                             "takes float32 or float64")
+        self.dtype = np.dtype(_ONNX_DTYPES[element])
+        outputs = [value.name for value in graph.output]
+        if output is None:
+            if len(outputs) != 1:
+                raise ValueError(f"the graph has outputs {outputs}; say which one the "
+                                 "network computes with output=")
+            output = outputs[0]
+        elif output not in outputs:
+            raise ValueError(f"the graph has no output {output!r}; it has {outputs}")
+        self.output = output
+        self.nodes = self._slice(graph.node)
+        self.used = set()
+
+    def _slice(self, nodes):
+        """The nodes the output depends on, in graph order; constant ones folded away."""
+        producer = {name: node for node in nodes for name in node.output}
+        needed, stack = set(), [self.output]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and id(node) not in needed:
+                needed.add(id(node))
+                stack.extend(name for name in node.input if name)
+        kept = []
+        for node in nodes:
+            if id(node) not in needed:
+                continue
+            if not self._fold(node):
+                kept.append(node)
+        return kept
+
+    def _fold(self, node):
+        """Evaluate a node whose inputs are all constants, when it is a simple one."""
+        attributes = _attributes(self.onnx, node)
+        if node.op_type == "Constant":
+            if "value" not in attributes:
+                raise ValueError(f"{_describe(node)}: only tensor constants are supported")
+            self.constants[node.output[0]] = self.onnx.numpy_helper.to_array(
+                attributes["value"])
+            return True
+        if not node.input or not all(name in self.constants for name in node.input):
+            return False
+        values = [self.constants[name] for name in node.input]
+        if node.op_type == "Identity":
+            result = values[0]
+        elif node.op_type == "Transpose":
+            result = np.transpose(values[0], attributes.get("perm"))
+        elif node.op_type == "Cast":
+            result = values[0].astype(self.onnx.helper.tensor_dtype_to_np_dtype(
+                attributes["to"]))
+        else:
+            return False
+        self.constants[node.output[0]] = result
+        return True
+
+    # ------------------------------------------------------------- walking
+    def _users(self, name):
+        return [node for node in self.nodes if name in node.input and id(node) not in self.used]
+
+    def _use(self, *nodes):
+        self.used.update(id(node) for node in nodes)
+
+    def _constant(self, node, name):
+        value = self.constants.get(name)
+        if value is None:
+            raise ValueError(f"{_describe(node)}: input {name!r} must be a constant "
+                             "(an initializer) in an MLP graph")
+        return value
+
+    def _other_input(self, node, name):
+        others = [other for other in node.input if other != name]
+        return others[0] if len(others) == 1 and len(node.input) == 2 else None
+
+    def _is_scalar(self, name, value):
+        constant = self.constants.get(name)
+        return constant is not None and constant.size == 1 and \
+            math.isclose(float(constant.ravel()[0]), value, rel_tol=1e-6)
+
+    def read(self):
+        """[(weight (out, in), bias or None, activation, activation param or None)]."""
+        layers, x = [], self.input.name
+        while x != self.output:
+            users = self._users(x)
+            if not users:
+                raise ValueError(f"the graph's output {self.output!r} is not reached from "
+                                 f"its input {self.input.name!r} by an MLP chain "
+                                 f"(stuck at {x!r})")
+            matched = self._template(x, users) or self._gelu_erf(x, users)
+            if matched is not None:
+                activation, parameter, x = matched
+                self._set_activation(layers, activation, parameter, users[0])
+                continue
+            if len(users) != 1:
+                raise ValueError(f"tensor {x!r} feeds {len(users)} nodes "
+                                 f"({', '.join(_describe(node) for node in users)}); an MLP "
+                                 "graph is a chain")
+            x = self._step(layers, users[0], x)
+        left = [node for node in self.nodes if id(node) not in self.used]
+        if left:
+            raise ValueError(f"{_describe(left[0])} is not part of an MLP chain")
+        if not layers:
+            raise ValueError("the graph has no Gemm or MatMul layer")
+        return layers
+
+    def _step(self, layers, node, x):
+        self._use(node)
+        attributes = _attributes(self.onnx, node)
+        op = node.op_type
+        if node.input[0] != x and op != "Add":
+            raise ValueError(f"{_describe(node)}: takes {x!r} as an unexpected input")
+        if op == "Gemm":
+            if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 \
+                    or attributes.get("beta", 1.0) != 1.0:
+                raise ValueError(f"{_describe(node)}: only Gemm with transA=0, alpha=1 and "
+                                 "beta=1 is a Dense layer")
+            weight = self._constant(node, node.input[1])
+            weight = weight if attributes.get("transB", 0) else weight.T
+            bias = self._constant(node, node.input[2]) if len(node.input) > 2 and \
+                node.input[2] else None
+            self._add_dense(layers, node, weight, bias)
+        elif op == "MatMul":
+            self._add_dense(layers, node, self._constant(node, node.input[1]).T, None)
+        elif op == "Add":
+            other = self._other_input(node, x)
+            last = layers[-1] if layers else None
+            if other is None or last is None or last[1] is not None or last[2] is not None:
+                raise ValueError(f"{_describe(node)}: an Add must add a bias right after a "
+                                 "MatMul")
+            bias = self._constant(node, other)
+            layers[-1] = (last[0], self._bias(node, bias, last[0].shape[0]), None, None)
+        elif op in _ONNX_ACTIVATIONS:
+            activation, parameter = _ONNX_ACTIVATIONS[op](self, node, attributes)
+            self._set_activation(layers, activation, parameter, node)
+        elif op in ("Identity", "Flatten") or (op == "Cast" and self.onnx.helper.
+                                               tensor_dtype_to_np_dtype(attributes["to"])
+                                               == self.dtype):
+            if op == "Flatten" and attributes.get("axis", 1) != 1:
+                raise ValueError(f"{_describe(node)}: only Flatten(axis=1) keeps a batch of "
+                                 "rows as it is")
+        else:
+            raise ValueError(f"{_describe(node)}: operator {op} is not supported in an MLP "
+                             "graph (Gemm, MatMul+Add and the activations bpfast has)")
+        return node.output[0]
+
+    def _bias(self, node, bias, width):
+        bias = np.asarray(bias)
+        if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1) or \
+                bias.size not in (1, width):
+            raise ValueError(f"{_describe(node)}: bias of shape {bias.shape} does not fit "
+                             f"{width} outputs")
+        return np.broadcast_to(bias.reshape(-1), (width,))
+
+    def _add_dense(self, layers, node, weight, bias):
+        if weight.ndim != 2:
+            raise ValueError(f"{_describe(node)}: weight of shape {weight.shape} is not a "
+                             "matrix")
+        if weight.dtype != self.dtype:
+            raise ValueError(f"{_describe(node)}: weight is {weight.dtype}, the input "
+                             f"{self.dtype}")
+        if bias is not None:
+            bias = self._bias(node, bias, weight.shape[0])
+        layers.append((weight, bias, None, None))
+
+    def _set_activation(self, layers, activation, parameter, node):
+        if not layers or layers[-1][2] is not None:
+            raise ValueError(f"{_describe(node)}: an activation must follow a Gemm/MatMul "
+                             "(a bpfast Dense applies one activation)")
+        weight, bias = layers[-1][:2]
+        layers[-1] = (weight, bias, activation, parameter)
+
+    # ------------------------------------------------------------- multi-node patterns
+    def _template(self, z, users):
+        """One of the multi-node activations bpfast writes (see ``_templates``)."""
+        for activation, nodes, constants in _templates(self.onnx, self.dtype, self.opset):
+            mapping, matched, parameter = {"z": z}, [], None
+            for pattern in nodes:
+                anchor = mapping[next(name for name in pattern.input if name in mapping)]
+                found = None
+                for node in self._users(anchor):
+                    if id(node) in map(id, matched) or node.op_type != pattern.op_type or \
+                            len(node.input) != len(pattern.input) or \
+                            _attributes(self.onnx, node) != _attributes(self.onnx, pattern):
+                        continue
+                    captured = self._match_inputs(pattern, node, mapping, constants)
+                    if captured is not False:
+                        found = node
+                        parameter = parameter if captured is None else captured
+                        break
+                if found is None:
+                    break
+                mapping[pattern.output[0]] = found.output[0]
+                matched.append(found)
+            else:
+                # a match only if nothing else reads z or the intermediate values
+                inner = [z] + [node.output[0] for node in matched[:-1]]
+                if all(id(user) in map(id, matched) for name in inner
+                       for user in self._users(name)):
+                    self._use(*matched)
+                    return activation, parameter, matched[-1].output[0]
+        return None
+
+    def _match_inputs(self, pattern, node, mapping, constants):
+        """False, or the captured parameter (None if none) when node's inputs fit."""
+        captured = None
+        for wanted, actual in zip(pattern.input, node.input):
+            if wanted in mapping:
+                if mapping[wanted] != actual:
+                    return False
+                continue
+            value = self.constants.get(actual)
+            if value is None or value.size != 1:
+                return False
+            if constants[wanted] == _PARAMETER:
+                captured = float(value.ravel()[0])
+            elif value.ravel()[0] != constants[wanted]:
+                return False
+        return captured
+
+    def _gelu_erf(self, z, users):
+        """z * 0.5 * (1 + Erf(z / sqrt(2))), in the three orders exporters write it."""
+        if len(users) != 2:
+            return None
+        for scale in users:
+            other = self._other_input(scale, z)
+            if not ((scale.op_type == "Mul" and self._is_scalar(other, _SQRT1_2))
+                    or (scale.op_type == "Div" and scale.input[0] == z
+                        and self._is_scalar(other, math.sqrt(2.0)))):
+                continue
+            erf = self._only_user(scale.output[0], "Erf")
+            add = erf and self._only_user(erf.output[0], "Add")
+            if add is None or not self._is_scalar(self._other_input(add, erf.output[0]), 1.0):
+                return None
+            first = self._only_user(add.output[0], "Mul")  # multiplies 1 + erf(...)
+            if first is None:
+                return None
+            factor = self._other_input(first, add.output[0])
+            (z_user,) = [node for node in users if node is not scale]
+            if factor == z or self._is_scalar(factor, 0.5):
+                # (z * (1 + erf)) * 0.5  or  z * ((1 + erf) * 0.5)
+                second = self._only_user(first.output[0], "Mul")
+                if second is None:
+                    return None
+                last_factor = self._other_input(second, first.output[0])
+                want_last, want_user = (0.5, first) if factor == z else (z, second)
+                if (last_factor != z if want_last == z
+                        else not self._is_scalar(last_factor, 0.5)) or z_user is not want_user:
+                    return None
+                nodes = [scale, erf, add, first, second]
+            else:  # (z * 0.5) * (1 + erf), bpfast's own order
+                if z_user.output[0] != factor or z_user.op_type != "Mul" or \
+                        not self._is_scalar(self._other_input(z_user, z), 0.5):
+                    return None
+                second = first
+                nodes = [scale, erf, add, z_user, first]
+            self._use(*nodes)
+            return "gelu", None, second.output[0]
+        return None
+
+    def _only_user(self, name, op):
+        users = self._users(name)
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+
+# stands for the activation's parameter in a template (a value no layer is given)
+_PARAMETER = -1234.5678
+
+
+def _templates(onnx, dtype, opset):
+    """[(activation, nodes, {constant name: value})]: bpfast's multi-node activations.
+
+    Written by ``_activation_onnx`` itself for a layer whose parameter is
+    ``_PARAMETER``, so reading follows writing by construction.
+    """
+    templates = []
+    for activation in ("leaky_relu", "elu", "softplus"):
+        graph = _Graph(onnx, dtype, opset)
+        layer = type("TemplateLayer", (), {"activation": activation,
+                                           "activation_param": _PARAMETER})()
+        _activation_onnx(layer, graph, "z", "template")
+        if len(graph.nodes) > 1:
+            constants = {init.name: onnx.numpy_helper.to_array(init).ravel()[0]
+                         for init in graph.initializers}
+            templates.append((activation, graph.nodes, constants))
+    return templates
+
+
+def _shortest_float32(value):
+    """A float32 attribute as the shortest decimal that rounds to it (0.2, not 0.2000000029)."""
+    return float(str(np.float32(value)))
+
+
+def _softmax_axis(reader, node, attributes):
+    axis = attributes.get("axis", -1 if reader.opset >= 13 else 1)
+    if axis not in (-1, 1):
+        raise ValueError(f"{_describe(node)}: Softmax over axis {axis}; bpfast's softmax "
+                         "normalises each row (axis -1)")
+    return "softmax", None
+
+
+def _gelu(reader, node, attributes):
+    if attributes.get("approximate", b"none") not in (b"none", "none"):
+        raise ValueError(f"{_describe(node)}: Gelu(approximate='tanh') is not bpfast's gelu "
+                         "(the erf form)")
+    return "gelu", None
+
+
+#: ONNX operator -> (bpfast activation, parameter) from (reader, node, attributes)
+_ONNX_ACTIVATIONS = {
+    "Sigmoid": lambda reader, node, attributes: ("sigmoid", None),
+    "Tanh": lambda reader, node, attributes: ("tanh", None),
+    "Relu": lambda reader, node, attributes: ("relu", None),
+    "LeakyRelu": lambda reader, node, attributes: (
+        "leaky_relu", _shortest_float32(attributes.get("alpha", 0.01))),
+    "Elu": lambda reader, node, attributes: (
+        "elu", _shortest_float32(attributes.get("alpha", 1.0))),
+    # a bare Softplus has no threshold: within 2.1e-9 of bpfast's above 20 (module docstring)
+    "Softplus": lambda reader, node, attributes: ("softplus", None),
+    "Gelu": _gelu,
+    "Softmax": _softmax_axis,
+}
+
+
+def _build_network(layer_specs, dtype, where):
+    """A Network with these (weight, bias, activation, parameter) layers."""
+    from .network import Network
+    layers = []
+    for weight, bias, activation, parameter in layer_specs:
+        keyword = {}
+        if activation == "leaky_relu":
+            keyword["negative_slope"] = float(parameter)
+        elif activation == "elu":
+            keyword["alpha"] = float(parameter)
+        layers.append(Dense(weight.shape[1], weight.shape[0], activation, bias=bias is not None,
+                            **keyword))
+    try:
+        network = Network(layers, dtype=dtype)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    for layer, (weight, bias, _, _) in zip(network.layers, layer_specs):
+        layer.weight[...] = weight
+        if bias is not None:
+            layer.bias[...] = bias
+    return network
+
+
+def network_from_onnx(model, *, output=None):
+    """See :meth:`bpfast.Network.from_onnx`."""
+    onnx = _import("onnx", "'bpfast[onnx]'")
+    model = _load_model(onnx, model)
+    reader = _OnnxReader(onnx, model, output)
+    width = reader.input.type.tensor_type.shape.dim
+    if len(width) not in (0, 2):
+        raise ValueError(f"input {reader.input.name!r} has {len(width)} dimensions; an MLP "
+                         "takes a batch of rows (2)")
+    specs = reader.read()
+    if len(width) == 2 and width[1].HasField("dim_value") and \
+            width[1].dim_value != specs[0][0].shape[1]:
+        raise ValueError(f"input {reader.input.name!r} has {width[1].dim_value} features, "
+                         f"the first layer takes {specs[0][0].shape[1]}")
+    return _build_network(specs, reader.dtype, "the ONNX graph")
+
+
+# --------------------------------------------------------------------------- state dict
+def _torch_layout(network):
+    """[(index, class name, arguments, {name: array})]: the Sequential to_torch builds."""
+    layout, index = [], 0
+    for position, layer in enumerate(network.layers):
+        for class_name, arguments, tensors in _kind(layer, position).torch_modules(layer):
+            layout.append((index, class_name, arguments, tensors))
+            index += 1
+    return layout
+
+
+def state_dict(network):
+    """See :meth:`bpfast.Network.state_dict`."""
+    return {f"{index}.{name}": np.array(array)
+            for index, _, _, tensors in _torch_layout(network)
+            for name, array in tensors.items()}
+
+
+def _as_numpy(key, value):
+    if type(value).__module__.startswith("torch"):
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"state_dict[{key!r}] must be a NumPy array or a torch tensor, got "
+                        f"{type(value).__name__}")
+    if value.dtype.kind != "f":
+        raise TypeError(f"state_dict[{key!r}] has dtype {value.dtype}; parameters are "
+                        "floating point")
+    return value
+
+
+def load_state_dict(network, values):
+    """See :meth:`bpfast.Network.load_state_dict`."""
+    if not hasattr(values, "keys") or not hasattr(values, "__getitem__"):
+        raise TypeError(f"state_dict must be a mapping of names to arrays, got "
+                        f"{type(values).__name__}")
+    expected = {f"{index}.{name}": array for index, _, _, tensors in _torch_layout(network)
+                for name, array in tensors.items()}
+    missing = [key for key in expected if key not in values]
+    unexpected = [key for key in values if key not in expected]
+    if missing or unexpected:
+        raise ValueError(f"state_dict does not fit this network: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    # everything is checked into a copy, then assigned in one step (all or nothing)
+    parameters = network.parameters.copy()
+    base = network.parameters.ctypes.data
+    for key, target in expected.items():
+        value = _as_numpy(key, values[key])
+        if value.shape != target.shape:
+            raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, this network's "
+                             f"is {target.shape}")
+        # each tensor of the layout is a view of the flat buffer: its offset there
+        start = (target.ctypes.data - base) // target.itemsize
+        parameters[start:start + target.size] = value.reshape(-1)
+    network.parameters = parameters
+
+
+# --------------------------------------------------------------------------- torch
+def network_to_torch(network):
+    """See :meth:`bpfast.Network.to_torch`."""
+    torch = _import("torch", "torch")
+    modules = []
+    for _, class_name, arguments, tensors in _torch_layout(network):
+        module = getattr(torch.nn, class_name)(**arguments)
+        if tensors:
+            module = module.to(getattr(torch, network.dtype.name))
+            with torch.no_grad():
+                for name, array in tensors.items():
+                    getattr(module, name).copy_(torch.from_numpy(np.array(array)))
+        modules.append(module)
+    return torch.nn.Sequential(*modules)
+
+
+def _softplus_module(module, where):
+    if module.beta != 1 or module.threshold != SOFTPLUS_THRESHOLD:
+        raise ValueError(f"{where}: Softplus(beta={module.beta}, threshold={module.threshold})"
+                         f"; bpfast's softplus is Softplus(beta=1, threshold=20)")
+    return "softplus", None
+
+
+def _gelu_module(module, where):
+    if module.approximate != "none":
+        raise ValueError(f"{where}: GELU(approximate={module.approximate!r}); bpfast's gelu "
+                         "is the erf form, GELU(approximate='none')")
+    return "gelu", None
+
+
+def _softmax_module(module, where):
+    if module.dim not in (-1, 1):
+        raise ValueError(f"{where}: Softmax(dim={module.dim}); bpfast's softmax normalises "
+                         "each row (dim=-1)")
+    return "softmax", None
+
+
+#: torch module class -> (bpfast activation, parameter) from (module, where)
+_TORCH_ACTIVATIONS = {
+    "Sigmoid": lambda module, where: ("sigmoid", None),
+    "Tanh": lambda module, where: ("tanh", None),
+    "ReLU": lambda module, where: ("relu", None),
+    "LeakyReLU": lambda module, where: ("leaky_relu", module.negative_slope),
+    "ELU": lambda module, where: ("elu", module.alpha),
+    "Softplus": _softplus_module,
+    "GELU": _gelu_module,
+    "Softmax": _softmax_module,
+}
+
+
+def _flat_modules(torch, module, prefix=""):
+    if isinstance(module, torch.nn.Sequential):
+        for name, child in module.named_children():
+            yield from _flat_modules(torch, child, f"{prefix}{name}.")
+    else:
+        yield prefix.rstrip("."), module
+
+
+def network_from_torch(module):
+    """See :meth:`bpfast.Network.from_torch`."""
+    torch = _import("torch", "torch")
+    if not isinstance(module, torch.nn.Sequential):
+        raise TypeError(f"from_torch takes a torch.nn.Sequential, got {type(module).__name__}")
+    specs, dtype = [], None
+    for name, child in _flat_modules(torch, module):
+        kind = type(child).__name__
+        where = f"module {name} ({kind})"
+        if isinstance(child, torch.nn.Linear):
+            weight = child.weight.detach().cpu().numpy()
+            # (not `dtype in (None, ...)`: NumPy takes None for float64 there)
+            if weight.dtype not in (np.float32, np.float64) or \
+                    (dtype is not None and dtype != weight.dtype):
+                raise ValueError(f"{where}: parameters are {weight.dtype}; bpfast takes one "
+                                 "dtype, float32 or float64, for the whole network")
+            dtype = weight.dtype
+            bias = None if child.bias is None else child.bias.detach().cpu().numpy()
+            specs.append((weight, bias, None, None))
+        elif kind in _TORCH_ACTIVATIONS and type(child).__module__.startswith("torch.nn"):
+            activation, parameter = _TORCH_ACTIVATIONS[kind](child, where)
+            if not specs or specs[-1][2] is not None:
+                raise ValueError(f"{where}: an activation must follow a Linear (a bpfast "
+                                 "Dense applies one activation)")
+            specs[-1] = (*specs[-1][:2], activation, parameter)
+        elif isinstance(child, torch.nn.Identity) or (
+                isinstance(child, torch.nn.Flatten) and child.start_dim in (1, -1)
+                and child.end_dim == -1):
+            continue
+        else:
+            raise ValueError(f"{where} is not supported: bpfast takes Linear and the "
+                             f"activations {', '.join(_TORCH_ACTIVATIONS)}")
+    if not specs:
+        raise ValueError("the Sequential has no Linear layer")
+    return _build_network(specs, dtype, "the torch module")
+
+
+# --------------------------------------------------------------------------- scikit-learn
+# fitted attributes copied as they are between the two libraries' estimators
+_FITTED = ("n_layers_", "n_outputs_", "out_activation_", "n_features_in_", "feature_names_in_",
+           "n_iter_", "t_", "validation_scores_", "best_validation_score_")
+_LOSSES = ("loss_", "loss_curve_", "best_loss_")
+
+
+def _loss_factor(estimator):
+    """bpfast's regressor reports losses summed over outputs, scikit-learn averaged."""
+    from sklearn.base import is_regressor
+    return float(estimator.n_outputs_) if is_regressor(estimator) else 1.0
+
+
+def _scaled_losses(source, target, factor):
+    for name in _LOSSES:
+        value = getattr(source, name, None)
+        if name not in source.__dict__:
+            continue
+        if isinstance(value, list):
+            value = [item * factor for item in value]
+        elif value is not None:
+            value = value * factor
+        target.__dict__[name] = value
+
+
+def estimator_from_sklearn(cls, fitted):
+    """See :meth:`bpfast.sklearn.MLPClassifier.from_sklearn`."""
+    from sklearn import neural_network
+    from sklearn.utils.validation import check_is_fitted
+    wanted = getattr(neural_network, cls.__name__)
+    if not isinstance(fitted, wanted):
+        raise TypeError(f"{cls.__name__}.from_sklearn takes a fitted "
+                        f"sklearn.neural_network.{cls.__name__}, got {type(fitted).__name__}")
+    check_is_fitted(fitted)
+    if getattr(fitted, "loss", None) == "poisson":
+        raise ValueError("loss='poisson' is not available in bpfast.sklearn")
+    dtype = np.asarray(fitted.coefs_[0]).dtype
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"the coefficients are {dtype}; bpfast takes float32 or float64")
+    ours = set(cls().get_params(deep=False))
+    params = {name: value for name, value in fitted.get_params(deep=False).items()
+              if name in ours}
+    estimator = cls(**params, dtype=dtype.name)
+    hidden = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh",
+              "relu": "relu"}[fitted.activation]
+    specs = [(np.asarray(coef).T, np.asarray(intercept),
+              hidden if index < len(fitted.coefs_) - 1 else None, None)
+             for index, (coef, intercept) in enumerate(zip(fitted.coefs_, fitted.intercepts_))]
+    network = _build_network(specs, dtype, "the scikit-learn estimator")
+    attributes = {name: getattr(fitted, name) for name in _FITTED if hasattr(fitted, name)}
+    if hasattr(fitted, "classes_"):
+        kind = fitted._label_binarizer.y_type_
+        attributes.update(classes_=fitted.classes_.copy(), _target_kind=(
+            "multilabel" if kind == "multilabel-indicator" else kind))
+    estimator.__dict__.update(attributes, network_=network, _optimizer=None,
+                              _no_improvement_count=getattr(fitted, "_no_improvement_count", 0))
+    _scaled_losses(fitted, estimator, _loss_factor(estimator))
+    return estimator
+
+
+def estimator_to_sklearn(estimator):
+    """See :meth:`bpfast.sklearn.MLPClassifier.to_sklearn`."""
+    from sklearn import neural_network
+    from sklearn.preprocessing import LabelBinarizer
+    from sklearn.utils.validation import check_is_fitted
+    check_is_fitted(estimator)
+    cls = getattr(neural_network, type(estimator).__name__)
+    theirs = set(cls().get_params(deep=False))
+    fitted = cls(**{name: value for name, value in estimator.get_params(deep=False).items()
+                    if name in theirs})
+    network = estimator.network_
+    fitted.coefs_ = [layer.weight.T.copy() for layer in network.layers]
+    fitted.intercepts_ = [layer.bias.copy() for layer in network.layers]
+    for name in _FITTED:
+        if name in estimator.__dict__:
+            setattr(fitted, name, estimator.__dict__[name])
+    if hasattr(estimator, "classes_"):
+        fitted.classes_ = estimator.classes_.copy()
+        binarizer = LabelBinarizer()
+        if estimator._target_kind == "multilabel":
+            binarizer.fit(np.eye(len(estimator.classes_), dtype=int))
+        else:
+            binarizer.fit(estimator.classes_)
+        fitted._label_binarizer = binarizer
+    _scaled_losses(estimator, fitted, 1.0 / _loss_factor(estimator))
+    return fitted
+
+
+def _label_constant(graph, classes):
+    classes = np.asarray(classes)
+    if classes.dtype.kind in "biu":
+        return graph.constant("classes", classes.astype(np.int64))
+    if classes.dtype.kind == "f":
+        return graph.constant("classes", classes)
+    if classes.dtype.kind in "UO" and all(isinstance(value, str) for value in classes):
+        return graph.constant("classes", classes.astype(object))
+    raise ValueError(f"classes_ of dtype {classes.dtype} cannot be an ONNX label tensor "
+                     "(integers, floats or strings)")
+
+
+def _classifier_outputs(onnx, graph, logits, kind, classes, n_outputs):
+    """Nodes computing "label" and "probabilities" from logits; their value infos.
+
+    kind: "multiclass" (softmax over the columns), "binary" (one logit) or
+    "multilabel" (one logit per label); labels are bpfast's predict exactly: the
+    first largest logit, or a positive logit (sigmoid above 1/2).
+    """
+    element = onnx.TensorProto.INT64
+    if kind == "multiclass":
+        table = _label_constant(graph, classes)
+        element = graph.initializers[-1].data_type
+        index = graph.node("ArgMax", [logits], axis=1, keepdims=0)
+        graph.node("Gather", [table, index], "label", axis=0)
+        graph.node("Softmax", [logits], "probabilities", axis=1)
+        label_shape = ["batch"]
+    else:
+        zero = graph.scalar("zero", 0.0)
+        positive = graph.node("Cast", [graph.node("Greater", [logits, zero])],
+                              to=onnx.TensorProto.INT64)
+        probability = graph.node("Sigmoid", [logits])
+        if kind == "binary":
+            table = _label_constant(graph, classes)
+            element = graph.initializers[-1].data_type
+            flat = graph.node("Squeeze", [positive, graph.constant(
+                "squeeze_axes", np.array([1], dtype=np.int64))])
+            graph.node("Gather", [table, flat], "label", axis=0)
+            complement = graph.node("Sub", [graph.scalar("one", 1.0), probability])
+            graph.node("Concat", [complement, probability], "probabilities", axis=1)
+            label_shape = ["batch"]
+        else:
+            graph.node("Identity", [positive], "label")
+            graph.node("Identity", [probability], "probabilities")
+            label_shape = ["batch", n_outputs]
+    width = n_outputs if kind == "multilabel" else len(classes)
+    return [onnx.helper.make_tensor_value_info("label", element, label_shape),
+            _value_info(onnx, "probabilities", graph.dtype, width)]
+
+
+def estimator_to_onnx(estimator, path=None, *, opset=None):
+    """See :meth:`bpfast.sklearn.MLPClassifier.to_onnx`."""
+    from sklearn.utils.validation import check_is_fitted
+    onnx = _import("onnx", "'bpfast[onnx]'")
+    check_is_fitted(estimator)
+    network = estimator.network_
+    dtype = network.dtype
+    graph = _Graph(onnx, dtype, _check_opset(network, opset, onnx))
+    logits = _network_nodes(network, graph, "input")
+    inputs = [_value_info(onnx, "input", dtype, network.n_inputs)]
+    if not hasattr(estimator, "classes_"):  # regressor: skl2onnx's output name
+        graph.node("Identity", [logits], "variable")
+        outputs = [_value_info(onnx, "variable", dtype, network.n_outputs)]
+        return _finish_model(onnx, graph, inputs, outputs, path, repr(estimator), {})
+    outputs = _classifier_outputs(onnx, graph, logits, estimator._target_kind,
+                                  estimator.classes_, network.n_outputs)
+    return _finish_model(onnx, graph, inputs, outputs, path, repr(estimator),
+                         {"classes": json.dumps([str(c) for c in estimator.classes_])})
+
+
+def pipeline_to_onnx(network, path=None, *, metadata, opset=None):
+    """A model saved by ``bpfast train`` as one ONNX graph that predicts as ``bpfast predict``.
+
+    Input "input": the raw features, standardised in the graph with the saved
+    ``x_mean``/``x_scale``. Classification: outputs "label" (the saved classes) and
+    "probabilities"; regression: "variable", the network's output mapped back with
+    ``y_scale``/``y_mean``. ``metadata`` is the model file's, kept in metadata_props.
+    """
+    onnx = _import("onnx", "'bpfast[onnx]'")
+    dtype = network.dtype
+    graph = _Graph(onnx, dtype, _check_opset(network, opset, onnx))
+    x = "input"
+    if "x_mean" in metadata:
+        x = graph.node("Div", [
+            graph.node("Sub", [x, graph.constant("x_mean", np.asarray(metadata["x_mean"],
+                                                                       dtype))]),
+            graph.constant("x_scale", np.asarray(metadata["x_scale"], dtype))])
+    output = _network_nodes(network, graph, x)
+    inputs = [_value_info(onnx, "input", dtype, network.n_inputs)]
+    if metadata.get("task") == "classification":
+        outputs = _classifier_outputs(onnx, graph, output, "multiclass", metadata["classes"],
+                                      network.n_outputs)
+    else:
+        if "y_mean" in metadata:
+            output = graph.node("Add", [
+                graph.node("Mul", [output, graph.constant(
+                    "y_scale", np.asarray(metadata["y_scale"], dtype))]),
+                graph.constant("y_mean", np.asarray(metadata["y_mean"], dtype))])
+        graph.node("Identity", [output], "variable")
+        outputs = [_value_info(onnx, "variable", dtype, network.n_outputs)]
+    return _finish_model(onnx, graph, inputs, outputs, path, repr(network),
+                         {"bpfast_metadata": json.dumps(metadata)})
