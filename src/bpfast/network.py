@@ -1,6 +1,5 @@
 """Network: the flat parameter buffers and the training API around the compiled core."""
 import contextlib
-import threading
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, Literal
@@ -113,7 +112,6 @@ class Network:
         self.epochs_trained = 0
         self.history = None
         self.stop_training = False
-        self._fit_lock = threading.RLock()
 
     # ------------------------------------------------------------------ buffers
     @property
@@ -345,14 +343,18 @@ class Network:
 
     @contextlib.contextmanager
     def _fitting(self):
-        """Hold this network's training lock (re-entrant), or raise RuntimeError at once."""
-        if not self._fit_lock.acquire(blocking=False):
-            raise RuntimeError("this Network is already training in another thread; use "
-                               "one Network per thread")
+        """Own this network for a fit (re-entrant), or raise RuntimeError at once.
+
+        While it is owned, other threads' train_step, compute_gradients, forward,
+        backward, parameter assignment, optimizer steps, fit and save get
+        RuntimeError (their predict still runs, between batches): the fit is never
+        the one interrupted.
+        """
+        self._engine.claim()
         try:
             yield
         finally:
-            self._fit_lock.release()
+            self._engine.unclaim()
 
     def partial_fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str,
                     optimizer: Optimizer | str, batch_size: int | None = None,
@@ -431,9 +433,12 @@ class Network:
         # pickle and copy.deepcopy: the layers' arguments and the state, rebuilt through
         # the public constructor (the compiled engine holds raw pointers, no state of
         # its own worth keeping). Optimizers are not included: save() keeps those.
+        # one snapshot under the engine's lock, as bpfast.save takes it
+        parameters, _, _, (rng_state, epochs_trained) = self._engine.snapshot(
+            None, lambda: (self._rng.bit_generator.state, self.epochs_trained))
         return (_rebuild_network, ([layer.arguments() for layer in self.layers],
-                                   self.dtype.name, self.seed, self._parameters.copy(),
-                                   self._rng.bit_generator.state, self.epochs_trained))
+                                   self.dtype.name, self.seed, parameters, rng_state,
+                                   epochs_trained))
 
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
