@@ -1507,6 +1507,11 @@ cdef class Engine:
         self.owner_depth = 1
         self.release()
 
+    def check_owner(self):
+        """RuntimeError if another thread's fit() owns the network (for early refusals)."""
+        if self.owned and self.owner != PyThread_get_thread_ident():
+            raise RuntimeError(FITTING_MESSAGE)
+
     def unclaim(self):
         """End the calling thread's claim()."""
         if not self.owned or self.owner != PyThread_get_thread_ident():

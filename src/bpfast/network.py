@@ -180,6 +180,7 @@ class Network:
 
         Overwrites ``gradients`` (it does not accumulate) and returns dL/dX.
         """
+        self._engine.check_owner()  # another thread's fit: its error, not the one below
         n_rows = self._engine.forward_rows
         if n_rows < 0:
             raise ValueError("backward() needs a preceding forward(); train_step, fit and "
