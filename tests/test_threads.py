@@ -4,12 +4,14 @@
   both mixed) end bit-identical to the same training done one after the other, with
   small networks (many short compiled calls, many GIL hand-overs) and with a network
   large enough for bpfast's OpenMP passes and a parallel optimizer update.
-* One network used from two threads at once: each call either completes or raises
-  RuntimeError (or, for backward, the ValueError of a forward that changed in
-  between); the network's state afterwards equals a fresh single-threaded replay of
-  the calls that completed. These run in a subprocess, a few hundred rounds behind
-  a barrier with a tiny switch interval, so that a crash fails the test instead of
-  ending the session.
+* One network used from several threads at once (issue 12 items 5, 6, 12): each call
+  completes, waits, or raises RuntimeError (or, for backward, the ValueError of a
+  forward that changed in between); results equal a single-threaded replay of the
+  calls that completed. The races run in a subprocess, a few rounds behind barriers
+  with a tiny switch interval (tools/stress_threads.py runs the same ones longer).
+  The interleavings behind past bugs are forced, so they fail on every run: another
+  thread's calls right after each release of the engine, readers held open while a
+  writer waits, other threads' calls between two epochs of a fit.
 * set_num_threads takes effect (get_num_threads, OMP_NUM_THREADS, threadpoolctl's
   view of BLAS) and results for 1, 2 and 3 threads agree to 1e-12 in float64 on the
   paths tests/test_network.py does not cover (gelu/elu/softplus/sigmoid passes,
@@ -355,7 +357,7 @@ def save_while_training():
                 got = (loaded.parameters.tobytes(), None if state is None else state.tobytes())
                 if got != expected[k]:
                     mismatches.append(f"trial {trial}: the file says step {k}, but its "
-                                      "parameters or optimizer state are not step {k}'s")
+                                      f"parameters or optimizer state are not step {k}'s")
         race(train, save)
     print(json.dumps({"unexpected": unexpected[:20], "mismatches": mismatches[:20],
                       "completed": completed[0]}))

@@ -86,7 +86,9 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
     -----
     The file is written to a temporary file in the same directory, flushed to
     disk, then renamed over ``path``: a crash leaves either the old file or the
-    new one, never a half-written one.
+    new one, never a half-written one. What is written is one snapshot taken under
+    the network's lock: a step running in another thread is waited for, never
+    half-saved; while another thread's ``fit`` owns the network, ``RuntimeError``.
     """
     if not isinstance(network, Network):
         raise TypeError(f"network must be a bpfast.Network, got {type(network).__name__}")

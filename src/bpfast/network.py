@@ -62,6 +62,19 @@ class Network:
         and callbacks continue from it across calls.
     history : History or None
         The record of the last ``fit`` (kept when it was interrupted).
+
+    Notes
+    -----
+    Threads: ``predict`` calls run together. Calls that change the network
+    (``train_step``, ``compute_gradients``, ``forward``, ``backward``, assigning
+    ``parameters``, an optimizer's ``step``) run one at a time: a second one from
+    another thread gets ``RuntimeError``. A changing call waits for running
+    predictions, and predictions that arrive meanwhile wait for it, so neither
+    side starves. While ``fit`` runs, the network belongs to it: those calls,
+    ``fit`` and ``bpfast.save`` from other threads get ``RuntimeError`` (the fit
+    is never the one interrupted); ``predict`` still runs, between batches.
+    ``parameters`` and ``gradients`` are the live buffers: for a consistent copy
+    while another thread trains, use ``bpfast.save`` or ``copy.deepcopy``.
     """
 
     def __init__(self, layers: list[Dense] | tuple[Dense, ...], *,
