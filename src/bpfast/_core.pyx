@@ -1426,17 +1426,19 @@ cdef class Engine:
         if self.readers == 0 and self.admitted == 0:
             self.busy = True
             return 0
-        # readers run: wait for them (they are short); new ones queue behind this writer
+        # readers run: wait for them (they are short); new ones queue behind this writer,
+        # so none can start between the end of the wait and busy below
         self.writer_waiting = True
         try:
             with self.turn:
                 while self.readers or self.admitted:
                     self.turn.wait(WAIT_POLL_SECONDS)
-                self.busy = True
-        finally:
+        except BaseException:  # interrupted (Ctrl-C): let the queued readers go
             self.writer_waiting = False
-            if not self.busy:  # interrupted while waiting: let the queued readers go
-                self.wake()
+            self.wake()
+            raise
+        self.busy = True
+        self.writer_waiting = False
         return 0
 
     cdef int release(self) except -1:
@@ -1457,6 +1459,7 @@ cdef class Engine:
         if not self.busy and not self.writer_waiting:
             self.readers += 1
             return 0
+        cdef bint entered = False
         self.readers_waiting += 1
         try:
             with self.turn:
@@ -1469,6 +1472,11 @@ cdef class Engine:
                         and self.owner != PyThread_get_thread_ident():
                     raise RuntimeError(FITTING_MESSAGE)
                 self.readers += 1
+                entered = True
+        except BaseException:
+            if entered:  # interrupted on the way out of the wait: not entered after all
+                self.readers -= 1
+            raise
         finally:
             self.readers_waiting -= 1
             if self.admitted > self.readers_waiting:
