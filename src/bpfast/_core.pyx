@@ -1316,10 +1316,11 @@ cdef class OptimizerConfig:
 
     def step(self, Engine engine):
         """One update of engine's parameters from its gradients."""
-        self.bind(engine)
-        cdef void* state = _data(self.state)
+        cdef void* state
         engine.acquire()
         try:
+            self.bind(engine)
+            state = _data(self.state)
             self.step_count += 1
             with nogil:
                 if engine.is_double:
@@ -1331,23 +1332,63 @@ cdef class OptimizerConfig:
                                      <float*>engine.grads_ptr, <float*>state,
                                      engine.n_parameters)
         finally:
-            engine.busy = False
+            engine.release()
+
+
+# --------------------------------------------------------------------------- who may run
+cdef extern from "pythread.h":
+    unsigned long PyThread_get_thread_ident()
+
+import threading
+
+BUSY_MESSAGE = ("this Network is already running a computation in another thread; use "
+                "one Network per thread")
+FITTING_MESSAGE = ("this Network is already training (fit) in another thread and belongs "
+                   "to that fit until it returns; use one Network per thread")
+# Waits sleep on a condition and are woken by the thread that ends the wait; this poll is
+# only a safety net (a wake-up lost to an exception costs this much, never a hang).
+cdef double WAIT_POLL_SECONDS = 0.05
 
 
 cdef class Engine:
     """A network's compiled side: its layer table, flat buffers and workspaces.
 
     Workspaces are sized for `capacity` rows and grow (never per step) when a
-    larger batch arrives. One Engine runs one computation at a time: a second
-    thread calling in while it is busy gets a RuntimeError, never shared scratch.
+    larger batch arrives.
+
+    Who may run (every flag changes with the GIL held, and no Python code runs
+    between a flag's check and its change, so each check-and-set is atomic):
+
+    * Writers (train_step, train_epoch, forward, backward, assign_parameters, an
+      optimizer step) run one at a time: a writer from another thread while one
+      runs gets RuntimeError at once, never shared scratch.
+    * Readers (predict, snapshot, layer_output) run together. A writer that finds
+      readers waits for them (they are short), and readers arriving meanwhile queue
+      behind it; when a writer ends, the readers queued then go before the next
+      writer. So neither side starves the other, and no call is refused because of
+      a reader.
+    * claim(): a fit() owns the network until it returns: writers and snapshots
+      from other threads get RuntimeError (predict still runs between its batches).
+    * Results are copied out before the engine is released: nothing is read from
+      shared state after release (the _after_release hook lets tests prove it).
     """
     cdef LayerSpec* layers
     cdef readonly int n_layers
     cdef readonly Py_ssize_t n_parameters, n_inputs, n_outputs, capacity
     cdef readonly object dtype, parameters, gradients
     cdef readonly Py_ssize_t forward_rows   # rows cached by the last forward(), -1: none
-    cdef bint is_double, busy
-    cdef int readers   # predict() calls running; they share the engine, nothing else may run
+    cdef bint is_double
+    cdef bint busy             # a writer runs
+    cdef int readers           # readers running
+    cdef bint writer_waiting   # a writer waits for the readers to finish; new ones queue
+    cdef int readers_waiting   # readers queued behind a writer
+    cdef int admitted          # queued readers that go before the next writer
+    cdef bint owned            # a fit() owns the network: only its thread may write
+    cdef unsigned long owner   # that thread
+    cdef int owner_depth       # nested fit()s (callbacks, Trainer.run) of that thread
+    cdef object turn           # the threading.Condition waits sleep on
+    # tests: called after every release, to run "another thread" exactly there
+    cdef public object _after_release
     cdef Py_ssize_t itemsize
     cdef void* params_ptr
     cdef void* grads_ptr
@@ -1399,14 +1440,25 @@ cdef class Engine:
         self.partials = np.empty(self.n_parameters // REDUCTION_BLOCK + 1, dtype=np.float64)
         self.capacity = 0
         self.forward_rows = -1
-        self.busy = False
-        self.readers = 0
-        self.reserve(1)
+        self.busy = self.writer_waiting = self.owned = False
+        self.readers = self.readers_waiting = self.admitted = self.owner_depth = 0
+        self.owner = 0
+        self.turn = threading.Condition(threading.Lock())
+        self._after_release = None
+        self.grow(1)
 
     def reserve(self, Py_ssize_t n_rows):
         """Make the workspaces hold batches of n_rows rows (they only grow)."""
+        self.acquire()
+        try:
+            self.grow(n_rows)
+        finally:
+            self.release()
+
+    cdef int grow(self, Py_ssize_t n_rows) except -1:
+        # only for a writer that holds the engine: this frees the old workspaces
         if n_rows <= self.capacity:
-            return
+            return 0
         self.acts = np.empty(n_rows * self.a_width, dtype=self.dtype)
         self.zs = np.empty(max(1, n_rows * self.z_width), dtype=self.dtype)
         self.delta = np.empty(2 * n_rows * self.max_width, dtype=self.dtype)
@@ -1424,14 +1476,149 @@ cdef class Engine:
         self.ws.row_loss = <double*>_data(self.row_loss)
         self.forward_rows = -1
 
+    # ------------------------------------------------------------ who may run
     cdef int acquire(self) except -1:
-        # the flags change with the GIL held, so checking and setting them is atomic
-        if self.busy or self.readers:
-            raise RuntimeError("this Network is already running a computation in another "
-                               "thread; use one Network per thread")
+        """Start a writer, or raise RuntimeError (another writer, or another thread's fit)."""
+        if self.owned and self.owner != PyThread_get_thread_ident():
+            raise RuntimeError(FITTING_MESSAGE)
+        if self.busy or self.writer_waiting:
+            raise RuntimeError(BUSY_MESSAGE)
+        if self.readers == 0 and self.admitted == 0:
+            self.busy = True
+            return 0
+        # readers run: wait for them (they are short); new ones queue behind this writer,
+        # so none can start between the end of the wait and busy below
+        self.writer_waiting = True
+        try:
+            with self.turn:
+                while self.readers or self.admitted:
+                    self.turn.wait(WAIT_POLL_SECONDS)
+        except BaseException:  # interrupted (Ctrl-C): let the queued readers go
+            self.writer_waiting = False
+            self.wake()
+            raise
         self.busy = True
+        self.writer_waiting = False
         return 0
 
+    cdef int release(self) except -1:
+        """End a writer; the readers queued now go before the next writer."""
+        self.busy = False
+        if self.readers_waiting:
+            self.admitted = self.readers_waiting
+            self.wake()
+        if self._after_release is not None:
+            self._after_release()
+        return 0
+
+    cdef int enter_reader(self, bint refuse_foreign_fit) except -1:
+        """Start a reader: at once, or after the running or waiting writer."""
+        if refuse_foreign_fit and self.owned \
+                and self.owner != PyThread_get_thread_ident():
+            raise RuntimeError(FITTING_MESSAGE)
+        if not self.busy and not self.writer_waiting:
+            self.readers += 1
+            return 0
+        cdef bint entered = False
+        self.readers_waiting += 1
+        try:
+            with self.turn:
+                while self.busy or not (self.admitted or not self.writer_waiting):
+                    self.turn.wait(WAIT_POLL_SECONDS)
+                if self.admitted:
+                    self.admitted -= 1
+                # a fit may have claimed the network while this reader queued
+                if refuse_foreign_fit and self.owned \
+                        and self.owner != PyThread_get_thread_ident():
+                    raise RuntimeError(FITTING_MESSAGE)
+                self.readers += 1
+                entered = True
+        except BaseException:
+            if entered:  # interrupted on the way out of the wait: not entered after all
+                self.readers -= 1
+            raise
+        finally:
+            self.readers_waiting -= 1
+            if self.admitted > self.readers_waiting:
+                self.admitted = self.readers_waiting
+            if self.writer_waiting:  # this reader may be the one the writer waits for
+                self.wake()
+        return 0
+
+    cdef int exit_reader(self) except -1:
+        self.readers -= 1
+        if self.readers == 0 and self.writer_waiting:
+            self.wake()
+        if self._after_release is not None:
+            self._after_release()
+        return 0
+
+    cdef int wake(self) except -1:
+        with self.turn:
+            self.turn.notify_all()
+        return 0
+
+    def claim(self):
+        """Make the calling thread (a fit()) the only one that may change the network.
+
+        Waits for running readers like a writer; RuntimeError if another thread's
+        writer runs or its fit owns the network. Nested claims of the owner count;
+        each claim() needs one unclaim().
+        """
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if self.owned and self.owner == me:
+            self.owner_depth += 1
+            return
+        self.acquire()
+        self.owned = True
+        self.owner = me
+        self.owner_depth = 1
+        self.release()
+
+    def check_owner(self):
+        """RuntimeError if another thread's fit() owns the network (for early refusals)."""
+        if self.owned and self.owner != PyThread_get_thread_ident():
+            raise RuntimeError(FITTING_MESSAGE)
+
+    def unclaim(self):
+        """End the calling thread's claim()."""
+        if not self.owned or self.owner != PyThread_get_thread_ident():
+            raise RuntimeError("unclaim() without claim() in this thread")
+        self.owner_depth -= 1
+        if self.owner_depth == 0:
+            self.owned = False
+
+    @property
+    def lock_state(self):
+        """The flags of the lock, for tests: a dict."""
+        return {"busy": bool(self.busy), "readers": self.readers,
+                "writer_waiting": bool(self.writer_waiting),
+                "readers_waiting": self.readers_waiting, "admitted": self.admitted,
+                "owned": bool(self.owned), "owner_depth": self.owner_depth}
+
+    def snapshot(self, OptimizerConfig optimizer=None, read=None):
+        """(parameters, optimizer state or None, its step count, read()) taken together.
+
+        A reader: waits for a running step and never sees part of one. Refused with
+        RuntimeError while another thread's fit() owns the network: its parameters,
+        RNG and epoch count agree only at that fit's own epoch boundaries (a
+        callback of the fit may snapshot). read: a callable run inside, for the
+        Python-side state (RNG, epoch count) that must agree with the arrays.
+        """
+        self.enter_reader(True)
+        try:
+            parameters = self.parameters.copy()
+            state, step_count = None, 0
+            if optimizer is not None:
+                if optimizer.owner is self and optimizer.state is not None:
+                    state = optimizer.state.copy()
+                step_count = optimizer.step_count
+            extra = None if read is None else read()
+        finally:
+            self.exit_reader()
+        return parameters, state, step_count, extra
+
+    # ------------------------------------------------------------ computations
     def assign_parameters(self, values):
         """parameters[...] = values, never while a computation (or predict) runs.
 
@@ -1441,10 +1628,18 @@ cdef class Engine:
         try:
             self.parameters[...] = values
         finally:
-            self.busy = False
+            self.release()
 
     def layer_output(self, int layer):
         """A copy of a layer's output cached by the last forward() (for tests and debugging)."""
+        self.enter_reader(False)
+        try:
+            return self.copy_layer_output(layer)
+        finally:
+            self.exit_reader()
+
+    cdef object copy_layer_output(self, int layer):
+        # only while this thread holds the engine (reader or writer)
         if self.forward_rows < 0:
             raise ValueError("no forward pass is cached")
         cdef LayerSpec* spec = &self.layers[layer]
@@ -1496,7 +1691,7 @@ cdef class Engine:
                 opt_params = &optimizer.p
                 state = _data(optimizer.state)
             if n_rows > self.capacity:
-                self.reserve(n_rows)
+                self.grow(n_rows)
             self.forward_rows = -1
             if optimizer is not None:
                 optimizer.step_count += 1
@@ -1518,7 +1713,7 @@ cdef class Engine:
             if optimizer is not None and not isfinite(value):
                 optimizer.step_count -= 1
         finally:
-            self.busy = False
+            self.release()
         return value
 
     def train_epoch(self, x, target, labels, weights, order, Py_ssize_t batch_size,
@@ -1568,7 +1763,7 @@ cdef class Engine:
             optimizer.bind(self)
             state = _data(optimizer.state)
             if batch_size > self.capacity:
-                self.reserve(batch_size)
+                self.grow(batch_size)
             x_batch = _data(self.x_batch)
             target_batch = _data(self.target_batch)
             label_batch = <intp*>_data(self.label_batch)
@@ -1598,7 +1793,7 @@ cdef class Engine:
                 totals_ptr[1] += result.weight_sum
                 totals_ptr[2] += result.n_rows
         finally:
-            self.busy = False
+            self.release()
         return result.loss_sum, result.weight_sum, result.n_rows, bool(result.diverged)
 
     def forward(self, x):
@@ -1613,7 +1808,7 @@ cdef class Engine:
         self.acquire()
         try:
             if n_rows > self.capacity:
-                self.reserve(n_rows)
+                self.grow(n_rows)
             x_batch = _data(self.x_batch)
             with nogil:
                 memcpy(x_batch, x_ptr, x_bytes)
@@ -1624,9 +1819,11 @@ cdef class Engine:
                     network_forward(self.layers, self.n_layers, &self.ws,
                                     <float*>self.params_ptr, <float*>x_batch, n_rows)
             self.forward_rows = n_rows
+            # copied before release: another thread's forward may overwrite it after
+            output = self.copy_layer_output(self.n_layers - 1)
         finally:
-            self.busy = False
-        return self.layer_output(self.n_layers - 1)
+            self.release()
+        return output
 
     def backward(self, grad_output, bint want_grad_input):
         """Back-propagate dL/d(output) of the cached forward pass into the gradients.
@@ -1672,7 +1869,7 @@ cdef class Engine:
                                      <float*>self.params_ptr, <float*>self.grads_ptr,
                                      <float*>x_batch, n_rows, <float*>grad_x)
         finally:
-            self.busy = False
+            self.release()
         return grad_input
 
     def predict(self, x, Py_ssize_t chunk_rows):
@@ -1689,12 +1886,9 @@ cdef class Engine:
         cdef char* out_ptr = <char*>_data(out)
         cdef void* scratch_ptr = _data(scratch)
         cdef Py_ssize_t item = self.itemsize
-        # predictions may run together (they only read the parameters), but never
-        # while a step or another writer changes them
-        if self.busy:
-            raise RuntimeError("this Network is already running a computation in another "
-                               "thread; use one Network per thread")
-        self.readers += 1
+        # predictions run together (they only read the parameters), never while a
+        # writer changes them
+        self.enter_reader(False)
         try:
             with nogil:
                 begin = 0
@@ -1712,5 +1906,5 @@ cdef class Engine:
                                       <float*>(out_ptr + begin * self.n_outputs * item))
                     begin += rows
         finally:
-            self.readers -= 1
+            self.exit_reader()
         return out

@@ -104,11 +104,20 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
     The file is written to a temporary file in the same directory (the link
     target's, for a symbolic link), flushed to disk, then renamed over the file:
     a crash leaves either the old file or the new one, never a half-written one.
+    What is written is one snapshot taken under the network's lock: a step
+    running in another thread is waited for, never half-saved; while another
+    thread's ``fit`` owns the network, ``RuntimeError``.
     """
     if not isinstance(network, Network):
         raise TypeError(f"network must be a bpfast.Network, got {type(network).__name__}")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    record = None if optimizer is None else _optimizer_record(network, optimizer)[0]
+    # one consistent snapshot under the engine's lock: waits for a step running in
+    # another thread; RuntimeError while another thread's fit owns the network
+    parameters, state, step_count, (rng_state, epochs_trained) = network._engine.snapshot(
+        None if optimizer is None else optimizer._config,
+        lambda: (_rng_state(network), getattr(network, "epochs_trained", None)))
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -120,16 +129,16 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
                     "activation_param": layer.activation_param}
                    for layer in network.layers],
         "seed": network.seed,
-        "rng_state": _rng_state(network),
+        "rng_state": rng_state,
         "optimizer": None,
         "metadata": metadata if metadata is not None else {},
     }
-    epochs_trained = getattr(network, "epochs_trained", None)
     if epochs_trained is not None:
         header["epochs_trained"] = int(epochs_trained)
-    arrays = {"parameters": network.parameters}
-    if optimizer is not None:
-        header["optimizer"], state = _optimizer_record(network, optimizer)
+    arrays = {"parameters": parameters}
+    if record is not None:
+        header["optimizer"] = {**record, "step_count": int(step_count),
+                               "has_state": state is not None}
         if state is not None:
             arrays["optimizer_state"] = state
     try:

@@ -1,6 +1,5 @@
 """Network: the flat parameter buffers and the training API around the compiled core."""
 import contextlib
-import threading
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, Literal
@@ -67,6 +66,19 @@ class Network:
         and callbacks continue from it across calls.
     history : History or None
         The record of the last ``fit`` (kept when it was interrupted).
+
+    Notes
+    -----
+    Threads: ``predict`` calls run together. Calls that change the network
+    (``train_step``, ``compute_gradients``, ``forward``, ``backward``, assigning
+    ``parameters``, an optimizer's ``step``) run one at a time: a second one from
+    another thread gets ``RuntimeError``. A changing call waits for running
+    predictions, and predictions that arrive meanwhile wait for it, so neither
+    side starves. While ``fit`` runs, the network belongs to it: those calls,
+    ``fit`` and ``bpfast.save`` from other threads get ``RuntimeError`` (the fit
+    is never the one interrupted); ``predict`` still runs, between batches.
+    ``parameters`` and ``gradients`` are the live buffers: for a consistent copy
+    while another thread trains, use ``bpfast.save`` or ``copy.deepcopy``.
     """
 
     def __init__(self, layers: list[Dense] | tuple[Dense, ...], *,
@@ -118,7 +130,6 @@ class Network:
         self.epochs_trained = 0
         self.history = None
         self.stop_training = False
-        self._fit_lock = threading.RLock()
 
     # ------------------------------------------------------------------ buffers
     @property
@@ -228,6 +239,7 @@ class Network:
 
         Overwrites ``gradients`` (it does not accumulate) and returns dL/dX.
         """
+        self._engine.check_owner()  # another thread's fit: its error, not the one below
         n_rows = self._engine.forward_rows
         if n_rows < 0:
             raise ValueError("backward() needs a preceding forward(); train_step, fit and "
@@ -403,14 +415,18 @@ class Network:
 
     @contextlib.contextmanager
     def _fitting(self):
-        """Hold this network's training lock (re-entrant), or raise RuntimeError at once."""
-        if not self._fit_lock.acquire(blocking=False):
-            raise RuntimeError("this Network is already training in another thread; use "
-                               "one Network per thread")
+        """Own this network for a fit (re-entrant), or raise RuntimeError at once.
+
+        While it is owned, other threads' train_step, compute_gradients, forward,
+        backward, parameter assignment, optimizer steps, fit and save get
+        RuntimeError (their predict still runs, between batches): the fit is never
+        the one interrupted.
+        """
+        self._engine.claim()
         try:
             yield
         finally:
-            self._fit_lock.release()
+            self._engine.unclaim()
 
     def partial_fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str,
                     optimizer: Optimizer | str, batch_size: int | None = None,
@@ -495,9 +511,12 @@ class Network:
         # pickle and copy.deepcopy: the layers' arguments and the state, rebuilt through
         # the public constructor (the compiled engine holds raw pointers, no state of
         # its own worth keeping). Optimizers are not included: save() keeps those.
+        # one snapshot under the engine's lock, as bpfast.save takes it
+        parameters, _, _, (rng_state, epochs_trained) = self._engine.snapshot(
+            None, lambda: (self._rng.bit_generator.state, self.epochs_trained))
         return (_rebuild_network, ([layer.arguments() for layer in self.layers],
-                                   self.dtype.name, self.seed, self._parameters.copy(),
-                                   self._rng.bit_generator.state, self.epochs_trained))
+                                   self.dtype.name, self.seed, parameters, rng_state,
+                                   epochs_trained))
 
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
