@@ -3,8 +3,10 @@
 # temporary copy of the repository and run tests and a workload there. The in-place
 # extension under src/ is never touched. Slow (minutes); not run in CI.
 #
-#   tools/sanitize.sh                 ASan build; pytest on a selection of tests, then
-#                                     tools/sanitize_workload.py
+#   tools/sanitize.sh                 ASan build of both engines (_core and, on x86-64,
+#                                     _core_avx2); pytest on a selection of tests with the
+#                                     engine bpfast picks, then tools/sanitize_workload.py
+#                                     under each engine
 #   tools/sanitize.sh --valgrind      plain -g build; tools/sanitize_workload.py --quick
 #                                     under valgrind memcheck
 #   tools/sanitize.sh --asan -- ARGS  ASan build; pytest ARGS instead of the selection
@@ -12,7 +14,8 @@
 # Exit status 0: no invalid read or write (nor any other ASan report) was found.
 # Environment: KEEP=1 keeps the temporary copy; CC picks the compiler (gcc default);
 # BPFAST_ROOT another checkout to copy; PYTHON the interpreter; REPORTS_DIR where
-# ASan/valgrind reports are copied (default /tmp/bpfast-sanitize-reports).
+# ASan/valgrind reports are copied (default /tmp/bpfast-sanitize-reports);
+# BPFAST_ENGINE=baseline|avx2 the engine for the pytest run (default: bpfast's choice).
 set -euo pipefail
 
 mode=asan
@@ -22,15 +25,19 @@ while [ $# -gt 0 ]; do
         --asan) mode=asan ;;
         --valgrind) mode=valgrind ;;
         --) shift; pytest_args=("$@"); break ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
 done
 if [ ${#pytest_args[@]} -eq 0 ]; then
+    # every test that drives the compiled core hard, the hostile-input ones and both
+    # engines (test_engines.py runs a workload under each). All of it, hypothesis
+    # included, is about 3.5 minutes under ASan on 2 busy cores.
     pytest_args=(tests/test_network.py tests/test_gradcheck.py tests/test_bad_input.py
                  tests/test_extremes.py tests/test_threads.py tests/test_properties.py
-                 -k "not hypothesis")
+                 tests/test_io.py tests/test_cli.py tests/test_load_fuzz.py
+                 tests/test_kinks.py tests/test_training.py tests/test_engines.py)
 fi
 
 # BPFAST_ROOT: the repository to copy (default: the one this script is in)
@@ -60,9 +67,13 @@ if [ "$mode" = asan ]; then
     LDFLAGS="-fsanitize=address" \
         "$python" setup.py build_ext --inplace > "$work/build.log" 2>&1 ||
         { tail -40 "$work/build.log"; exit 1; }
+    # No pipe into `grep -q` here: grep exits at the first match, ldd (which writes line
+    # by line) then dies of SIGPIPE, and with pipefail a linked extension read as
+    # unlinked, now and then (this was "not linked against libasan" with two engines).
     for so in src/bpfast/_core*.so; do
-        if ! ldd "$so" | grep -q libasan; then
-            echo "the extension is not linked against libasan:"; ldd "$so"; exit 1
+        deps=$(ldd "$so")
+        if [[ $deps != *libasan* ]] || ! grep -q __asan_report_load "$so"; then
+            echo "$so is not an ASan build:"; echo "$deps"; exit 1
         fi
     done
     libasan=$("$CC" -print-file-name=libasan.so)
@@ -73,17 +84,55 @@ if [ "$mode" = asan ]; then
     export LD_PRELOAD="$libasan"
     export ASAN_OPTIONS="detect_leaks=0:halt_on_error=0:abort_on_error=0:exitcode=86:log_path=$work/asan:symbolize=1:detect_stack_use_after_return=0"
     export PYTHONMALLOC=malloc PYTHONPATH="$work/src" PYTHONFAULTHANDLER=1
-    echo "== pytest ${pytest_args[*]}"
+    # engine_in_use CHOICE: the module bpfast imports with BPFAST_ENGINE=CHOICE, checked
+    # to be one of the ASan builds above (not an installed or in-place copy) and to run
+    # under a live ASan runtime (a freed block is poisoned); fails otherwise.
+    engine_in_use() {
+        BPFAST_ENGINE=$1 "$python" - "$work/src/bpfast" <<'PY'
+import ctypes, os, sys
+from bpfast import _compiled
+core, built_in = _compiled.core, os.path.realpath(sys.argv[1])
+path = os.path.realpath(core.__file__)
+runtime = ctypes.CDLL(None)
+if not hasattr(runtime, "__asan_address_is_poisoned"):
+    sys.exit("the ASan runtime is not loaded")
+runtime.malloc.restype = ctypes.c_void_p
+runtime.free.argtypes = [ctypes.c_void_p]
+runtime.__asan_address_is_poisoned.argtypes = [ctypes.c_void_p]
+block = runtime.malloc(16)
+runtime.free(block)
+if not runtime.__asan_address_is_poisoned(block):
+    sys.exit("malloc is not ASan's: the LD_PRELOAD of its runtime did not take")
+if os.path.dirname(path) != built_in:
+    sys.exit(f"{core.__name__} was imported from {path}, not from the ASan build in {built_in}")
+print(core.__name__)
+PY
+    }
+    # the engines to check: bpfast's own choice, and baseline (_core) when that is avx2
+    engines=(auto)
+    auto_engine=$(engine_in_use auto) || { echo "engine check failed"; exit 1; }
+    [ "$auto_engine" = bpfast._core ] || engines+=(baseline)
+    for choice in "${engines[@]}"; do
+        module=$(engine_in_use "$choice") || { echo "engine check failed ($choice)"; exit 1; }
+        echo "== BPFAST_ENGINE=$choice imports $module (ASan build, ASan runtime live)"
+    done
+    pytest_engine=${BPFAST_ENGINE:-auto}
+    module=$(engine_in_use "$pytest_engine") || { echo "engine check failed"; exit 1; }
+    echo "== pytest with $module: ${pytest_args[*]}"
     set +e
+    start=$SECONDS
     "$python" -m pytest -q -p no:cacheprovider "${pytest_args[@]}" > "$log" 2>&1
     status=$?
     tail -40 "$log"
-    echo "== tools/sanitize_workload.py"
-    "$python" tools/sanitize_workload.py > "$work/workload.log" 2>&1
-    workload_status=$?
-    tail -3 "$work/workload.log"
+    echo "   ($((SECONDS - start)) s)"
+    for choice in "${engines[@]}"; do
+        echo "== tools/sanitize_workload.py with BPFAST_ENGINE=$choice"
+        BPFAST_ENGINE=$choice "$python" tools/sanitize_workload.py > "$work/workload.log" 2>&1
+        workload_status=$?
+        tail -3 "$work/workload.log"
+        [ "$status" -ne 0 ] || status=$workload_status
+    done
     set -e
-    [ "$status" -ne 0 ] || status=$workload_status
     unset LD_PRELOAD
     reports=$(ls "$work"/asan.* 2>/dev/null || true)
     if [ -n "$reports" ]; then
@@ -97,7 +146,7 @@ if [ "$mode" = asan ]; then
         echo "ASan: no sanitizer report, but the tests/workload failed (status $status); see above"
         exit "$status"
     fi
-    echo "ASan: clean (no invalid read or write, no other report)"
+    echo "ASan: clean (no invalid read or write, no other report; $SECONDS s in all)"
 else
     command -v valgrind > /dev/null || { echo "valgrind not installed"; exit 2; }
     echo "== building with -g (no sanitizer) for valgrind"

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 
 import bpfast as bp
+from bpfast import _compiled
 
 QUICK = "--quick" in sys.argv
 rng = np.random.default_rng(0)
@@ -173,4 +174,4 @@ sys.setswitchinterval(1e-6)
 threads = [threading.Thread(target=forward_backward), threading.Thread(target=forward_bigger)]
 [t.start() for t in threads]
 [t.join() for t in threads]
-print(f"sanitize workload: {steps} step groups, done")
+print(f"sanitize workload: {steps} step groups with {_compiled.core.__name__}, done")
