@@ -203,9 +203,10 @@ cdef inline floating _log_sigmoid(floating x) noexcept nogil:
 # is faster depends on the load: on a quiet machine the threads win up to 1.7x, but
 # when other processes keep the cores busy every join waits a scheduler slice for a
 # descheduled worker and the threaded product is up to 10x slower. So each shape keeps
-# a running time of both ways and uses the faster, timing the other one again after
-# PROBE_RATIO times its estimated cost has been spent on the chosen one (so probing
-# costs at most 1/PROBE_RATIO of the time). SciPy's OpenBLAS is held at one thread
+# a running time of both ways and uses the faster: it starts on one thread and times
+# the other way again once PROBE_RATIO times that way's estimated cost (at least
+# PROBE_FLOOR_S) has been spent on the chosen one, so probing costs about
+# 1/PROBE_RATIO of the time. SciPy's OpenBLAS is held at one thread
 # while bpfast calls it (through the set/get functions _threads.py finds); where those
 # are unknown (another BLAS), products are not split and BLAS threads itself.
 cdef extern from *:
@@ -266,16 +267,19 @@ cdef extern from *:
     void bpfast_blas_set_count(int n) noexcept nogil
 
 # A product is split when m n k reaches SPLIT_MIN_WORK (OpenBLAS's own threshold for
-# threading a GEMM) into blocks of at least BLOCK_MIN_WIDTH columns (or rows), at
-# most MAX_BLOCKS of them.
+# threading a GEMM): its longer side (rows or columns of C) into blocks of about
+# BLOCK_WIDTH (two halves from BLOCK_WIDTH up), at most MAX_BLOCKS of them. Narrower
+# blocks cost more in one thread: 64 columns 5-15% over one call, 128 columns 3-6%
+# (SGEMM/DGEMM of the L shapes, bench/README.md).
 cdef enum:
     SPLIT_MIN_WORK = 1 << 18
-    BLOCK_MIN_WIDTH = 64
+    BLOCK_WIDTH = 128
     MAX_BLOCKS = 64
     PROBE_RATIO = 16
     TIMING_SLOTS = 256  # shapes remembered (a network has 3 per layer, and a last batch)
-# for tests: (SPLIT_MIN_WORK, BLOCK_MIN_WIDTH, MAX_BLOCKS)
-PRODUCT_SPLIT = (SPLIT_MIN_WORK, BLOCK_MIN_WIDTH, MAX_BLOCKS)
+cdef double PROBE_FLOOR_S = 1e-3
+# for tests: (SPLIT_MIN_WORK, BLOCK_WIDTH, MAX_BLOCKS)
+PRODUCT_SPLIT = (SPLIT_MIN_WORK, BLOCK_WIDTH, MAX_BLOCKS)
 
 ctypedef struct ShapeTiming:
     int m, n, k, flags        # the product; flags: transposes, dtype; 0 = empty slot
@@ -384,13 +388,15 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
     cdef bint split_rows = m > n
-    cdef int n_blocks = (m if split_rows else n) // BLOCK_MIN_WIDTH
+    cdef int n_blocks = (m if split_rows else n) // BLOCK_WIDTH
     cdef int block, n_threads = _n_threads, flags
     cdef bint parallel
     cdef double start, elapsed, other_s
     cdef ShapeTiming* timing = NULL
     if n_blocks > MAX_BLOCKS:
         n_blocks = MAX_BLOCKS
+    elif n_blocks == 1 and (m if split_rows else n) >= BLOCK_WIDTH:
+        n_blocks = 2  # two halves of at least BLOCK_WIDTH / 2
     if not _split_products or n_blocks < 2 or <double>m * n * k < SPLIT_MIN_WORK:
         if _split_products:
             bpfast_blas_enter()
@@ -405,12 +411,14 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
         timing = _timing_for(m, n, k, flags)
         if timing.serial_s == 0:
             parallel = False
-        elif timing.parallel_s == 0:
-            parallel = True
         else:
+            # an untimed way counts as costing PROBE_FLOOR_S: under load one threaded
+            # call can wait a scheduler slice, whatever its size
             other_s = timing.serial_s if timing.parallel else timing.parallel_s
-            parallel = (not timing.parallel if timing.since_probe_s >= PROBE_RATIO * other_s
-                        else timing.parallel)
+            if timing.since_probe_s >= PROBE_RATIO * max(other_s, PROBE_FLOOR_S):
+                parallel = not timing.parallel
+            else:
+                parallel = timing.parallel
         start = bpfast_seconds()
     if parallel:
         for block in prange(n_blocks, num_threads=n_threads, schedule="dynamic"):
@@ -442,8 +450,7 @@ cdef void _record(ShapeTiming* timing, bint parallel, double elapsed) noexcept n
     else:
         timing.serial_s = _running(timing.serial_s, elapsed,
                                    0.5 if timing.parallel else 0.25)
-    if timing.serial_s != 0 and timing.parallel_s != 0:
-        timing.parallel = timing.parallel_s < timing.serial_s
+    timing.parallel = timing.parallel_s != 0 and timing.parallel_s < timing.serial_s
 
 
 cdef inline void matvec(const floating* w, int n_out, int n_in, const floating* x,
