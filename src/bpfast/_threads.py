@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from ._compiled import core as _core
 from ._validation import check_int
 
-# Where the cgroup files are read (tests point it at a fake tree) and the file naming
-# this process's cgroups.
-CGROUP_ROOT = "/sys/fs/cgroup"
+# Where the cgroup files are read (tests point it, or BPFAST_CGROUP_ROOT before import,
+# at a fake tree) and the file naming this process's cgroups.
+CGROUP_ROOT = os.environ.get("BPFAST_CGROUP_ROOT", "/sys/fs/cgroup")
 PROC_SELF_CGROUP = "/proc/self/cgroup"
 
 # set_num_threads clamps to this many per CPU of the machine: more only oversubscribes,
