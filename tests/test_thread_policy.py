@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -290,3 +291,32 @@ def test_huge_thread_count_is_clamped_and_a_large_step_runs():
     assert "set_num_threads(100000): using" in first and "per CPU" in first
     assert second == "True"
     assert _threads.max_num_threads() == 4 * os.cpu_count()
+
+
+# =========================================================================== GridSearchCV
+def _threads_score(estimator, X, y):
+    """A scorer that reports the worker's thread counts: bpfast's * 1000 + BLAS's."""
+    return bp.get_num_threads() * 1000 + (_threads.blas_num_threads() or 0)
+
+
+@pytest.mark.skipif(not OPENMP, reason="a serial build always has one thread")
+def test_grid_search_workers_share_the_cpus():
+    """GridSearchCV(n_jobs=2): joblib's worker processes get OMP_NUM_THREADS = CPUs // 2,
+    and bpfast's default there follows it for both pools: two workers never start
+    more threads together than the machine has CPUs."""
+    joblib = pytest.importorskip("joblib")
+    pytest.importorskip("sklearn")
+    from sklearn.model_selection import GridSearchCV
+
+    from bpfast.sklearn import MLPClassifier
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 4)), np.arange(40) % 2
+    search = GridSearchCV(MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, random_state=0),
+                          {"alpha": [1e-4, 1e-3]}, cv=2, n_jobs=2, scoring=_threads_score,
+                          error_score="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning of the two-epoch fits
+        search.fit(X, y)
+    per_worker = max(1, joblib.cpu_count() // 2)
+    scores = search.cv_results_["mean_test_score"]
+    assert np.all(scores == per_worker * 1000 + per_worker), scores
