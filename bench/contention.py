@@ -7,11 +7,12 @@ All in one run: S, M and L ``train_step`` and ``fit`` (the shapes of bench/run.p
 ``bpfast.sklearn.MLPClassifier(random_state=0).fit`` on scikit-learn's digits and breast
 cancer sets (StandardScaler outside the timed region) against scikit-learn's
 MLPClassifier, in float32 and float64; quiet, with one busy process and with as many
-busy processes as this process has CPUs (``python -c "while True: pass"``, started and
-stopped by this script). For each: bpfast's default, 1 thread (``bp.threads(1)``) and
-all threads (``bp.threads(n)`` with the per-shape choice switched off: every large
-product threaded). Reported per row: the times, default / best of the three (must be
-<= 1.25) and, on the estimator rows, scikit-learn / bpfast default (must be >= 1).
+busy processes as this process has CPUs (busy Python loops, started and stopped by
+this script, and ending with it). For each: bpfast's default, 1 thread
+(``bp.threads(1)``) and all threads (``bp.threads(n)`` with the per-shape choice
+switched off: every large product threaded). Reported per row: the times, default /
+best of the three (must be <= 1.25) and, on the estimator rows, scikit-learn / bpfast
+default (must be >= 1).
 
 The three settings are timed in alternation, round after round (so drift of the
 machine falls on all alike), each in its own network, and the median is reported.
@@ -21,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,13 +139,15 @@ def estimator_workload(name, dtype):
 
 
 # --------------------------------------------------------------------------- timing
-def time_rounds(calls, n_all, rounds, per_sample=None):
+def time_rounds(calls, n_all, rounds, per_sample=None, warmup=2):
     """Median seconds per call of each setting, timed in alternation."""
     samples = {name: [] for name in calls}
     for name, fn in calls.items():  # warm up: caches, thread teams, the per-shape timings
-        with Setting(name, n_all) if name in SETTINGS else _nothing():
-            fn()
-            fn()
+        if name not in SETTINGS:
+            continue  # scikit-learn: nothing to learn, and slow under load
+        with Setting(name, n_all):
+            for _ in range(warmup):
+                fn()
     for _ in range(rounds):
         for name, fn in calls.items():
             with Setting(name, n_all) if name in SETTINGS else _nothing():
@@ -163,8 +167,12 @@ class _nothing:
         return False
 
 
+# a busy loop that also ends when this script does, however it ends
+BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+
+
 def busy_processes(n):
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
 
 
 def stop(processes):
@@ -187,8 +195,13 @@ def report_line(label, times, unit_scale, unit):
     return line + f"  ({unit})", ratio
 
 
+def _terminate(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")  # runs the finally: busy loops stop
+
+
 def main():
     args = parse_arguments()
+    signal.signal(signal.SIGTERM, _terminate)
     warnings.filterwarnings("ignore")  # ConvergenceWarning of the short fits
     n_all = bp.get_num_threads()
     count, reason = _threads.default_num_threads()
@@ -220,7 +233,7 @@ def main():
                         results.append({"busy": n_busy, "row": label, "seconds": times})
                 for name in ("digits", "breast_cancer"):
                     times = time_rounds(estimator_workload(name, dtype), n_all,
-                                        max(1, rounds // 2))
+                                        max(1, rounds // 2), warmup=1)
                     label = f"{name} fit {dtype}"
                     line, ratio = report_line(label, times, 1, "s per fit")
                     print(line, flush=True)

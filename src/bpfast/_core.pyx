@@ -107,6 +107,8 @@ cdef enum:
     REDUCTION_BLOCK = 1 << 14
 cdef Py_ssize_t _parallel_min_work = PARALLEL_MIN_WORK
 cdef int _n_threads = omp_get_max_threads()
+# False while the last product timed ran faster on one thread (see gemm)
+cdef bint _passes_threaded = True
 
 # PyTorch's constants: BCELoss clamps log at -100 and divides by max(p(1-p), 1e-12).
 cdef double LOG_CLAMP = -100.0
@@ -140,7 +142,9 @@ def get_num_threads():
 
 
 cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
-    return 1 if work < _parallel_min_work else _n_threads
+    # and one thread while the threaded products lose (a busy machine, see gemm):
+    # joining this pass's threads would wait for a descheduled worker just the same
+    return 1 if work < _parallel_min_work or not _passes_threaded else _n_threads
 
 
 # --------------------------------------------------------------------------- math
@@ -317,8 +321,9 @@ def set_blas_num_threads(int n):
 def set_adaptive(bint adaptive):
     """True: time both ways of running split products and use the faster (the default);
     False: always run them on get_num_threads() threads (benchmarks use it)."""
-    global _adaptive
+    global _adaptive, _passes_threaded
     _adaptive = adaptive
+    _passes_threaded = True
 
 
 def product_timings():
@@ -439,6 +444,7 @@ cdef inline double _running(double previous, double sample, double weight) noexc
 
 
 cdef void _record(ShapeTiming* timing, bint parallel, double elapsed) noexcept nogil:
+    global _passes_threaded
     # the chosen way is timed every call (weight 1/4); a probe of the other counts 1/2
     if parallel == timing.parallel:
         timing.since_probe_s += elapsed
@@ -451,6 +457,8 @@ cdef void _record(ShapeTiming* timing, bint parallel, double elapsed) noexcept n
         timing.serial_s = _running(timing.serial_s, elapsed,
                                    0.5 if timing.parallel else 0.25)
     timing.parallel = timing.parallel_s != 0 and timing.parallel_s < timing.serial_s
+    if timing.parallel_s != 0:
+        _passes_threaded = timing.parallel
 
 
 cdef inline void matvec(const floating* w, int n_out, int n_in, const floating* x,
