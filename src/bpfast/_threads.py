@@ -243,9 +243,7 @@ def threads(n):
         others = (threadpoolctl.threadpool_limits(limits=None, user_api="blas")
                   if threadpoolctl is not None else None)  # remembers every BLAS's count
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            set_num_threads(n)
+        set_num_threads(n)
         yield
     finally:
         with _lock:
