@@ -267,6 +267,27 @@ def test_split_products_give_the_same_bits_for_any_thread_count(dtype):
                    _core.product_timings())
 
 
+@pytest.mark.skipif(not OPENMP, reason="a serial build always has one thread")
+def test_an_outside_blas_limit_also_limits_the_products():
+    """threadpoolctl's BLAS limit of one thread (as scikit-learn users set it) keeps
+    bpfast's split products on one thread: they are then not even timed."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((384, 300))  # a shape no other test uses
+
+    def timed():
+        return any(m == 384 and n == 520 for m, n, *_ in _core.product_timings())
+    with bp.threads(2):
+        net = _two_layer_net("float64")
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            for _ in range(3):
+                net.forward(X)
+        assert not timed()
+        for _ in range(3):
+            net.forward(X)
+        assert timed()
+
+
 # =========================================================================== issue 12.3
 def test_huge_thread_count_is_clamped_and_a_large_step_runs():
     code = """

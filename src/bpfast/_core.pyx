@@ -212,7 +212,8 @@ cdef inline floating _log_sigmoid(floating x) noexcept nogil:
 # PROBE_FLOOR_S) has been spent on the chosen one, so probing costs about
 # 1/PROBE_RATIO of the time. SciPy's OpenBLAS is held at one thread
 # while bpfast calls it (through the set/get functions _threads.py finds); where those
-# are unknown (another BLAS), products are not split and BLAS threads itself.
+# are unknown (another BLAS), products are not split and BLAS threads itself. A
+# lower BLAS count set from outside (threadpoolctl) caps the products' threads too.
 cdef extern from *:
     """
     #include <time.h>
@@ -226,7 +227,7 @@ cdef extern from *:
         return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
     }
     /* Windows: the BLAS functions are never looked up, so this is never reached */
-    static void bpfast_blas_enter(void) {}
+    static int bpfast_blas_enter(void) { return 1; }
     static void bpfast_blas_leave(void) {}
     static void bpfast_blas_set_count(int n) {}
     #else
@@ -236,16 +237,20 @@ cdef extern from *:
         return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
     }
     /* The BLAS thread count belongs to the process: the first bpfast product to start
-       saves it and sets one thread, the last to finish restores it. */
+       saves it and sets one thread, the last to finish restores it. Returns the saved
+       count: a limit set from outside (threadpoolctl) also limits bpfast's products. */
     static pthread_mutex_t bpfast_blas_lock = PTHREAD_MUTEX_INITIALIZER;
     static int bpfast_blas_users = 0, bpfast_blas_saved = 1;
-    static void bpfast_blas_enter(void) {
+    static int bpfast_blas_enter(void) {
+        int saved;
         pthread_mutex_lock(&bpfast_blas_lock);
         if (bpfast_blas_users++ == 0) {
             bpfast_blas_saved = bpfast_blas_get();
             if (bpfast_blas_saved != 1) bpfast_blas_set(1);
         }
+        saved = bpfast_blas_saved;
         pthread_mutex_unlock(&bpfast_blas_lock);
+        return saved;
     }
     static void bpfast_blas_leave(void) {
         pthread_mutex_lock(&bpfast_blas_lock);
@@ -266,7 +271,7 @@ cdef extern from *:
     bpfast_blas_set_fn bpfast_blas_set
     bpfast_blas_get_fn bpfast_blas_get
     double bpfast_seconds() noexcept nogil
-    void bpfast_blas_enter() noexcept nogil
+    int bpfast_blas_enter() noexcept nogil
     void bpfast_blas_leave() noexcept nogil
     void bpfast_blas_set_count(int n) noexcept nogil
 
@@ -409,7 +414,7 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
         if _split_products:
             bpfast_blas_leave()
         return
-    bpfast_blas_enter()
+    n_threads = min(n_threads, bpfast_blas_enter())  # and at most BLAS's own count
     parallel = n_threads > 1
     if parallel and _adaptive:
         flags = 1 + trans_a + 2 * trans_b + (4 if floating is float else 8)
