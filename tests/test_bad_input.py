@@ -12,7 +12,7 @@ Inputs that must be *accepted* (integer X, strided, Fortran-ordered, read-only,
 memory-mapped, unaligned or byte-swapped X, labels from a memory map) are checked
 against the result of the plain contiguous float copy, bitwise. Class-probability
 targets whose rows do not sum to 1 are accepted (PyTorch's semantics) and checked
-against the NumPy oracle ``bpfast._reference``.
+against the NumPy oracle ``tests/oracle.py``.
 
 tests/test_network.py already checks the exception *types* of many of these
 inputs; this file is the table with the messages and the byte-identity checks.
@@ -20,10 +20,10 @@ inputs; this file is the table with the messages and the byte-identity checks.
 import contextlib
 
 import numpy as np
+import oracle as ref
 import pytest
 
 import bpfast as bp
-from bpfast import _reference as ref
 
 N, N_IN, N_OUT = 20, 4, 3
 CE = bp.CrossEntropy()
@@ -864,7 +864,7 @@ PROBABILITY_TARGETS = {
 @pytest.mark.parametrize("kind", list(PROBABILITY_TARGETS))
 def test_cross_entropy_probability_rows_need_not_sum_to_one(kind, from_logits):
     """PyTorch's CrossEntropyLoss takes class probabilities as given, with no check that
-    a row sums to 1; bpfast does the same. The oracle is bpfast._reference (float64)."""
+    a row sums to 1; bpfast does the same. The oracle is tests/oracle.py (float64)."""
     rng = np.random.default_rng(7)
     X = rng.standard_normal((N, N_IN))
     Y = PROBABILITY_TARGETS[kind](rng)

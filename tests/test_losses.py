@@ -1,4 +1,4 @@
-"""bpfast's losses against the NumPy oracle (bpfast._reference).
+"""bpfast's losses against the NumPy oracle (tests/oracle.py).
 
 Values and gradients in float64 (rtol 1e-12) and float32 (rtol 1e-5, against the
 float64 reference evaluated on the same float32 inputs), for every loss, both
@@ -7,10 +7,10 @@ the input checks.
 """
 
 import numpy as np
+import oracle as ref
 import pytest
 
 import bpfast as bp
-from bpfast import _reference as ref
 
 RTOL = {np.float64: 1e-12, np.float32: 1e-5}
 DTYPES = [np.float64, np.float32]

@@ -1,7 +1,7 @@
 """Network: construction, input checks, step-by-step vs fused semantics, fit, learning,
 determinism, threads, allocation and concurrency.
 
-Oracles: the plain NumPy reference (bpfast._reference), twin networks built with the
+Oracles: the plain NumPy reference (tests/oracle.py), twin networks built with the
 same seed and stepped by a different route, hand-written loops over train_step, and
 the network's own promises (views, ownership, "a failed call changes nothing").
 """
@@ -17,14 +17,10 @@ import time
 import tracemalloc
 
 import numpy as np
+import oracle as ref
 import pytest
 
 import bpfast as bp
-
-try:
-    from bpfast import _reference as ref
-except ImportError:  # pragma: no cover - the oracle is optional for this file
-    ref = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -625,7 +621,6 @@ def test_predict_large_input_in_chunks(dtype):
                                rtol=1e-14 if dtype == "float64" else 1e-6, atol=1e-7)
 
 
-@pytest.mark.skipif(ref is None, reason="bpfast._reference not available")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_forward_backward_against_reference(dtype):
     net = bp.Network([bp.Dense(5, 12, "leaky_relu", negative_slope=0.2),

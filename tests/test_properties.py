@@ -18,11 +18,11 @@ import pytest
 from central_differences import numerical_gradient
 
 hypothesis = pytest.importorskip("hypothesis")
+import oracle as ref  # noqa: E402
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import bpfast as bp  # noqa: E402
-from bpfast import _reference as ref  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -1,4 +1,4 @@
-"""The NumPy oracle (bpfast._reference) against PyTorch itself, in float64.
+"""The NumPy oracle (tests/oracle.py) against PyTorch itself, in float64.
 
 Agreement is to a few units in the last place (relative 1e-12 or better), not
 bit for bit: PyTorch's CPU kernels use fused multiply-adds and MKL's sqrt.
@@ -11,7 +11,7 @@ from optimizer_configs import CONFIGS as OPTIMIZER_CONFIGS
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from bpfast import _reference as ref  # noqa: E402
+import oracle as ref  # noqa: E402
 
 RTOL = 1e-12
 
