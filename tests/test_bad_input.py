@@ -1,4 +1,4 @@
-"""Bad input, one table row per case (issue 7, first bullet).
+"""Bad input, one table row per case: a clear ValueError or TypeError, nothing changed.
 
 Every row asserts three things:
 
@@ -22,6 +22,7 @@ import contextlib
 import numpy as np
 import oracle as ref
 import pytest
+from training_data import network_calls
 
 import bpfast as bp
 
@@ -157,14 +158,7 @@ X_CASES = [
      r"\bX\b"),
 ]
 
-CALLS = {
-    "forward": lambda net, opt, X, y: net.forward(X),
-    "predict": lambda net, opt, X, y: net.predict(X),
-    "compute_gradients": lambda net, opt, X, y: net.compute_gradients(X, y, CE),
-    "train_step": lambda net, opt, X, y: net.train_step(X, y, CE, opt),
-    "fit": lambda net, opt, X, y: net.fit(X, y, loss=CE, optimizer=opt, epochs=2,
-                                          batch_size=4, shuffle=True),
-}
+CALLS = network_calls(CE, fit_epochs=2)
 Y_CALLS = ["compute_gradients", "train_step", "fit"]
 
 
@@ -899,7 +893,7 @@ def test_cross_entropy_probability_rows_need_not_sum_to_one(kind, from_logits):
 # =========================================================================== any float array
 # Every array argument of every public entry point, in every float dtype and in every
 # layout or storage that compiled code cannot read as is, gives what its contiguous
-# float64 copy gives (issue 12, item 1: float16 labels from a memory map crashed fit).
+# float64 copy gives (float16 labels from a memory map once crashed fit).
 # The values are float16-exact, so every dtype holds them exactly and the one documented
 # conversion (to the network's dtype; float labels and weights to float64) loses nothing.
 ANY_DTYPES = [np.float16, np.float32, np.float64, np.longdouble]

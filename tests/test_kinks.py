@@ -1,4 +1,4 @@
-"""The compiled kernels at the kinks of their functions, against PyTorch (issue 12).
+"""The compiled kernels at the kinks of their functions, against PyTorch.
 
 Elsewhere the engine is compared with oracles on random data, which never lands
 exactly on a kink: a prediction equal to its target (L1), a pre-activation of
