@@ -1063,7 +1063,7 @@ def test_ctrl_c_during_the_last_batch_of_an_epoch_counts_the_epoch(per_batch, me
     kwargs = dict(loss=CE, batch_size=16, metrics=metrics,
                   validation_data=(X[:10], y[:10]) if validation else None,
                   callbacks=[Recorder(wants_batches=True)] if per_batch else None)
-    trainer = a._trainer(X, y, optimizer=opt_a, epochs=3, **kwargs)
+    trainer = a.trainer(X, y, optimizer=opt_a, epochs=3, **kwargs)
     # the second epoch's last compiled call: one per epoch, or one per batch
     trainer.engine = InterruptOnReturn(trainer.engine, at=2 * n_batches if per_batch else 2)
     with pytest.raises(KeyboardInterrupt):
@@ -1088,8 +1088,8 @@ def test_ctrl_c_before_the_last_batch_does_not_count_the_epoch():
     X, y = X[:60], y[:60]
     net = mlp((64, 8, 10), seed=3)
     opt = bp.SGD(lr=0.1)
-    trainer = net._trainer(X, y, CE, opt, epochs=3, batch_size=16,
-                           callbacks=[Recorder(wants_batches=True)])
+    trainer = net.trainer(X, y, loss=CE, optimizer=opt, epochs=3, batch_size=16,
+                          callbacks=[Recorder(wants_batches=True)])
     trainer.engine = InterruptOnReturn(trainer.engine, at=7)  # the second epoch's third
     with pytest.raises(KeyboardInterrupt):
         trainer.run(3)

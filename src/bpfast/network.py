@@ -1,5 +1,6 @@
 """Network: the flat parameter buffers and the training API around the compiled core."""
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, Literal
@@ -11,6 +12,7 @@ from ._compiled import core as _core
 from ._training import (
     Data,
     DivergenceError,
+    FitConfig,
     Trainer,
     combined_weights,
     finite_or_raise,
@@ -406,11 +408,14 @@ class Network:
         # held from the checks to the end, so that a fit refused because another
         # thread is training this network changes nothing (not even the RNG)
         with self._fitting():
-            trainer = self._trainer(X, y, loss, optimizer, epochs, batch_size, shuffle,
-                                    sample_weight, class_weight, l2, clip_norm, clip_value,
-                                    validation_data, validation_split, metrics, schedule,
-                                    callbacks, early_stopping, tol, patience, verbose,
-                                    on_divergence)
+            trainer = self._checked_trainer(X, y, FitConfig(
+                loss=loss, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
+                shuffle=shuffle, sample_weight=sample_weight, class_weight=class_weight,
+                l2=l2, clip_norm=clip_norm, clip_value=clip_value,
+                validation_data=validation_data, validation_split=validation_split,
+                metrics=metrics, schedule=schedule, callbacks=callbacks,
+                early_stopping=early_stopping, tol=tol, patience=patience, verbose=verbose,
+                on_divergence=on_divergence))
             return trainer.run(trainer.epochs)
 
     @contextlib.contextmanager
@@ -438,34 +443,52 @@ class Network:
 
         The same as ``fit(..., epochs=1)`` without validation or callbacks.
         """
-        history = self.fit(X, y, loss=loss, optimizer=optimizer, epochs=1,
-                           batch_size=batch_size, shuffle=shuffle, sample_weight=sample_weight,
-                           class_weight=class_weight, l2=l2, clip_norm=clip_norm,
-                           clip_value=clip_value)
+        with self._fitting():
+            trainer = self._checked_trainer(X, y, FitConfig(
+                loss=loss, optimizer=optimizer, epochs=1, batch_size=batch_size,
+                shuffle=shuffle, sample_weight=sample_weight, class_weight=class_weight,
+                l2=l2, clip_norm=clip_norm, clip_value=clip_value))
+            history = trainer.run(trainer.epochs)
         return float(history.history["loss"][-1])
 
-    def _trainer(self, X, y, loss, optimizer, epochs=1, batch_size=None, shuffle=True,
-                 sample_weight=None, class_weight=None, l2=0.0, clip_norm=None,
-                 clip_value=None, validation_data=None, validation_split=None, metrics=None,
-                 schedule=None, callbacks=None, early_stopping=False, tol=None, patience=10,
-                 verbose=0, on_divergence="raise"):
-        """Check every argument of fit, split the data: a Trainer ready to run.
+    def trainer(self, X: ArrayLike, y: ArrayLike, **options: Any) -> Trainer:
+        """Check the data and every option of ``fit`` once: a Trainer to run epochs with.
 
-        ``trainer.run(k)`` trains k more epochs and may be called again: the way for
-        code that trains epoch by epoch (bpfast.sklearn, the command line) to check
-        the data once instead of in every ``fit(epochs=1)``.
+        For code that trains epoch by epoch (the command line, bpfast.sklearn) and
+        would otherwise re-check all the data in every ``fit(epochs=1)``.
+
+        Parameters
+        ----------
+        X, y : the training data, as ``fit`` takes them
+        **options
+            The keyword arguments of :meth:`fit` (``loss`` and ``optimizer`` required).
+
+        Returns
+        -------
+        Trainer
+            ``trainer.run(k)`` trains k more epochs and may be called again (the epoch
+            count and the History continue); it returns the History. Building it changes
+            nothing (a refused one raises ValueError or TypeError, as fit does).
         """
-        loss = self._check_loss(loss)
-        optimizer = get_optimizer(optimizer)
-        epochs = check_int("epochs", epochs, minimum=0)
-        batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
-        shuffle = check_bool("shuffle", shuffle)
-        patience = check_int("patience", patience, minimum=0)
-        options = self._step_options(l2, clip_norm, clip_value)
+        return self._checked_trainer(X, y, FitConfig(**options))
+
+    def _checked_trainer(self, X, y, config):
+        """Check config against this network and the data, split the data: a Trainer."""
+        loss = self._check_loss(config.loss)
+        optimizer = get_optimizer(config.optimizer)
+        config = dataclasses.replace(
+            config, loss=loss, optimizer=optimizer,
+            epochs=check_int("epochs", config.epochs, minimum=0),
+            batch_size=check_int("batch_size", config.batch_size, minimum=1, allow_none=True),
+            shuffle=check_bool("shuffle", config.shuffle),
+            patience=check_int("patience", config.patience, minimum=0))
+        batch_size = config.batch_size
+        options = self._step_options(config.l2, config.clip_norm, config.clip_value)
         if isinstance(X, np.ndarray) and X.ndim:  # before X and y are copied
             self._check_fit_batch(X.shape[0], batch_size)
-        data = self._data(X, y, loss, sample_weight, class_weight)
-        metrics = resolve_metrics(metrics, loss)
+        data = self._data(X, y, loss, config.sample_weight, config.class_weight)
+        metrics = resolve_metrics(config.metrics, loss)
+        validation_data, validation_split = config.validation_data, config.validation_split
         validation = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or \
@@ -488,11 +511,8 @@ class Network:
                 train_rows, validation_rows = split_validation(
                     data.n_samples, validation_split, classes, self._rng)
                 data, validation = data.take(train_rows), data.take(validation_rows)
-            trainer = Trainer(self, loss, optimizer, data, validation, batch_size=batch_size,
-                              shuffle=shuffle, options=options, metrics=metrics,
-                              schedule=schedule, callbacks=callbacks,
-                              early_stopping=early_stopping, tol=tol, patience=patience,
-                              verbose=verbose, epochs=epochs, on_divergence=on_divergence)
+            trainer = Trainer(self, data, validation, config, options=options,
+                              metrics=metrics)
         except BaseException:
             self._rng.bit_generator.state = rng_state  # a refused call changes nothing
             raise
