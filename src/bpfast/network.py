@@ -527,16 +527,67 @@ class Network:
                          X.shape[0] * self.n_outputs * self.dtype.itemsize)
         return self._engine.predict(X, max(1, _PREDICT_CHUNK_ELEMENTS // widest))
 
+    # ---------------------------------------------------------------- state protocol
+    # Saving (bpfast.io) and pickling describe a network the same way: _get_state takes
+    # one snapshot, _from_state rebuilds from it through the public constructor.
+    def _get_state(self, optimizer=None):
+        """This network (and optimizer's hyperparameters and state) as plain values.
+
+        One consistent snapshot under the engine's lock: a step running in another
+        thread is waited for, never half-read; RuntimeError while another thread's fit
+        owns the network. Returns a dict: "layers" (a dict of constructor values per
+        layer), "dtype", "seed", "rng_state", "epochs_trained" and "optimizer"
+        (optimizer._get_state's record, or None), all JSON-able; "parameters" and
+        "optimizer_state" (None before the optimizer's first step), new arrays.
+        """
+        record = None if optimizer is None else optimizer._get_state(self)
+        parameters, state, step_count, (rng_state, epochs_trained) = self._engine.snapshot(
+            None if optimizer is None else optimizer._config,
+            lambda: (self._rng_state(), getattr(self, "epochs_trained", None)))
+        if record is not None:  # the step count and state of the snapshot
+            record = {**record, "step_count": int(step_count), "has_state": state is not None}
+        layers = [{"in_features": layer.in_features, "out_features": layer.out_features,
+                   "activation": layer.activation, "bias": layer.use_bias,
+                   "activation_param": layer.activation_param, "init": layer.init}
+                  for layer in self.layers]
+        return {"layers": layers, "dtype": self.dtype.name, "seed": self.seed,
+                "rng_state": rng_state, "epochs_trained": epochs_trained,
+                "optimizer": record, "parameters": parameters, "optimizer_state": state}
+
+    @classmethod
+    def _from_state(cls, state):
+        """The network that ``state`` (from _get_state) describes; TypeError or
+        ValueError for a description the constructor refuses."""
+        layers = [Dense(spec["in_features"], spec["out_features"], spec["activation"],
+                        bias=spec["bias"], init=spec.get("init"),
+                        **_activation_keyword(spec["activation"], spec["activation_param"]))
+                  for spec in state["layers"]]
+        network = cls(layers, dtype=state["dtype"], seed=state["seed"])
+        network.parameters = state["parameters"]
+        network._restore_rng(state.get("rng_state"))
+        if state.get("epochs_trained") is not None:
+            try:
+                network.epochs_trained = state["epochs_trained"]
+            except AttributeError:
+                pass  # a Network that computes the count itself
+        return network
+
+    def _rng_state(self):
+        rng = getattr(self, "_rng", None)
+        return rng.bit_generator.state if isinstance(rng, np.random.Generator) else None
+
+    def _restore_rng(self, state):
+        rng = getattr(self, "_rng", None)
+        if not isinstance(state, dict) or not isinstance(rng, np.random.Generator):
+            return
+        if state.get("bit_generator") == type(rng.bit_generator).__name__:
+            rng.bit_generator.state = state  # bpfast.io checks a file's state first
+
     def __reduce__(self):
-        # pickle and copy.deepcopy: the layers' arguments and the state, rebuilt through
-        # the public constructor (the compiled engine holds raw pointers, no state of
-        # its own worth keeping). Optimizers are not included: save() keeps those.
-        # one snapshot under the engine's lock, as bpfast.save takes it
-        parameters, _, _, (rng_state, epochs_trained) = self._engine.snapshot(
-            None, lambda: (self._rng.bit_generator.state, self.epochs_trained))
-        return (_rebuild_network, ([layer.arguments() for layer in self.layers],
-                                   self.dtype.name, self.seed, parameters, rng_state,
-                                   epochs_trained))
+        # pickle and copy.deepcopy: the state protocol, rebuilt through the public
+        # constructor (the compiled engine holds raw pointers, no state of its own worth
+        # keeping). Optimizers are not included: save() keeps those.
+        return (Network._from_state, (self._get_state(),))
 
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
@@ -617,8 +668,17 @@ class Network:
         return network_from_torch(module)
 
 
+def _activation_keyword(activation, param):
+    """The Dense keyword that sets ``activation``'s parameter, as a dict (empty if none)."""
+    if activation == "leaky_relu":
+        return {"negative_slope": param}
+    if activation == "elu":
+        return {"alpha": param}
+    return {}
+
+
 def _rebuild_network(layers, dtype, seed, parameters, rng_state, epochs_trained):
-    """The inverse of Network.__reduce__."""
+    """What pickles made before the state protocol call to rebuild a Network."""
     network = Network([Dense(**arguments) for arguments in layers], dtype=dtype, seed=seed)
     network.parameters = parameters
     network._rng.bit_generator.state = rng_state
