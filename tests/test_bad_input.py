@@ -1,4 +1,4 @@
-"""Bad input, one table row per case (issue 7, first bullet).
+"""Bad input, one table row per case: a clear ValueError or TypeError, nothing changed.
 
 Every row asserts three things:
 
@@ -12,7 +12,7 @@ Inputs that must be *accepted* (integer X, strided, Fortran-ordered, read-only,
 memory-mapped, unaligned or byte-swapped X, labels from a memory map) are checked
 against the result of the plain contiguous float copy, bitwise. Class-probability
 targets whose rows do not sum to 1 are accepted (PyTorch's semantics) and checked
-against the NumPy oracle ``bpfast._reference``.
+against the NumPy oracle ``tests/oracle.py``.
 
 tests/test_network.py already checks the exception *types* of many of these
 inputs; this file is the table with the messages and the byte-identity checks.
@@ -20,10 +20,11 @@ inputs; this file is the table with the messages and the byte-identity checks.
 import contextlib
 
 import numpy as np
+import oracle as ref
 import pytest
+from training_data import network_calls
 
 import bpfast as bp
-from bpfast import _reference as ref
 
 N, N_IN, N_OUT = 20, 4, 3
 CE = bp.CrossEntropy()
@@ -157,14 +158,7 @@ X_CASES = [
      r"\bX\b"),
 ]
 
-CALLS = {
-    "forward": lambda net, opt, X, y: net.forward(X),
-    "predict": lambda net, opt, X, y: net.predict(X),
-    "compute_gradients": lambda net, opt, X, y: net.compute_gradients(X, y, CE),
-    "train_step": lambda net, opt, X, y: net.train_step(X, y, CE, opt),
-    "fit": lambda net, opt, X, y: net.fit(X, y, loss=CE, optimizer=opt, epochs=2,
-                                          batch_size=4, shuffle=True),
-}
+CALLS = network_calls(CE, fit_epochs=2)
 Y_CALLS = ["compute_gradients", "train_step", "fit"]
 
 
@@ -864,7 +858,7 @@ PROBABILITY_TARGETS = {
 @pytest.mark.parametrize("kind", list(PROBABILITY_TARGETS))
 def test_cross_entropy_probability_rows_need_not_sum_to_one(kind, from_logits):
     """PyTorch's CrossEntropyLoss takes class probabilities as given, with no check that
-    a row sums to 1; bpfast does the same. The oracle is bpfast._reference (float64)."""
+    a row sums to 1; bpfast does the same. The oracle is tests/oracle.py (float64)."""
     rng = np.random.default_rng(7)
     X = rng.standard_normal((N, N_IN))
     Y = PROBABILITY_TARGETS[kind](rng)
@@ -899,7 +893,7 @@ def test_cross_entropy_probability_rows_need_not_sum_to_one(kind, from_logits):
 # =========================================================================== any float array
 # Every array argument of every public entry point, in every float dtype and in every
 # layout or storage that compiled code cannot read as is, gives what its contiguous
-# float64 copy gives (issue 12, item 1: float16 labels from a memory map crashed fit).
+# float64 copy gives (float16 labels from a memory map once crashed fit).
 # The values are float16-exact, so every dtype holds them exactly and the one documented
 # conversion (to the network's dtype; float labels and weights to float64) loses nothing.
 ANY_DTYPES = [np.float16, np.float32, np.float64, np.longdouble]

@@ -1,4 +1,4 @@
-"""Callbacks, progress output and History.plot for Network.fit (issue 4).
+"""Callbacks, progress output and History.plot for Network.fit.
 
 Oracles: a recording callback (hook order, batch counts), replays of the same
 steps with train_step, the History itself (CSV contents, checkpoints reloaded with

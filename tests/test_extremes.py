@@ -1,24 +1,25 @@
-"""Numerical extremes (issue 7): logits of +-1e4, inputs of 1e30, both dtypes.
+"""Numerical extremes: logits of +-1e4, inputs of 1e30, both dtypes.
 
 Where mathematics allows a finite loss and gradient, bpfast must give them, equal to
-the NumPy oracle bpfast._reference evaluated in float64 (on the same float32-rounded
+the NumPy oracle tests/oracle.py evaluated in float64 (on the same float32-rounded
 inputs for a float32 network). Where the true value does not fit the dtype (the
 squared error of 1e30 in float32), the test states what the library does: the loss
 comes back non-finite from compute_gradients and the losses, so the caller can see
-it, and train_step and fit raise bpfast.DivergenceError (issue 4) with finite
+it, and train_step and fit raise bpfast.DivergenceError with finite
 parameters left.
 """
 import math
 
 import numpy as np
+import oracle as ref
 import pytest
+from oracle_checks import oracle_spec
 
 import bpfast as bp
-from bpfast import _reference as ref
 
 DTYPES = ["float32", "float64"]
 HAS_DIVERGENCE_ERROR = hasattr(bp, "DivergenceError")
-needs_divergence_error = pytest.mark.skipif(not HAS_DIVERGENCE_ERROR, reason="issue 4")
+needs_divergence_error = pytest.mark.skipif(not HAS_DIVERGENCE_ERROR, reason="no DivergenceError")
 
 LABELS = np.array([0, 1, 2, 1, 0, 2])
 # binary targets hitting both saturated ends with 0, 1 and 0.5
@@ -45,11 +46,7 @@ def reference_gradients(net, X, d_out_fn):
     d_out_fn(z_last, a_last) gives dL/d(a_last) or, for a fused probability output,
     dL/dz_last (then the last activation is treated as the identity).
     """
-    weights = [layer.weight for layer in net.layers]
-    biases = [layer.bias for layer in net.layers]
-    acts = [(layer.activation, layer.activation_param)
-            if layer.activation in ("leaky_relu", "elu") else layer.activation
-            for layer in net.layers]
+    weights, biases, acts = oracle_spec(net)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         cache = ref.network_forward(weights, biases, acts, X)
         grad, fused = d_out_fn(*cache[-1])
@@ -285,7 +282,7 @@ def test_inputs_of_1e30_mse_in_float64_is_finite(loss):
 def test_inputs_of_1e30_mse_in_float32_overflows_visibly(call):
     """The squared error of ~1e30 outputs (~1e60) and its weight gradient do not fit in
     float32. compute_gradients and the loss return the non-finite value, so the caller
-    sees it; train_step either does the same or (issue 4) raises DivergenceError and
+    sees it; train_step either does the same or raises DivergenceError and
     skips the update."""
     X = _x_1e30()
     net = bp.Network([bp.Dense(4, 5, "relu"), bp.Dense(5, 3)], dtype="float32", seed=3)
@@ -343,7 +340,7 @@ def _diverging_data(kind):
 @pytest.mark.parametrize("dtype, kind, loss, make_opt",
                          [pytest.param(*c[1:], id=c[0]) for c in DIVERGING])
 def test_diverging_fit_raises(dtype, kind, loss, make_opt):
-    """Issue 4: a non-finite loss stops fit with bp.DivergenceError and the network is
+    """A non-finite loss stops fit with bp.DivergenceError and the network is
     restored to finite weights (the last finite ones), still usable."""
     X, T = _diverging_data(kind)
     net = bp.Network([bp.Dense(4, 6, "relu"), bp.Dense(6, 3)], dtype=dtype, seed=0)
@@ -370,7 +367,7 @@ def test_finite_extreme_fit_does_not_raise_divergence(dtype):
     assert min(history.history["loss"]) > 1e3
 
 
-# =========================================================================== issue 12, item 7
+# ============================== hyperparameters float32 cannot hold: a clear error
 def _small_regression(dtype, seed=0):
     X = np.random.default_rng(seed).standard_normal((8, 3))
     net = bp.Network([bp.Dense(3, 4, "tanh"), bp.Dense(4, 1)], dtype=dtype, seed=0)
@@ -458,7 +455,7 @@ def test_fit_whose_last_update_overflows_ends_finite(on_divergence, early_stoppi
     assert net.epochs_trained == 1
 
 
-# =========================================================================== issue 12, item 4
+# ====================================== sizes beyond BLAS's int: a clear error, no crash
 HUGE_ROWS = 2 ** 31  # one more than BLAS's int takes
 
 

@@ -1,4 +1,4 @@
-"""The compiled kernels at the kinks of their functions, against PyTorch (issue 12).
+"""The compiled kernels at the kinks of their functions, against PyTorch.
 
 Elsewhere the engine is compared with oracles on random data, which never lands
 exactly on a kink: a prediction equal to its target (L1), a pre-activation of
@@ -12,10 +12,10 @@ Exact kinks come from zero weights: a layer's output is then its bias, bit for b
 in any framework, so both see the same kink.
 """
 import numpy as np
+import oracle as ref
 import pytest
 
 import bpfast as bp
-from bpfast import _reference as ref
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -1,4 +1,4 @@
-"""Memory (issue 7): no growth over many calls, bounded peak in a large predict.
+"""Memory: no growth over many calls, bounded peak in a large predict.
 
 * Resident memory (VmRSS, Linux) grows by less than 1 MB over 10,000 train_step
   calls, 1,000 fit calls, and the other entry points (forward/backward, predict,

@@ -1,30 +1,25 @@
 """Network: construction, input checks, step-by-step vs fused semantics, fit, learning,
 determinism, threads, allocation and concurrency.
 
-Oracles: the plain NumPy reference (bpfast._reference), twin networks built with the
+Oracles: the plain NumPy reference (tests/oracle.py), twin networks built with the
 same seed and stepped by a different route, hand-written loops over train_step, and
 the network's own promises (views, ownership, "a failed call changes nothing").
 """
 import contextlib
 import gc
-import json
-import os
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 import tracemalloc
 
 import numpy as np
+import oracle as ref
 import pytest
+from oracle_checks import oracle_spec
+from thread_races import RACE_PRELUDE, run_isolated, start_and_join
+from training_data import network_calls
 
 import bpfast as bp
-
-try:
-    from bpfast import _reference as ref
-except ImportError:  # pragma: no cover - the oracle is optional for this file
-    ref = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -49,15 +44,6 @@ def layer_offsets(net):
         offsets.append((offset, offset + n_weights if layer.bias is not None else None))
         offset += n_weights + (layer.out_features if layer.bias is not None else 0)
     return offsets
-
-
-def reference_spec(net):
-    weights = [layer.weight for layer in net.layers]
-    biases = [layer.bias for layer in net.layers]
-    acts = [(layer.activation, layer.activation_param)
-            if layer.activation in ("leaky_relu", "elu") else layer.activation
-            for layer in net.layers]
-    return weights, biases, acts
 
 
 def snapshot(obj):
@@ -90,14 +76,7 @@ def used():
 
 CE = bp.CrossEntropy()
 
-CALLS_X = {
-    "forward": lambda net, opt, X, y: net.forward(X),
-    "predict": lambda net, opt, X, y: net.predict(X),
-    "compute_gradients": lambda net, opt, X, y: net.compute_gradients(X, y, CE),
-    "train_step": lambda net, opt, X, y: net.train_step(X, y, CE, opt),
-    "fit": lambda net, opt, X, y: net.fit(X, y, loss=CE, optimizer=opt, epochs=1,
-                                          batch_size=4, shuffle=True),
-}
+CALLS_X = network_calls(CE, fit_epochs=1)
 CALLS_XY = {k: v for k, v in CALLS_X.items() if k not in ("forward", "predict")}
 
 
@@ -614,7 +593,7 @@ def test_predict_large_input_in_chunks(dtype):
     got = net.predict(X)
     assert got.shape == (50_000, 3) and got.dtype == np.dtype(dtype)
     if ref is not None:
-        expected = ref.network_forward(*reference_spec(net), X.astype(dtype))[-1][1]
+        expected = ref.network_forward(*oracle_spec(net), X.astype(dtype))[-1][1]
     else:  # pragma: no cover
         expected = net.forward(X)
     tol = 1e-12 if dtype == "float64" else 2e-5
@@ -625,7 +604,6 @@ def test_predict_large_input_in_chunks(dtype):
                                rtol=1e-14 if dtype == "float64" else 1e-6, atol=1e-7)
 
 
-@pytest.mark.skipif(ref is None, reason="bpfast._reference not available")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_forward_backward_against_reference(dtype):
     net = bp.Network([bp.Dense(5, 12, "leaky_relu", negative_slope=0.2),
@@ -634,7 +612,7 @@ def test_forward_backward_against_reference(dtype):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((11, 5)).astype(dtype)
     g = rng.standard_normal((11, 4)).astype(dtype)
-    spec = reference_spec(net)
+    spec = oracle_spec(net)
     cache = ref.network_forward(*spec, X)
     grad_w, grad_b, grad_x = ref.network_backward(spec[0], cache, spec[2], g, X,
                                                   biases=spec[1])
@@ -1027,10 +1005,7 @@ def test_threads_training_own_networks_match_sequential():
         threads = [threading.Thread(target=train, args=(_wide_net(i), bp.Adam(lr=1e-3), X, y,
                                                         threaded, i))
                    for i, (X, y) in enumerate(data)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        start_and_join(threads)
     for a, b in zip(sequential, threaded):
         np.testing.assert_array_equal(a, b)
 
@@ -1074,7 +1049,7 @@ def test_compiled_step_releases_the_gil():
     assert max(ratios) > 0.2, ratios
 
 
-_SUBPROCESS_PRELUDE = """
+_SUBPROCESS_PRELUDE = RACE_PRELUDE + """
 import json, threading, numpy as np, bpfast as bp
 bp.set_num_threads(1)
 CE = bp.CrossEntropy()
@@ -1093,15 +1068,7 @@ def replay(k):
 def _run_isolated(body):
     """Run a concurrency scenario in a fresh interpreter, so that a crash is a failure
     of this test rather than the end of the test session; its JSON result."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(bp.__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-    code = _SUBPROCESS_PRELUDE + textwrap.dedent(body)
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, (f"scenario died with return code {proc.returncode}:\n"
-                                  f"{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_isolated(_SUBPROCESS_PRELUDE + textwrap.dedent(body), timeout=120)
 
 
 def _check_race_result(result):
@@ -1119,17 +1086,14 @@ def test_one_network_two_threads_warm():
             net, opt = make(), bp.Adam(lr=1e-3)
             net.train_step(X, y, CE, opt)
             done = [0, 0]
-            barrier = threading.Barrier(2)
             def work(i):
-                barrier.wait()
                 for _ in range(30):
                     try:
                         net.train_step(X, y, CE, opt)
                         done[i] += 1
                     except RuntimeError as e:
                         errors.append(str(e))
-            threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-            [t.start() for t in threads]; [t.join() for t in threads]
+            race(lambda: work(0), lambda: work(1))
             k = 1 + sum(done)
             if opt.step_count != k or not np.array_equal(replay(k).parameters,
                                                          net.parameters):
@@ -1148,17 +1112,14 @@ def test_one_network_two_threads_first_step():
             net, opt = make(), bp.Adam(lr=1e-3)
             net.forward(X)  # workspaces sized; the optimizer still unbound
             done = [0, 0]
-            barrier = threading.Barrier(2)
             def work(i):
-                barrier.wait()
                 for _ in range(3):
                     try:
                         net.train_step(X, y, CE, opt)
                         done[i] += 1
                     except RuntimeError as e:
                         errors.append(str(e))
-            threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-            [t.start() for t in threads]; [t.join() for t in threads]
+            race(lambda: work(0), lambda: work(1))
             k = sum(done)
             if opt.step_count != k or not np.array_equal(replay(k).parameters,
                                                          net.parameters):

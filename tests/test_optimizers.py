@@ -1,4 +1,4 @@
-"""bpfast's optimizers against the NumPy oracle (bpfast._reference) and torch.optim.
+"""bpfast's optimizers against the NumPy oracle (tests/oracle.py) and torch.optim.
 
 Each configuration takes 50 steps with fresh random gradients written into
 ``net.gradients``; the parameters must follow the reference to rtol 1e-10 in
@@ -9,11 +9,11 @@ the same float32 gradients).
 import math
 
 import numpy as np
+import oracle as ref
 import pytest
 from optimizer_configs import CONFIGS
 
 import bpfast as bp
-from bpfast import _reference as ref
 
 N_STEPS = 50
 

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis): random architectures, batch sizes, dtypes,
-activations and losses (issue 7).
+activations and losses.
 
 Properties and their oracles:
 
@@ -18,11 +18,12 @@ import pytest
 from central_differences import numerical_gradient
 
 hypothesis = pytest.importorskip("hypothesis")
+import oracle as ref  # noqa: E402
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from oracle_checks import oracle_spec  # noqa: E402
 
 import bpfast as bp  # noqa: E402
-from bpfast import _reference as ref  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -116,12 +117,7 @@ def make_loss(case):
 
 
 def reference_cache(net, X):
-    weights = [layer.weight for layer in net.layers]
-    biases = [layer.bias for layer in net.layers]
-    acts = [(layer.activation, layer.activation_param)
-            if layer.activation in ("leaky_relu", "elu") else layer.activation
-            for layer in net.layers]
-    return ref.network_forward(weights, biases, acts, X)
+    return ref.network_forward(*oracle_spec(net), X)
 
 
 def far_from_kinks(net, X, y, case, margin=1e-4):

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (bpfast.schedules) and their use in Network.fit (issue 4).
+"""Learning-rate schedules (bpfast.schedules) and their use in Network.fit.
 
 Oracles: PyTorch's closed forms written out, torch.optim.lr_scheduler itself when
 installed, and replays that set ``optimizer.lr`` by hand before each train_step.

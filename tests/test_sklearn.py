@@ -422,16 +422,16 @@ def test_partial_fit_keeps_the_optimizer_state():
 def test_each_fit_checks_its_data_once_and_runs_epochs_on_one_trainer(monkeypatch):
     X, y = _blobs()
     calls = []
-    make_trainer = bp.Network._trainer
+    make_trainer = bp.Network.trainer
 
-    def counting(network, *args):
-        calls.append(args[4])  # epochs
-        return make_trainer(network, *args)
+    def counting(network, X, y, **options):
+        calls.append(options["epochs"])
+        return make_trainer(network, X, y, **options)
 
     def refuse(*args, **kwargs):
         raise AssertionError("Network.fit once per epoch re-checks all the data")
 
-    monkeypatch.setattr(bp.Network, "_trainer", counting)
+    monkeypatch.setattr(bp.Network, "trainer", counting)
     monkeypatch.setattr(bp.Network, "fit", refuse)
     with _quiet():
         model = MLPClassifier(max_iter=5, random_state=0).fit(X, y)

@@ -1,10 +1,10 @@
-"""Threads (issue 7): concurrency from Python threads, and the thread-count settings.
+"""Threads: concurrency from Python threads, and the thread-count settings.
 
 * Two networks trained at the same time in two Python threads (train_step, fit, and
   both mixed) end bit-identical to the same training done one after the other, with
   small networks (many short compiled calls, many GIL hand-overs) and with a network
   large enough for bpfast's OpenMP passes and a parallel optimizer update.
-* One network used from several threads at once (issue 12 items 5, 6, 12): each call
+* One network used from several threads at once: each call
   completes, waits, or raises RuntimeError (or, for backward, the ValueError of a
   forward that changed in between); results equal a single-threaded replay of the
   calls that completed. The races run in a subprocess, a few rounds behind barriers
@@ -20,7 +20,6 @@
 A fixture restores bpfast's and BLAS's thread counts after every test.
 """
 import copy
-import json
 import os
 import pickle
 import subprocess
@@ -34,28 +33,19 @@ import pytest
 
 import bpfast as bp
 
+# tools/stress_threads.py loads this file by its path, outside pytest: let it find the
+# shared harness beside it as pytest does
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from thread_races import RACE_PRELUDE, blas_threads, run_isolated, start_and_join  # noqa: E402
+
 try:
     import threadpoolctl
 except ImportError:  # pragma: no cover - optional
     threadpoolctl = None
 
 
-def _blas_threads():
-    if threadpoolctl is None:
-        return None
-    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS so that threadpoolctl sees it)
-    return [pool["num_threads"] for pool in threadpoolctl.threadpool_info()
-            if pool.get("user_api") == "blas"]
-
-
-@pytest.fixture(autouse=True)
-def restore_thread_counts():
-    omp, blas = bp.get_num_threads(), _blas_threads()
-    yield
-    bp.set_num_threads(omp)
-    if blas:
-        threadpoolctl.threadpool_limits(limits=max(blas), user_api="blas")
-    assert bp.get_num_threads() == omp
+# the thread counts a test sets are undone after it (the fixture is in conftest.py)
+pytestmark = pytest.mark.usefixtures("restore_thread_counts")
 
 
 # =========================================================================== two networks
@@ -135,11 +125,7 @@ def test_two_networks_in_two_threads_equal_sequential(size, kind, dtype, n_threa
         except BaseException as error:  # pragma: no cover - reported below
             errors.append(repr(error))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    start_and_join([threading.Thread(target=work, args=(i,)) for i in range(2)])
     assert errors == []
     for a, b in zip(sequential, concurrent):
         _assert_same(a, b)
@@ -151,7 +137,7 @@ def test_two_networks_in_two_threads_equal_sequential(size, kind, dtype, n_threa
 # ROUNDS rounds: few here, many in tools/stress_threads.py, which runs these same bodies.
 # The interleavings that matter are also forced deterministically below (at_next_release,
 # held readers, callbacks), so CI catches a regression on every run, not 1 in 6,000.
-_PRELUDE = """
+_PRELUDE = RACE_PRELUDE + """
 import json, os, sys, tempfile, threading, numpy as np, bpfast as bp
 sys.setswitchinterval(1e-6)
 bp.set_num_threads(1)
@@ -165,15 +151,6 @@ def replay(k):
     for _ in range(k):
         net.train_step(X, y, CE, opt)
     return net, opt
-def race(*targets):
-    barrier = threading.Barrier(len(targets))
-    def wrap(f):
-        def run():
-            barrier.wait()
-            f()
-        return run
-    threads = [threading.Thread(target=wrap(f)) for f in targets]
-    [t.start() for t in threads]; [t.join() for t in threads]
 """
 
 SCENARIOS = {}  # name -> (body, rounds in CI); tools/stress_threads.py runs them longer
@@ -187,14 +164,7 @@ def _scenario(rounds):
 
 
 def _run_isolated(body, rounds, timeout=240):
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(bp.__file__)))
-    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = _PRELUDE + f"ROUNDS = {int(rounds)}\n" + textwrap.dedent(body)
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (f"the scenario died with return code {proc.returncode}:\n"
-                                  f"{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_isolated(_PRELUDE + f"ROUNDS = {int(rounds)}\n" + textwrap.dedent(body), timeout)
 
 
 def _check(result):
@@ -369,7 +339,7 @@ def predict_flood_and_trainer():
     """
     unexpected, mismatches, completed = [], [], [0]
     # (a) four threads predicting as fast as they can do not stop a trainer: all ROUNDS
-    # steps succeed (issue 12 item 6 found 1 success in 4.3 million attempts)
+    # steps succeed (a trainer once got 1 success in 4.3 million attempts)
     net, opt = make(), bp.Adam(lr=1e-3)
     done = threading.Event()
     def train():
@@ -464,7 +434,8 @@ READ_AFTER_RELEASE_CASES = ["forward", "backward", "layer_output", "train_step",
 
 @pytest.mark.parametrize("method", READ_AFTER_RELEASE_CASES)
 def test_no_result_is_read_after_the_engine_is_released(method, tmp_path):
-    """Issue 12 item 12, for every call that returns something: the moment the engine
+    """For every call that returns something, a result is read before the engine is
+    released: the moment the engine
     is free, another thread trains a step (new parameters, gradients, optimizer state)
     and runs a forward with other rows (new cached outputs). What the call returns must
     still be its own result, equal bitwise to the same call on an undisturbed twin; so
@@ -512,8 +483,8 @@ def test_no_result_is_read_after_the_engine_is_released(method, tmp_path):
 
 
 def test_forward_output_when_another_forward_lands_at_release():
-    """The failure CI saw once (issue 12 item 12), now forced: thread B's forward with
-    another row count lands right when thread A's forward frees the engine."""
+    """The failure CI saw once (a result read after the release), now forced: thread
+    B's forward with another row count lands right when thread A's forward frees the engine."""
     rng = np.random.default_rng(2)
     XA, XB = rng.standard_normal((10, 6)), rng.standard_normal((31, 6))
     net = small(0)
@@ -537,7 +508,7 @@ def _hold_reader(net):
 
 
 def test_a_writer_waits_for_readers_and_later_readers_queue_behind_it():
-    """Issue 12 item 6 (starvation), deterministically: while a predict runs, a
+    """No writer starves, deterministically: while a predict runs, a
     train_step from another thread waits for it instead of failing, and a predict that
     arrives while the step waits goes after the step (writer preference); after the
     step, a second step of the trainer waits for that queued predict (so readers do not
@@ -589,7 +560,7 @@ def test_a_writer_waits_for_readers_and_later_readers_queue_behind_it():
 
 
 def test_save_waits_for_the_step_it_overlaps(tmp_path):
-    """Issue 12 item 5: a save that arrives while a step is pending gets the state
+    """A save that arrives while a step is pending gets the state
     after that step, whole (parameters, optimizer state and step count agree), never
     a mix. Forced: a predict holds the engine, the step waits, the save queues."""
     rng = np.random.default_rng(4)
@@ -624,7 +595,7 @@ def test_save_waits_for_the_step_it_overlaps(tmp_path):
 
 
 def test_a_fitting_network_belongs_to_its_fit(tmp_path):
-    """Issue 12 item 6: between two epochs of a fit (a callback holds it there), another
+    """Between two epochs of a fit (a callback holds it there), another
     thread's train_step, compute_gradients, forward, backward, parameter assignment,
     optimizer step, fit, partial_fit, save and deepcopy all get RuntimeError and change
     nothing; its predict works (the parameters after that epoch). The fit's own thread
@@ -778,11 +749,7 @@ def test_one_network_predict_from_two_threads():
             except BaseException as error:  # pragma: no cover - reported below
                 errors.append(repr(error))
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    start_and_join([threading.Thread(target=work) for _ in range(2)])
     assert errors == []
     assert len(results) == 60 and all(r == expected for r in results)
 
@@ -811,7 +778,7 @@ def _show_config():
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_blas_threads_follow_set_num_threads(n):
     bp.set_num_threads(n)
-    blas = _blas_threads()
+    blas = blas_threads()
     assert blas, "threadpoolctl sees no BLAS"
     assert all(count == n for count in blas), blas
     # and bpfast's own BLAS (SciPy's) is among them

@@ -1,4 +1,4 @@
-"""Training as users expect it (issue 4): sample and class weights, L2, clipping,
+"""Training as users expect it: sample and class weights, L2, clipping,
 validation and metrics, early stopping and convergence, partial_fit and repeated fit,
 divergence and Ctrl-C.
 
@@ -1011,7 +1011,7 @@ def test_ctrl_c_during_fit_stops_at_a_batch_boundary():
     assert ender.events[-1] == ("train_end", None)
     assert ender.train_end_logs["stop_reason"] == "interrupted"
     steps = opt_a.step_count
-    # every finished epoch is recorded (issue 12, item 9: also one whose last batch was
+    # every finished epoch is recorded (also one whose last batch was
     # running when Ctrl-C came); the partial one's batches are counted
     assert (1 + completed) * n_batches <= steps < (2 + completed) * n_batches
     assert np.isfinite(a.parameters).all()
@@ -1052,9 +1052,9 @@ class InterruptOnReturn:
 @pytest.mark.parametrize("metrics, validation", [(None, False), (["accuracy"], True)])
 def test_ctrl_c_during_the_last_batch_of_an_epoch_counts_the_epoch(per_batch, metrics,
                                                                    validation):
-    """Issue 12, item 9: the epoch's updates were all applied, but neither epochs_trained
-    nor the history counted it. Its History record has the epoch's loss and rate (the
-    same as an uninterrupted twin's) and NaN for what was not computed."""
+    """An epoch interrupted after its last update counts: its updates were all applied, so
+    epochs_trained and the history count it (once neither did). Its History record has the epoch's
+    loss and rate (the same as an uninterrupted twin's) and NaN for what was not computed."""
     X, y = digits()
     X, y = X[:60], y[:60]
     a, b = twins((64, 8, 10), seed=3)
@@ -1063,7 +1063,7 @@ def test_ctrl_c_during_the_last_batch_of_an_epoch_counts_the_epoch(per_batch, me
     kwargs = dict(loss=CE, batch_size=16, metrics=metrics,
                   validation_data=(X[:10], y[:10]) if validation else None,
                   callbacks=[Recorder(wants_batches=True)] if per_batch else None)
-    trainer = a._trainer(X, y, optimizer=opt_a, epochs=3, **kwargs)
+    trainer = a.trainer(X, y, optimizer=opt_a, epochs=3, **kwargs)
     # the second epoch's last compiled call: one per epoch, or one per batch
     trainer.engine = InterruptOnReturn(trainer.engine, at=2 * n_batches if per_batch else 2)
     with pytest.raises(KeyboardInterrupt):
@@ -1088,8 +1088,8 @@ def test_ctrl_c_before_the_last_batch_does_not_count_the_epoch():
     X, y = X[:60], y[:60]
     net = mlp((64, 8, 10), seed=3)
     opt = bp.SGD(lr=0.1)
-    trainer = net._trainer(X, y, CE, opt, epochs=3, batch_size=16,
-                           callbacks=[Recorder(wants_batches=True)])
+    trainer = net.trainer(X, y, loss=CE, optimizer=opt, epochs=3, batch_size=16,
+                          callbacks=[Recorder(wants_batches=True)])
     trainer.engine = InterruptOnReturn(trainer.engine, at=7)  # the second epoch's third
     with pytest.raises(KeyboardInterrupt):
         trainer.run(3)

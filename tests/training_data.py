@@ -133,3 +133,16 @@ class Recorder(bp.callbacks.Callback):
     def on_train_end(self, logs):
         self.events.append(("train_end", None))
         self.train_end_logs = dict(logs)
+
+
+def network_calls(loss, fit_epochs):
+    """The Network entry points that take X (and y, where they train), by name, each as
+    ``call(net, opt, X, y)``: what a table of bad inputs runs through all of them."""
+    return {
+        "forward": lambda net, opt, X, y: net.forward(X),
+        "predict": lambda net, opt, X, y: net.predict(X),
+        "compute_gradients": lambda net, opt, X, y: net.compute_gradients(X, y, loss),
+        "train_step": lambda net, opt, X, y: net.train_step(X, y, loss, opt),
+        "fit": lambda net, opt, X, y: net.fit(X, y, loss=loss, optimizer=opt,
+                                              epochs=fit_epochs, batch_size=4, shuffle=True),
+    }

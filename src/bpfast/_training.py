@@ -6,10 +6,12 @@ for batches: then the epoch runs in chunks of batches, whose results combine
 bit for bit, the epoch's mean loss up to the rounding of its sum). Everything
 here is per epoch or per chunk; nothing is per batch.
 """
+import dataclasses
 import math
 import sys
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from .callbacks import Callback, EarlyStopping, History, ProgressBar, ReduceLROn
 from .losses import BinaryCrossEntropy, CrossEntropy
 from .schedules import as_schedule
 
-__all__ = ["DivergenceError", "Trainer"]
+__all__ = ["DivergenceError", "FitConfig", "Trainer"]
 
 # With progress callbacks, chunks of batches aim at this many seconds each.
 _PROGRESS_INTERVAL = 0.1
@@ -148,34 +150,73 @@ def _accuracy_for(loss):
     return accuracy
 
 
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """The options of one ``Network.fit``, as its keywords name them (see its docstring).
+
+    ``Network.fit``, ``Network.partial_fit`` and ``Network.trainer`` build one; the
+    network checks it once, against itself and the data, when it makes the
+    :class:`Trainer` (``Network._checked_trainer``), and the Trainer reads it from there.
+    """
+
+    loss: Any
+    optimizer: Any
+    epochs: int = 1
+    batch_size: int | None = None
+    shuffle: bool = True
+    sample_weight: Any = None
+    class_weight: Any = None
+    l2: float = 0.0
+    clip_norm: float | None = None
+    clip_value: float | None = None
+    validation_data: Any = None
+    validation_split: float | None = None
+    metrics: Any = None
+    schedule: Any = None
+    callbacks: Any = None
+    early_stopping: Any = False
+    tol: float | None = None
+    patience: int = 10
+    verbose: int = 0
+    on_divergence: str = "raise"
+
+
 # --------------------------------------------------------------------------- the loop
 class Trainer:
-    """A checked ``fit``: built before anything changes; ``run(k)`` trains k more epochs."""
+    """A checked ``fit``: built before anything changes; ``run(k)`` trains k more epochs.
 
-    def __init__(self, network, loss, optimizer, data, validation, *, batch_size, shuffle,
-                 options, metrics, schedule, callbacks, early_stopping, tol, patience,
-                 verbose, epochs, on_divergence):
+    Made by ``Network.trainer`` (and inside ``fit``), never directly: ``config`` is a
+    :class:`FitConfig` whose loss, optimizer and numbers the network has checked and
+    resolved, ``options`` the engine's (l2, clip_value, clip_norm) and ``metrics`` the
+    resolved (name, function) pairs.
+    """
+
+    def __init__(self, network, data, validation, config, *, options, metrics):
         self.network = network
         self.engine = network._engine
-        self.loss = loss
-        self.optimizer = optimizer
+        self.loss = config.loss
+        self.optimizer = config.optimizer
         self.data = data
         self.validation = validation
         n_samples = data.n_samples
+        batch_size = config.batch_size
         self.batch_size = n_samples if batch_size is None else min(batch_size, n_samples)
-        self.epochs = epochs
-        self.shuffle = shuffle
+        self.epochs = config.epochs
+        self.shuffle = config.shuffle
         self.options = options            # (l2, clip_value, clip_norm) for the engine
         self.metrics = metrics
-        self.schedule = as_schedule(schedule)
-        self.on_divergence = check_choice("on_divergence", on_divergence, ("raise", "warn"))
+        self.schedule = as_schedule(config.schedule)
+        self.on_divergence = check_choice("on_divergence", config.on_divergence,
+                                          ("raise", "warn"))
         self.history = History()
         self._snapshot = None  # [parameters, optimizer state, step count], reused per epoch
         # the loss sum, weight sum and rows of the current epoch's finished batches, which
         # the engine adds to in compiled code (see Engine.train_epoch: survives a Ctrl-C)
         self._epoch_totals = np.zeros(3)
-        self.callbacks = self._build_callbacks(callbacks, early_stopping, tol, patience,
-                                               verbose, epochs)
+        self.callbacks = self._build_callbacks(config.callbacks, config.early_stopping,
+                                               config.tol, config.patience, config.verbose,
+                                               config.epochs)
         keys = {"loss", "lr"} | {name for name, _ in metrics}
         if validation is not None:
             keys |= {"val_loss"} | {f"val_{name}" for name, _ in metrics}

@@ -241,7 +241,8 @@ def train_loop(network, X, y, loss, optimizer, *, epochs, batch_size, evaluate, 
     steps_per_epoch = math.ceil(n_samples / batch_size)
     elapsed = 0.0
     width = len(str(epochs))
-    trainer = network._trainer(X, y, loss, optimizer, batch_size=batch_size, shuffle=True)
+    trainer = network.trainer(X, y, loss=loss, optimizer=optimizer, batch_size=batch_size,
+                              shuffle=True)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         history = trainer.run(1)

@@ -49,9 +49,10 @@ from typing import Any, Literal, NamedTuple, overload
 import numpy as np
 
 from . import __version__
-from .layers import ACTIVATIONS, Dense
+from .layers import ACTIVATIONS
 from .network import Network
-from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+from .optimizers import _BY_CLASS_NAME as _OPTIMIZER_CLASSES
+from .optimizers import Optimizer
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "save", "load", "read_header"]
 
@@ -66,7 +67,6 @@ _MAX_HEADER_BYTES = 64 << 20
 # The fixed part of a zip entry's local header (APPNOTE 4.3.7), before its name and extra field.
 _LOCAL_HEADER_SIZE = 30
 
-_OPTIMIZER_CLASSES = {cls.__name__: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)}
 _LAYER_FIELDS = ("in_features", "out_features", "activation", "bias", "activation_param")
 
 
@@ -112,35 +112,28 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
         raise TypeError(f"network must be a bpfast.Network, got {type(network).__name__}")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-    record = None if optimizer is None else _optimizer_record(network, optimizer)[0]
-    # one consistent snapshot under the engine's lock: waits for a step running in
-    # another thread; RuntimeError while another thread's fit owns the network
-    parameters, state, step_count, (rng_state, epochs_trained) = network._engine.snapshot(
-        None if optimizer is None else optimizer._config,
-        lambda: (_rng_state(network), getattr(network, "epochs_trained", None)))
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a bpfast Optimizer, got {type(optimizer).__name__}")
+    state = network._get_state(optimizer)  # one consistent snapshot, see Network._get_state
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "bpfast_version": __version__,
-        "dtype": network.dtype.name,
+        "dtype": state["dtype"],
         "n_parameters": int(network.n_parameters),
-        "layers": [{"in_features": layer.in_features, "out_features": layer.out_features,
-                    "activation": layer.activation, "bias": layer.use_bias,
-                    "activation_param": layer.activation_param}
-                   for layer in network.layers],
-        "seed": network.seed,
-        "rng_state": rng_state,
+        "layers": [{field: spec[field] for field in _LAYER_FIELDS} for spec in state["layers"]],
+        "seed": state["seed"],
+        "rng_state": state["rng_state"],
         "optimizer": None,
         "metadata": metadata if metadata is not None else {},
     }
-    if epochs_trained is not None:
-        header["epochs_trained"] = int(epochs_trained)
-    arrays = {"parameters": parameters}
-    if record is not None:
-        header["optimizer"] = {**record, "step_count": int(step_count),
-                               "has_state": state is not None}
-        if state is not None:
-            arrays["optimizer_state"] = state
+    if state["epochs_trained"] is not None:
+        header["epochs_trained"] = int(state["epochs_trained"])
+    arrays = {"parameters": state["parameters"]}
+    if state["optimizer"] is not None:
+        header["optimizer"] = state["optimizer"]
+        if state["optimizer_state"] is not None:
+            arrays["optimizer_state"] = state["optimizer_state"]
     try:
         text = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as error:
@@ -149,33 +142,6 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
         raise ValueError("metadata nests lists or dicts too deeply to store as JSON") from None
     arrays["header"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     _write_atomically(os.fspath(path), arrays)
-
-
-def _rng_state(network):
-    rng = getattr(network, "_rng", None)
-    if isinstance(rng, np.random.Generator):
-        return rng.bit_generator.state
-    return None
-
-
-def _optimizer_record(network, optimizer):
-    """The optimizer's header entry and its state array (None before its first step)."""
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a bpfast Optimizer, got {type(optimizer).__name__}")
-    name = next((cls.__name__ for cls in type(optimizer).__mro__
-                 if _OPTIMIZER_CLASSES.get(cls.__name__) is cls), None)
-    if name is None:
-        raise TypeError(f"cannot save an optimizer of type {type(optimizer).__name__}")
-    config = optimizer._config
-    if config.owner is not None and config.owner is not network._engine:
-        raise ValueError("this optimizer steps another Network; save it with that one")
-    hyperparameters = optimizer._arguments()
-    record = {"name": name, "hyperparameters": hyperparameters,
-              "initial_lr": optimizer.initial_lr,  # a schedule's base rate, if one ran
-              "step_count": int(optimizer.step_count),
-              "state_names": list(config.state_names),
-              "has_state": config.state is not None}
-    return record, config.state
 
 
 def _write_atomically(path, arrays):
@@ -319,58 +285,27 @@ def load(path: PathType, *,
     path = os.fspath(path)
     header, arrays = _read(path, arrays_wanted=True)
     try:
-        layers = [Dense(spec["in_features"], spec["out_features"], spec["activation"],
-                        bias=spec["bias"], **_activation_keyword(spec))
-                  for spec in header["layers"]]
-        network = Network(layers, dtype=header["dtype"], seed=header["seed"])
+        network = Network._from_state({
+            "layers": header["layers"], "dtype": header["dtype"], "seed": header["seed"],
+            "parameters": arrays["parameters"], "rng_state": header.get("rng_state"),
+            "epochs_trained": header.get("epochs_trained")})
     except (TypeError, ValueError, OverflowError) as error:
         raise _FileError(path, f"invalid network description: {error}") from None
-    network.parameters = arrays["parameters"]
-    _restore_rng(network, header.get("rng_state"))
-    if "epochs_trained" in header:
-        try:
-            network.epochs_trained = header["epochs_trained"]
-        except AttributeError:
-            pass  # a Network that computes the count itself
     if not with_optimizer:
         return network
     return network, _build_optimizer(path, network, header["optimizer"],
                                      arrays.get("optimizer_state"))
 
 
-def _activation_keyword(spec):
-    if spec["activation"] == "leaky_relu":
-        return {"negative_slope": spec["activation_param"]}
-    if spec["activation"] == "elu":
-        return {"alpha": spec["activation_param"]}
-    return {}
-
-
-def _restore_rng(network, state):
-    if not isinstance(state, dict) or not isinstance(getattr(network, "_rng", None),
-                                                      np.random.Generator):
-        return
-    generator = network._rng.bit_generator
-    if state.get("bit_generator") == type(generator).__name__:
-        generator.state = state  # checked by _check_rng_state
-
-
 def _build_optimizer(path, network, record, state):
     if record is None:
         return None
     try:
-        optimizer = _OPTIMIZER_CLASSES[record["name"]](**record["hyperparameters"])
-    except (TypeError, ValueError, OverflowError) as error:
-        raise _FileError(path, f"invalid optimizer: {error}") from None
-    if list(optimizer._config.state_names) != record["state_names"]:
-        raise _FileError(path, f"optimizer state names {record['state_names']} do not match "
-                         f"{list(optimizer._config.state_names)} for its hyperparameters")
+        optimizer = Optimizer._from_state(record)
+    except ValueError as error:
+        raise _FileError(path, str(error)) from None
     if state is not None:
         optimizer._restore(network, state, record["step_count"])
-    else:
-        optimizer._config.step_count = record["step_count"]
-    initial_lr = record.get("initial_lr")
-    optimizer.initial_lr = None if initial_lr is None else float(initial_lr)
     return optimizer
 
 

@@ -1,5 +1,6 @@
 """Network: the flat parameter buffers and the training API around the compiled core."""
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, Literal
@@ -11,6 +12,7 @@ from ._compiled import core as _core
 from ._training import (
     Data,
     DivergenceError,
+    FitConfig,
     Trainer,
     combined_weights,
     finite_or_raise,
@@ -406,11 +408,14 @@ class Network:
         # held from the checks to the end, so that a fit refused because another
         # thread is training this network changes nothing (not even the RNG)
         with self._fitting():
-            trainer = self._trainer(X, y, loss, optimizer, epochs, batch_size, shuffle,
-                                    sample_weight, class_weight, l2, clip_norm, clip_value,
-                                    validation_data, validation_split, metrics, schedule,
-                                    callbacks, early_stopping, tol, patience, verbose,
-                                    on_divergence)
+            trainer = self._checked_trainer(X, y, FitConfig(
+                loss=loss, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
+                shuffle=shuffle, sample_weight=sample_weight, class_weight=class_weight,
+                l2=l2, clip_norm=clip_norm, clip_value=clip_value,
+                validation_data=validation_data, validation_split=validation_split,
+                metrics=metrics, schedule=schedule, callbacks=callbacks,
+                early_stopping=early_stopping, tol=tol, patience=patience, verbose=verbose,
+                on_divergence=on_divergence))
             return trainer.run(trainer.epochs)
 
     @contextlib.contextmanager
@@ -438,34 +443,52 @@ class Network:
 
         The same as ``fit(..., epochs=1)`` without validation or callbacks.
         """
-        history = self.fit(X, y, loss=loss, optimizer=optimizer, epochs=1,
-                           batch_size=batch_size, shuffle=shuffle, sample_weight=sample_weight,
-                           class_weight=class_weight, l2=l2, clip_norm=clip_norm,
-                           clip_value=clip_value)
+        with self._fitting():
+            trainer = self._checked_trainer(X, y, FitConfig(
+                loss=loss, optimizer=optimizer, epochs=1, batch_size=batch_size,
+                shuffle=shuffle, sample_weight=sample_weight, class_weight=class_weight,
+                l2=l2, clip_norm=clip_norm, clip_value=clip_value))
+            history = trainer.run(trainer.epochs)
         return float(history.history["loss"][-1])
 
-    def _trainer(self, X, y, loss, optimizer, epochs=1, batch_size=None, shuffle=True,
-                 sample_weight=None, class_weight=None, l2=0.0, clip_norm=None,
-                 clip_value=None, validation_data=None, validation_split=None, metrics=None,
-                 schedule=None, callbacks=None, early_stopping=False, tol=None, patience=10,
-                 verbose=0, on_divergence="raise"):
-        """Check every argument of fit, split the data: a Trainer ready to run.
+    def trainer(self, X: ArrayLike, y: ArrayLike, **options: Any) -> Trainer:
+        """Check the data and every option of ``fit`` once: a Trainer to run epochs with.
 
-        ``trainer.run(k)`` trains k more epochs and may be called again: the way for
-        code that trains epoch by epoch (bpfast.sklearn, the command line) to check
-        the data once instead of in every ``fit(epochs=1)``.
+        For code that trains epoch by epoch (the command line, bpfast.sklearn) and
+        would otherwise re-check all the data in every ``fit(epochs=1)``.
+
+        Parameters
+        ----------
+        X, y : the training data, as ``fit`` takes them
+        **options
+            The keyword arguments of :meth:`fit` (``loss`` and ``optimizer`` required).
+
+        Returns
+        -------
+        Trainer
+            ``trainer.run(k)`` trains k more epochs and may be called again (the epoch
+            count and the History continue); it returns the History. Building it changes
+            nothing (a refused one raises ValueError or TypeError, as fit does).
         """
-        loss = self._check_loss(loss)
-        optimizer = get_optimizer(optimizer)
-        epochs = check_int("epochs", epochs, minimum=0)
-        batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
-        shuffle = check_bool("shuffle", shuffle)
-        patience = check_int("patience", patience, minimum=0)
-        options = self._step_options(l2, clip_norm, clip_value)
+        return self._checked_trainer(X, y, FitConfig(**options))
+
+    def _checked_trainer(self, X, y, config):
+        """Check config against this network and the data, split the data: a Trainer."""
+        loss = self._check_loss(config.loss)
+        optimizer = get_optimizer(config.optimizer)
+        config = dataclasses.replace(
+            config, loss=loss, optimizer=optimizer,
+            epochs=check_int("epochs", config.epochs, minimum=0),
+            batch_size=check_int("batch_size", config.batch_size, minimum=1, allow_none=True),
+            shuffle=check_bool("shuffle", config.shuffle),
+            patience=check_int("patience", config.patience, minimum=0))
+        batch_size = config.batch_size
+        options = self._step_options(config.l2, config.clip_norm, config.clip_value)
         if isinstance(X, np.ndarray) and X.ndim:  # before X and y are copied
             self._check_fit_batch(X.shape[0], batch_size)
-        data = self._data(X, y, loss, sample_weight, class_weight)
-        metrics = resolve_metrics(metrics, loss)
+        data = self._data(X, y, loss, config.sample_weight, config.class_weight)
+        metrics = resolve_metrics(config.metrics, loss)
+        validation_data, validation_split = config.validation_data, config.validation_split
         validation = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or \
@@ -488,11 +511,8 @@ class Network:
                 train_rows, validation_rows = split_validation(
                     data.n_samples, validation_split, classes, self._rng)
                 data, validation = data.take(train_rows), data.take(validation_rows)
-            trainer = Trainer(self, loss, optimizer, data, validation, batch_size=batch_size,
-                              shuffle=shuffle, options=options, metrics=metrics,
-                              schedule=schedule, callbacks=callbacks,
-                              early_stopping=early_stopping, tol=tol, patience=patience,
-                              verbose=verbose, epochs=epochs, on_divergence=on_divergence)
+            trainer = Trainer(self, data, validation, config, options=options,
+                              metrics=metrics)
         except BaseException:
             self._rng.bit_generator.state = rng_state  # a refused call changes nothing
             raise
@@ -507,16 +527,67 @@ class Network:
                          X.shape[0] * self.n_outputs * self.dtype.itemsize)
         return self._engine.predict(X, max(1, _PREDICT_CHUNK_ELEMENTS // widest))
 
+    # ---------------------------------------------------------------- state protocol
+    # Saving (bpfast.io) and pickling describe a network the same way: _get_state takes
+    # one snapshot, _from_state rebuilds from it through the public constructor.
+    def _get_state(self, optimizer=None):
+        """This network (and optimizer's hyperparameters and state) as plain values.
+
+        One consistent snapshot under the engine's lock: a step running in another
+        thread is waited for, never half-read; RuntimeError while another thread's fit
+        owns the network. Returns a dict: "layers" (a dict of constructor values per
+        layer), "dtype", "seed", "rng_state", "epochs_trained" and "optimizer"
+        (optimizer._get_state's record, or None), all JSON-able; "parameters" and
+        "optimizer_state" (None before the optimizer's first step), new arrays.
+        """
+        record = None if optimizer is None else optimizer._get_state(self)
+        parameters, state, step_count, (rng_state, epochs_trained) = self._engine.snapshot(
+            None if optimizer is None else optimizer._config,
+            lambda: (self._rng_state(), getattr(self, "epochs_trained", None)))
+        if record is not None:  # the step count and state of the snapshot
+            record = {**record, "step_count": int(step_count), "has_state": state is not None}
+        layers = [{"in_features": layer.in_features, "out_features": layer.out_features,
+                   "activation": layer.activation, "bias": layer.use_bias,
+                   "activation_param": layer.activation_param, "init": layer.init}
+                  for layer in self.layers]
+        return {"layers": layers, "dtype": self.dtype.name, "seed": self.seed,
+                "rng_state": rng_state, "epochs_trained": epochs_trained,
+                "optimizer": record, "parameters": parameters, "optimizer_state": state}
+
+    @classmethod
+    def _from_state(cls, state):
+        """The network that ``state`` (from _get_state) describes; TypeError or
+        ValueError for a description the constructor refuses."""
+        layers = [Dense(spec["in_features"], spec["out_features"], spec["activation"],
+                        bias=spec["bias"], init=spec.get("init"),
+                        **_activation_keyword(spec["activation"], spec["activation_param"]))
+                  for spec in state["layers"]]
+        network = cls(layers, dtype=state["dtype"], seed=state["seed"])
+        network.parameters = state["parameters"]
+        network._restore_rng(state.get("rng_state"))
+        if state.get("epochs_trained") is not None:
+            try:
+                network.epochs_trained = state["epochs_trained"]
+            except AttributeError:
+                pass  # a Network that computes the count itself
+        return network
+
+    def _rng_state(self):
+        rng = getattr(self, "_rng", None)
+        return rng.bit_generator.state if isinstance(rng, np.random.Generator) else None
+
+    def _restore_rng(self, state):
+        rng = getattr(self, "_rng", None)
+        if not isinstance(state, dict) or not isinstance(rng, np.random.Generator):
+            return
+        if state.get("bit_generator") == type(rng.bit_generator).__name__:
+            rng.bit_generator.state = state  # bpfast.io checks a file's state first
+
     def __reduce__(self):
-        # pickle and copy.deepcopy: the layers' arguments and the state, rebuilt through
-        # the public constructor (the compiled engine holds raw pointers, no state of
-        # its own worth keeping). Optimizers are not included: save() keeps those.
-        # one snapshot under the engine's lock, as bpfast.save takes it
-        parameters, _, _, (rng_state, epochs_trained) = self._engine.snapshot(
-            None, lambda: (self._rng.bit_generator.state, self.epochs_trained))
-        return (_rebuild_network, ([layer.arguments() for layer in self.layers],
-                                   self.dtype.name, self.seed, parameters, rng_state,
-                                   epochs_trained))
+        # pickle and copy.deepcopy: the state protocol, rebuilt through the public
+        # constructor (the compiled engine holds raw pointers, no state of its own worth
+        # keeping). Optimizers are not included: save() keeps those.
+        return (Network._from_state, (self._get_state(),))
 
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
@@ -597,8 +668,17 @@ class Network:
         return network_from_torch(module)
 
 
+def _activation_keyword(activation, param):
+    """The Dense keyword that sets ``activation``'s parameter, as a dict (empty if none)."""
+    if activation == "leaky_relu":
+        return {"negative_slope": param}
+    if activation == "elu":
+        return {"alpha": param}
+    return {}
+
+
 def _rebuild_network(layers, dtype, seed, parameters, rng_state, epochs_trained):
-    """The inverse of Network.__reduce__."""
+    """What pickles made before the state protocol call to rebuild a Network."""
     network = Network([Dense(**arguments) for arguments in layers], dtype=dtype, seed=seed)
     network.parameters = parameters
     network._rng.bit_generator.state = rng_state

@@ -96,6 +96,45 @@ class Optimizer:
         arguments.pop("decoupled_weight_decay", None)  # implied by the class
         return arguments
 
+    # ---------------------------------------------------------------- state protocol
+    # Saving (bpfast.io) and pickling both describe an optimizer by _get_state (plain
+    # JSON-able values) and rebuild it with _from_state; the state rows, which belong
+    # to the network, travel beside it (Network._get_state takes them with the
+    # parameters, in one snapshot).
+    def _get_state(self, network=None):
+        """The optimizer as JSON-able values: its class name (one of bpfast's), constructor
+        arguments, initial_lr, step count and state names. With network: refuse (before
+        anything is read) an optimizer that steps another network."""
+        name = next((cls.__name__ for cls in type(self).__mro__
+                     if _BY_CLASS_NAME.get(cls.__name__) is cls), None)
+        if name is None:
+            raise TypeError(f"cannot save an optimizer of type {type(self).__name__}")
+        config = self._config
+        if network is not None and config.owner is not None \
+                and config.owner is not network._engine:
+            raise ValueError("this optimizer steps another Network; save it with that one")
+        return {"name": name, "hyperparameters": self._arguments(),
+                "initial_lr": self.initial_lr,  # a schedule's base rate, if one ran
+                "step_count": int(self.step_count),
+                "state_names": list(config.state_names),
+                "has_state": config.state is not None}
+
+    @staticmethod
+    def _from_state(record):
+        """The optimizer that ``record`` (from _get_state) describes, not bound to a network
+        yet (``_restore`` binds it with its state rows). ValueError names what is wrong."""
+        try:
+            optimizer = _BY_CLASS_NAME[record["name"]](**record["hyperparameters"])
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ValueError(f"invalid optimizer: {error}") from None
+        if list(optimizer._config.state_names) != record["state_names"]:
+            raise ValueError(f"optimizer state names {record['state_names']} do not match "
+                             f"{list(optimizer._config.state_names)} for its hyperparameters")
+        optimizer._config.step_count = record["step_count"]
+        initial_lr = record.get("initial_lr")
+        optimizer.initial_lr = None if initial_lr is None else float(initial_lr)
+        return optimizer
+
     def __reduce__(self):
         # pickle and copy.deepcopy through the constructor. The state of an optimizer
         # that has stepped belongs to its network: bpfast.save keeps the two together.
@@ -103,6 +142,7 @@ class Optimizer:
             raise TypeError(f"cannot pickle or copy this {type(self).__name__}: it has "
                             "stepped a network, whose state it holds; bpfast.save(network, "
                             "path, optimizer=...) keeps both")
+        # the class itself, not _get_state's name: a subclass pickles as itself
         return (_rebuild_optimizer, (type(self), self._arguments(), self.initial_lr))
 
     def _restore(self, network, state, step_count):
@@ -215,6 +255,7 @@ def _rebuild_optimizer(cls, arguments, initial_lr):
     return optimizer
 
 
+_BY_CLASS_NAME = {cls.__name__: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)}
 _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad}
 
 

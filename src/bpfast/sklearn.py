@@ -527,10 +527,10 @@ class _BaseMLP(BaseEstimator):
         l2 = self.alpha / (batch_size * mean_weight * scale)
         # the data are checked once here, not once per epoch; each run(1) is one epoch
         epochs = 1 if incremental else self.max_iter
-        trainer = network._trainer(
-            X_train, target_train, loss, optimizer, epochs, batch_size, self.shuffle,
-            weight_train, None, l2, None, None, None, None, None, None, None, False, None,
-            1, 0, "raise")
+        trainer = network.trainer(
+            X_train, target_train, loss=loss, optimizer=optimizer, epochs=epochs,
+            batch_size=batch_size, shuffle=self.shuffle, sample_weight=weight_train, l2=l2,
+            patience=1)
 
         def train():
             self._fit_stochastic(trainer, n_train, validation, scale, incremental)
