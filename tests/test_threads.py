@@ -30,13 +30,9 @@ import time
 
 import numpy as np
 import pytest
+from thread_races import RACE_PRELUDE, blas_threads, run_isolated, start_and_join
 
 import bpfast as bp
-
-# tools/stress_threads.py loads this file by its path, outside pytest: let it find the
-# shared harness beside it as pytest does
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from thread_races import RACE_PRELUDE, blas_threads, run_isolated, start_and_join  # noqa: E402
 
 try:
     import threadpoolctl

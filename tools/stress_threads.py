@@ -20,6 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _load_tests():
+    # as pytest does: the test file imports the shared harness beside it
+    sys.path.insert(0, str(ROOT / "tests"))
     spec = importlib.util.spec_from_file_location("test_threads",
                                                   ROOT / "tests" / "test_threads.py")
     module = importlib.util.module_from_spec(spec)
