@@ -30,22 +30,11 @@ import time
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))  # an in-place build
+if HERE not in sys.path:  # imported from elsewhere, not run as a script: find common.py
+    sys.path.insert(0, HERE)
 
-
-import bpfast as bp  # noqa: E402
-from bpfast import _threads  # noqa: E402
-from bpfast._compiled import core as _core  # noqa: E402
-
-_environment = dict(os.environ)
-sys.path.insert(0, HERE)
-import run as shapes  # noqa: E402  (bench/run.py: SHAPES, Problem, the bpfast step builders)
-
-# run.py pins every library's threads when imported; bpfast is loaded already, and the
-# environment goes back as it was so that the busy processes see the user's
-os.environ.clear()
-os.environ.update(_environment)
-shapes.LIBS["bpfast"] = bp
+import common  # noqa: E402  (SHAPES, Problem, finding bpfast)
+from competitors import bpfast_steps  # noqa: E402  (run.py's bpfast network and optimizers)
 
 LIMIT = 1.25  # default / best at most this
 SETTINGS = ("default", "1 thread", "all threads")
@@ -69,20 +58,28 @@ class Setting:
     def __enter__(self):
         if self.name == "default":
             return self
+        bp = common.import_bpfast()
         self._context = bp.threads(1 if self.name == "1 thread" else self.n_all)
         self._context.__enter__()
-        _core.set_adaptive(self.name == "default")
+        _core().set_adaptive(self.name == "default")
         return self
 
     def __exit__(self, *exc):
-        _core.set_adaptive(True)
+        _core().set_adaptive(True)
         if self._context is not None:
             self._context.__exit__(*exc)
 
 
+def _core():
+    common.import_bpfast()
+    from bpfast._compiled import core
+    return core
+
+
 # --------------------------------------------------------------------------- workloads
 def _network(problem, dtype):
-    net = shapes.bpfast_network(problem)  # float32, run.py's weights
+    bp = common.import_bpfast()
+    net = bpfast_steps.network(problem)  # float32, run.py's weights
     if dtype == "float32":
         return net
     widths = problem.widths
@@ -95,13 +92,14 @@ def _network(problem, dtype):
 
 def network_workload(shape, kind, dtype, sample_s):
     """One sample function per setting: a number of train_steps, or one epoch of fit."""
-    problem = shapes.Problem(shape, 8)
+    bp = common.import_bpfast()
+    problem = common.Problem(shape, 8)
     X, y = problem.X.astype(dtype), problem.y
     batches = [(b.astype(dtype), t) for b, t in problem.batches]
 
     def make():
         net, loss = _network(problem, dtype), bp.CrossEntropy()
-        optimizer = shapes.bpfast_optimizer("sgd")
+        optimizer = bpfast_steps.optimizer("sgd")
         if kind == "fit":
             return lambda: net.fit(X, y, loss=loss, optimizer=optimizer, epochs=1,
                                    batch_size=problem.batch, shuffle=True)
@@ -128,6 +126,7 @@ def estimator_workload(name, dtype):
     from sklearn.neural_network import MLPClassifier as SklearnMLP
     from sklearn.preprocessing import StandardScaler
 
+    common.import_bpfast()
     from bpfast.sklearn import MLPClassifier
     loader = load_digits if name == "digits" else load_breast_cancer
     X, y = loader(return_X_y=True)
@@ -201,6 +200,8 @@ def _terminate(signum, frame):
 
 def main():
     args = parse_arguments()
+    bp = common.import_bpfast()
+    from bpfast import _threads
     signal.signal(signal.SIGTERM, _terminate)
     warnings.filterwarnings("ignore")  # ConvergenceWarning of the short fits
     n_all = bp.get_num_threads()

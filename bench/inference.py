@@ -20,15 +20,17 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+if HERE not in sys.path:  # imported from elsewhere, not run as a script: find common.py
+    sys.path.insert(0, HERE)
 
-import bpfast as bp  # noqa: E402
+import common  # noqa: E402
 
-WIDTHS = [784, 128, 10]  # bench/run.py's shape M
+WIDTHS = common.SHAPES["M"]["widths"]  # bench/run.py's shape M: 784, 128, 10
 SIZES = (1, 1024)
 
 
 def build_network():
+    bp = common.import_bpfast()
     layers = [bp.Dense(i, o, activation="relu") for i, o in zip(WIDTHS[:-2], WIDTHS[1:-1])]
     layers.append(bp.Dense(WIDTHS[-2], WIDTHS[-1]))
     return bp.Network(layers, dtype="float32", seed=0)
@@ -84,6 +86,7 @@ def main():
                              "idle thread pools spin for a while after a call, which can slow "
                              "the next library down on a machine with few cores)")
     args = parser.parse_args()
+    bp = common.import_bpfast()
     if args.threads is not None:
         bp.set_num_threads(args.threads)
     threads = bp.get_num_threads()

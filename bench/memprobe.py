@@ -64,7 +64,8 @@ def main():
     y = rng.integers(0, widths[-1], batch).astype(np.int64)
 
     if impl == "bpfast":
-        import bpfast as bp
+        import common  # bench/common.py: finds bpfast as run.py's workers do
+        bp = common.import_bpfast()
         if hasattr(bp, "set_num_threads"):
             bp.set_num_threads(threads)
         baseline = baseline_mib()

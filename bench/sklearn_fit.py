@@ -29,8 +29,10 @@ import time
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))  # an in-place build
+if HERE not in sys.path:  # imported from elsewhere, not run as a script: find common.py
+    sys.path.insert(0, HERE)
 
+import common  # noqa: E402  (finds bpfast: installed first, else src/ built in place)
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import sklearn  # noqa: E402
@@ -39,9 +41,6 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.neural_network import MLPClassifier as SklearnMLP  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
-
-import bpfast  # noqa: E402
-from bpfast.sklearn import MLPClassifier as BpfastMLP  # noqa: E402
 
 TARGET_SPEEDUP = 5.0
 
@@ -70,6 +69,8 @@ def timed_fit(estimator, X, y):
 
 def main():
     args = parse_arguments()
+    bpfast = common.import_bpfast()
+    from bpfast.sklearn import MLPClassifier as BpfastMLP
     X, y = load_digits(return_X_y=True)
     X = StandardScaler().fit_transform(X).astype(args.dtype)
     hyperparameters = dict(solver=args.solver, random_state=0)
