@@ -33,14 +33,6 @@ if HERE not in sys.path:  # imported from elsewhere, not run as a script: find c
     sys.path.insert(0, HERE)
 
 import common  # noqa: E402  (finds bpfast: installed first, else src/ built in place)
-import numpy as np  # noqa: E402
-import scipy  # noqa: E402
-import sklearn  # noqa: E402
-import threadpoolctl  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from sklearn.neural_network import MLPClassifier as SklearnMLP  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 TARGET_SPEEDUP = 5.0
 
@@ -60,6 +52,7 @@ def parse_arguments():
 
 def timed_fit(estimator, X, y):
     """(seconds, fitted estimator) of one fit, its ConvergenceWarning silenced."""
+    from sklearn.exceptions import ConvergenceWarning
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = time.perf_counter()
@@ -69,6 +62,15 @@ def timed_fit(estimator, X, y):
 
 def main():
     args = parse_arguments()
+    # imported here, not at the top: importing scikit-learn sets KMP_* variables
+    import numpy as np
+    import scipy
+    import sklearn
+    import threadpoolctl
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier as SklearnMLP
+    from sklearn.preprocessing import StandardScaler
+
     bpfast = common.import_bpfast()
     from bpfast.sklearn import MLPClassifier as BpfastMLP
     X, y = load_digits(return_X_y=True)
