@@ -65,12 +65,12 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "`pip install 'scikit-learn>=1.6'`. The rest of bpfast works without it."
     ) from error
 
-from ._threads import threads
-from ._validation import check_bool, check_choice, check_int, check_real, check_sample_weight
-from .layers import Dense
-from .losses import MSE, BinaryCrossEntropy, CrossEntropy
-from .network import DivergenceError, Network
-from .optimizers import SGD, Adam
+from .._threads import threads
+from .._validation import check_bool, check_choice, check_int, check_real, check_sample_weight
+from ..layers import Dense
+from ..losses import MSE, BinaryCrossEntropy, CrossEntropy
+from ..network import DivergenceError, Network
+from ..optimizers import SGD, Adam
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -710,7 +710,7 @@ class _BaseMLP(BaseEstimator):
         the scikit-learn estimator's. The optimizer's state is not: a ``partial_fit``
         or warm-started ``fit`` continues with fresh Adam moments or momentum.
         """
-        from .export import estimator_from_sklearn
+        from ..export import estimator_from_sklearn
         return estimator_from_sklearn(cls, fitted)
 
     def to_sklearn(self):
@@ -719,7 +719,7 @@ class _BaseMLP(BaseEstimator):
         bpfast's own parameters (``dtype``, ``n_threads``, ``class_weight``) have no
         scikit-learn counterpart and are left out; predictions are the same.
         """
-        from .export import estimator_to_sklearn
+        from ..export import estimator_to_sklearn
         return estimator_to_sklearn(self)
 
     def to_onnx(self, path=None, *, opset=None):
@@ -730,7 +730,7 @@ class _BaseMLP(BaseEstimator):
         targets) and "probabilities" (batch, n_classes), as skl2onnx writes them
         without ZipMap; a regressor has "variable" (batch, n_outputs).
         """
-        from .export import estimator_to_onnx
+        from ..export import estimator_to_onnx
         return estimator_to_onnx(self, path, opset=opset)
 
 
