@@ -1,62 +1,22 @@
-"""scikit-learn estimators that train on bpfast's engine: MLPClassifier and MLPRegressor.
-
-They take scikit-learn's ``sklearn.neural_network`` parameters with the same
-names and meanings, expose the same fitted attributes, and pass scikit-learn's
-``check_estimator``. What runs underneath is a :class:`bpfast.Network`: each
-``fit``/``partial_fit`` of ``sgd``/``adam`` checks its data once and then runs
-every epoch as one compiled call (one ``Trainer.run(1)`` of the network's
-training loop), every ``lbfgs`` function evaluation is one compiled
-forward-and-backward (``Network.compute_gradients``) on the flat parameter
-vector. Only scikit-learn's per-epoch bookkeeping (loss curve, convergence test,
-early stopping, learning-rate schedule) runs in Python here.
-
-A failed ``fit``/``partial_fit`` (bad parameters, data, weights, or a validation
-split that cannot be made) leaves a fitted estimator as it was: everything is
-checked and the new network is built before any fitted attribute is assigned.
-
-scikit-learn is an optional dependency of bpfast: ``import bpfast`` never imports
-this module, and importing this module needs scikit-learn 1.6 or newer.
-
-Where the arithmetic differs from scikit-learn
-----------------------------------------------
-* Several outputs of a regression: scikit-learn reports the squared error
-  averaged over outputs but follows the gradient of its *sum* over outputs. Here
-  the loss that is reported (``loss_``, ``loss_curve_``) is the one whose gradient
-  is followed: summed over outputs, averaged over samples, so ``loss_`` is
-  ``n_outputs_`` times scikit-learn's. ``sgd``/``adam`` take scikit-learn's steps;
-  ``lbfgs`` does not retrace scikit-learn's fit there, because scikit-learn hands
-  L-BFGS-B a loss and a gradient that do not match (its line searches see the
-  averaged loss) and bpfast a matching pair. Multilabel log-loss is summed over
-  labels in both, so there both agree.
-* The optimizers are bpfast's (PyTorch's update rules). SGD with (Nesterov)
-  momentum takes scikit-learn's steps, also when ``learning_rate`` changes the rate
-  (the momentum buffer is rescaled then, see ``_set_learning_rate``). Adam adds
-  ``epsilon`` after the bias correction of the second moment, scikit-learn before
-  it (a difference of order ``epsilon``).
-* The L2 penalty of a mini-batch is ``0.5 * alpha * ||W||^2 / batch_size`` for
-  every batch, also the last, smaller one (scikit-learn divides by that batch's
-  size); with sample weights ``batch_size`` becomes ``batch_size * mean(weight)``,
-  scikit-learn's batch weight sum on average.
+"""What MLPClassifier and MLPRegressor share: hyperparameters and their checks, the
+network, the solvers (lbfgs; sgd and adam with scikit-learn's bookkeeping),
+prediction, pickling and interchange. The package's docstring says how the
+arithmetic differs from scikit-learn's.
 """
 import numbers
-import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
+from functools import partial
 from itertools import pairwise
 
 import numpy as np
 import scipy.optimize
-from scipy.special import expit, softmax
 
 try:
-    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.base import BaseEstimator
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.metrics import accuracy_score, r2_score
     from sklearn.model_selection import train_test_split
-    from sklearn.utils import check_random_state, column_or_1d
-    from sklearn.utils.class_weight import compute_sample_weight
-    from sklearn.utils.metaestimators import available_if
-    from sklearn.utils.multiclass import check_classification_targets, type_of_target
+    from sklearn.utils import check_random_state
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -68,11 +28,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from .._threads import threads
 from .._validation import check_bool, check_choice, check_int, check_real, check_sample_weight
 from ..layers import Dense
-from ..losses import MSE, BinaryCrossEntropy, CrossEntropy
 from ..network import DivergenceError, Network
 from ..optimizers import SGD, Adam
-
-__all__ = ["MLPClassifier", "MLPRegressor"]
 
 # scikit-learn's hidden activation names -> bpfast's
 _HIDDEN_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh",
@@ -87,8 +44,61 @@ _NON_FINITE_MESSAGE = ("Solver produced non-finite parameter weights. The input 
 # the per-epoch records of the stochastic solvers (lbfgs keeps none, as in scikit-learn)
 _EPOCH_RECORDS = ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_",
                   "_no_improvement_count", "_best_parameters")
-# the thread counts are process-wide: estimators that set n_threads take turns
-_THREAD_LOCK = threading.RLock()
+
+# --------------------------------------------------------------------------- checks
+def _check_batch_size(name, value):
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
+        return
+    check_int(name, value, minimum=1)
+
+
+def _check_verbose(name, value):
+    if not isinstance(value, (bool, np.bool_, numbers.Integral)):
+        raise TypeError(f"{name} must be a bool or an integer, got {value!r}")
+
+
+def _check_n_iter_no_change(name, value):
+    if not (isinstance(value, numbers.Real) and value == np.inf):
+        check_int(name, value, minimum=1)
+
+
+def _real(**bounds):
+    return partial(check_real, **bounds)
+
+
+_PROBABILITY = _real(minimum=0, maximum=1, max_inclusive=False)  # [0, 1)
+_POSITIVE = _real(minimum=0, min_inclusive=False)
+_NON_NEGATIVE = _real(minimum=0)
+_AT_LEAST_ONE = partial(check_int, minimum=1)
+
+# the hyperparameters MLPClassifier and MLPRegressor share: name -> check(name, value)
+_PARAMETER_CHECKS = {
+    "activation": partial(check_choice, choices=tuple(_HIDDEN_ACTIVATIONS)),
+    "solver": partial(check_choice, choices=_SOLVERS),
+    "alpha": _NON_NEGATIVE,
+    "batch_size": _check_batch_size,
+    "learning_rate": partial(check_choice, choices=_LEARNING_RATES),
+    "learning_rate_init": _POSITIVE,
+    "power_t": _NON_NEGATIVE,
+    "max_iter": _AT_LEAST_ONE,
+    "shuffle": check_bool,
+    "tol": _NON_NEGATIVE,
+    "verbose": _check_verbose,
+    "warm_start": check_bool,
+    "momentum": _real(minimum=0, maximum=1),
+    "nesterovs_momentum": check_bool,
+    "early_stopping": check_bool,
+    "validation_fraction": _PROBABILITY,
+    "beta_1": _PROBABILITY,
+    "beta_2": _PROBABILITY,
+    "epsilon": _POSITIVE,
+    "n_iter_no_change": _check_n_iter_no_change,
+    "max_fun": _AT_LEAST_ONE,
+    "dtype": partial(check_choice, choices=_DTYPES),
+    "n_threads": partial(check_int, minimum=1, allow_none=True),
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -148,26 +158,6 @@ def _assign_layers(views, values, what):
         view[...] = array
 
 
-@contextmanager
-def _thread_limit(n_threads):
-    """Run the body with n_threads threads (bpfast's and BLAS's), then restore both.
-
-    None leaves the process's counts alone: bpfast's default policy (the CPUs this
-    process may use, with large products threaded only while that is faster, see
-    bpfast.threads) applies, and in joblib's worker processes (GridSearchCV(n_jobs=k))
-    the default follows the OMP_NUM_THREADS joblib sets there, cpu_count // k. Both
-    counts belong to the process, not to a thread, so the body runs under a
-    module-wide lock: estimators that set n_threads fit and predict one at a time,
-    and each restores the counts the one before it found. The lock is reentrant,
-    so a limited call inside another one (same thread) nests.
-    """
-    if n_threads is None:
-        yield
-        return
-    with _THREAD_LOCK, threads(n_threads):
-        yield
-
-
 def _checked_sample_weight(sample_weight, n_samples):
     """None, or sample_weight as float64 (n_samples,) finite weights >= 0, not all 0.
 
@@ -203,6 +193,20 @@ class _BaseMLP(BaseEstimator):
 
     #: whether validate_data converts y to numbers (regression) or keeps labels
     _y_numeric = False
+    #: name -> check(name, value) of each hyperparameter, run in this order (a
+    #: subclass adds its own); validation_fraction's lower bound depends on
+    #: early_stopping and is checked after the table
+    _PARAMETER_CHECKS = _PARAMETER_CHECKS
+
+    def _set_hyperparameters(self, given):
+        """Store the arguments of a subclass's ``__init__`` (its ``locals()``) as given.
+
+        scikit-learn's rule: ``__init__`` stores each parameter unchanged, under its
+        own name, and checks nothing (``fit`` does, see ``_check_parameters``).
+        """
+        for name, value in given.items():
+            if name != "self":
+                setattr(self, name, value)
 
     # ------------------------------------------------------------- fitted attributes
     @property
@@ -255,46 +259,32 @@ class _BaseMLP(BaseEstimator):
     def _check_parameters(self):
         """Refuse a bad hyperparameter before anything changes, naming it.
 
-        A value of the wrong type is a TypeError, one out of range a ValueError
-        (bpfast's checks, shared with Network.fit).
+        Each is checked by its entry in ``_PARAMETER_CHECKS`` (bpfast's checks,
+        shared with Network.fit): a value of the wrong type is a TypeError, one out
+        of range a ValueError.
         """
-        check_choice("activation", self.activation, tuple(_HIDDEN_ACTIVATIONS))
-        check_choice("solver", self.solver, _SOLVERS)
-        check_real("alpha", self.alpha, minimum=0)
-        if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
-            if isinstance(self.batch_size, str):
-                raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got "
-                                 f"{self.batch_size!r}")
-            check_int("batch_size", self.batch_size, minimum=1)
-        check_choice("learning_rate", self.learning_rate, _LEARNING_RATES)
-        check_real("learning_rate_init", self.learning_rate_init, minimum=0,
-                   min_inclusive=False)
-        check_real("power_t", self.power_t, minimum=0)
-        check_int("max_iter", self.max_iter, minimum=1)
-        check_bool("shuffle", self.shuffle)
-        check_real("tol", self.tol, minimum=0)
-        if not isinstance(self.verbose, (bool, np.bool_, numbers.Integral)):
-            raise TypeError(f"verbose must be a bool or an integer, got {self.verbose!r}")
-        check_bool("warm_start", self.warm_start)
-        check_real("momentum", self.momentum, minimum=0, maximum=1)
-        check_bool("nesterovs_momentum", self.nesterovs_momentum)
-        early_stopping = check_bool("early_stopping", self.early_stopping)
-        check_real("validation_fraction", self.validation_fraction, minimum=0, maximum=1,
-                   min_inclusive=not early_stopping, max_inclusive=False)
-        check_real("beta_1", self.beta_1, minimum=0, maximum=1, max_inclusive=False)
-        check_real("beta_2", self.beta_2, minimum=0, maximum=1, max_inclusive=False)
-        check_real("epsilon", self.epsilon, minimum=0, min_inclusive=False)
-        if not (isinstance(self.n_iter_no_change, numbers.Real)
-                and self.n_iter_no_change == np.inf):
-            check_int("n_iter_no_change", self.n_iter_no_change, minimum=1)
-        check_int("max_fun", self.max_fun, minimum=1)
-        check_choice("dtype", self.dtype, _DTYPES)
-        check_int("n_threads", self.n_threads, minimum=1, allow_none=True)
+        for name, check in self._PARAMETER_CHECKS.items():
+            check(name, getattr(self, name))
+        if self.early_stopping and self.validation_fraction == 0:
+            raise ValueError("validation_fraction must be > 0 with early_stopping=True, "
+                             f"got {self.validation_fraction}")
+
+    def _thread_limit(self):
+        """``bpfast.threads(n_threads)`` around a fit or predict; None: the counts as set.
+
+        None leaves the process's counts alone: bpfast's default policy (the CPUs this
+        process may use, with large products threaded only while that is faster, see
+        bpfast._threads) applies, and in joblib's worker processes
+        (GridSearchCV(n_jobs=k)) the default follows the OMP_NUM_THREADS joblib sets
+        there, cpu_count // k. Estimators that set n_threads take turns, as any
+        ``bpfast.threads`` blocks in several threads do.
+        """
+        return nullcontext() if self.n_threads is None else threads(self.n_threads)
 
     # ------------------------------------------------------------- fit
     def _fit(self, X, y, sample_weight, incremental, classes=None):
         self._check_parameters()
-        with _thread_limit(self.n_threads):
+        with self._thread_limit():
             plan = self._plan_fit(X, y, sample_weight, incremental, classes)
             # every check passed: the fitted attributes change together, here
             for name in plan.removed:
@@ -659,7 +649,7 @@ class _BaseMLP(BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, accept_sparse=False, dtype=self.network_.dtype.name,
                           order="C", reset=False)
-        with _thread_limit(self.n_threads):
+        with self._thread_limit():
             return self.network_.predict(X)
 
     # ------------------------------------------------------------- pickling
@@ -739,554 +729,3 @@ def _is_stochastic(estimator):
         raise AttributeError(f"partial_fit is only available for stochastic optimizers. "
                              f"{estimator.solver} is not stochastic.")
     return True
-
-
-# --------------------------------------------------------------------------- classifier
-class MLPClassifier(ClassifierMixin, _BaseMLP):
-    """Multilayer perceptron classifier, scikit-learn's API on bpfast's engine.
-
-    A drop-in replacement for :class:`sklearn.neural_network.MLPClassifier`: the same
-    parameters (below, with scikit-learn's defaults and meanings), the same fitted
-    attributes, and bpfast's ``dtype``, ``n_threads`` and ``class_weight`` besides.
-    It minimises the log-loss (cross-entropy from logits for several classes,
-    binary cross-entropy for two classes and for multilabel targets) plus
-    ``0.5 * alpha * ||W||^2 / n_samples``.
-
-    Parameters
-    ----------
-    hidden_layer_sizes : array-like of int or int, default=(100,)
-        The width of each hidden layer.
-    activation : {"identity", "logistic", "tanh", "relu"}, default="relu"
-        The hidden layers' activation.
-    solver : {"lbfgs", "sgd", "adam"}, default="adam"
-        "lbfgs" minimises the full-batch loss with SciPy's L-BFGS-B; "sgd" and "adam"
-        take mini-batch steps, one compiled call per epoch.
-    alpha : float, default=1e-4
-        Strength of the L2 penalty on the weights (not the biases), divided by the
-        number of samples (per batch for the stochastic solvers).
-    batch_size : int or "auto", default="auto"
-        Mini-batch size of "sgd"/"adam"; "auto" is ``min(200, n_samples)``.
-    learning_rate : {"constant", "invscaling", "adaptive"}, default="constant"
-        The schedule of "sgd": constant; ``learning_rate_init / (t_ + 1) ** power_t``
-        after each epoch; or divided by 5 whenever ``n_iter_no_change`` epochs fail to
-        improve by ``tol`` (training stops once it would fall to 1e-6).
-    learning_rate_init : float, default=1e-3
-        The (initial) step size of "sgd" and "adam".
-    power_t : float, default=0.5
-        The exponent of "invscaling".
-    max_iter : int, default=200
-        Epochs for "sgd"/"adam"; iterations for "lbfgs".
-    shuffle : bool, default=True
-        Visit the samples in a new random order each epoch ("sgd"/"adam").
-    random_state : int, RandomState instance or None, default=None
-        Draws the initial weights (scikit-learn's scheme and order, so the same seed
-        gives the same initial network as scikit-learn), the early-stopping split and
-        the seed of the shuffling.
-    tol : float, default=1e-4
-        The least improvement of the loss (or validation score) that counts as
-        progress; for "lbfgs", the projected-gradient tolerance.
-    verbose : bool or int, default=False
-        Print the loss after each epoch.
-    warm_start : bool, default=False
-        Continue from the fitted network instead of a new one.
-    momentum : float, default=0.9
-        Momentum of "sgd".
-    nesterovs_momentum : bool, default=True
-        Nesterov's momentum for "sgd" (when ``momentum > 0``).
-    early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the samples (stratified) and stop when
-        their accuracy has not improved by ``tol`` for ``n_iter_no_change`` epochs;
-        the network with the best validation accuracy is kept.
-    validation_fraction : float, default=0.1
-        The held-out share for ``early_stopping``.
-    beta_1, beta_2 : float, default=0.9, 0.999
-        Adam's moment decay rates.
-    epsilon : float, default=1e-8
-        Adam's epsilon.
-    n_iter_no_change : int or np.inf, default=10
-        Epochs without progress before stopping (or slowing "adaptive" sgd).
-    max_fun : int, default=15000
-        Most loss evaluations of "lbfgs".
-    dtype : {"float64", "float32"}, default="float64"
-        bpfast's: the network's dtype; input is converted to it. float64 gives
-        scikit-learn's numbers; float32 is faster on wide layers.
-    n_threads : int or None, default=None
-        bpfast's: threads for bpfast's OpenMP loops, its products and BLAS while this
-        estimator fits or predicts; restored afterwards. None leaves the process's
-        settings (see :func:`bpfast.set_num_threads` and :func:`bpfast.threads`:
-        by default the CPUs this process may use, products threaded only where that
-        is faster, also under load) alone. The thread
-        counts belong to the process, so estimators with ``n_threads`` set fit and
-        predict one at a time (a process-wide lock), each restoring the counts it
-        found; bpfast work in other threads meanwhile (an estimator with
-        ``n_threads=None`` included) runs with the counts of the one working.
-    class_weight : dict, "balanced" or None, default=None
-        bpfast's: weights per class, multiplied into ``sample_weight``; "balanced"
-        uses ``n_samples / (n_classes * count(class))``. Not for multilabel targets;
-        "balanced" is not for ``partial_fit``.
-
-    Attributes
-    ----------
-    classes_ : ndarray of shape (n_classes,)
-        The class labels (``arange(n_labels)`` for multilabel targets).
-    loss_ : float
-        The training loss of the last epoch (the final loss for "lbfgs"), penalty
-        included.
-    best_loss_ : float or None
-        The lowest ``loss_`` reached ("sgd"/"adam"); None with early stopping.
-    loss_curve_ : list of float
-        ``loss_`` after each epoch ("sgd"/"adam"), continued by ``warm_start`` and
-        ``partial_fit``.
-    validation_scores_ : list of float or None
-        The held-out accuracy after each epoch with early stopping, else None.
-    best_validation_score_ : float or None
-        The best of ``validation_scores_``, else None.
-    t_ : int
-        Training samples seen ("sgd"/"adam").
-    coefs_ : list of ndarray (fan_in, fan_out)
-        The weights of each layer: views into ``network_.parameters`` (edits in
-        place, and assignments ``coefs_[i] = W``, change the model).
-    intercepts_ : list of ndarray (fan_out,)
-        The biases of each layer, views likewise.
-    n_features_in_ : int
-    feature_names_in_ : ndarray of str
-        Defined when X had string column names.
-    n_iter_ : int
-        Epochs (iterations for "lbfgs") run by the last fit or partial_fit call.
-    n_layers_ : int
-        Layers counting input and output.
-    n_outputs_ : int
-        Output units: 1 for two classes, else the number of classes or labels.
-    out_activation_ : {"logistic", "softmax"}
-        The output's link: the network itself outputs logits.
-    network_ : bpfast.Network
-        The trained network (float64 by default); its output is the logits.
-
-    See Also
-    --------
-    sklearn.neural_network.MLPClassifier : the estimator this one replaces.
-    MLPRegressor : the regressor.
-    """
-
-    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
-                 alpha=0.0001, batch_size="auto", learning_rate="constant",
-                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
-                 random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
-                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
-                 beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype="float64", n_threads=None, class_weight=None):
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.learning_rate_init = learning_rate_init
-        self.power_t = power_t
-        self.max_iter = max_iter
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.tol = tol
-        self.verbose = verbose
-        self.warm_start = warm_start
-        self.momentum = momentum
-        self.nesterovs_momentum = nesterovs_momentum
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
-        self.epsilon = epsilon
-        self.n_iter_no_change = n_iter_no_change
-        self.max_fun = max_fun
-        self.dtype = dtype
-        self.n_threads = n_threads
-        self.class_weight = class_weight
-
-    def fit(self, X, y, sample_weight=None):
-        """Fit the network to X and the class labels (or label indicator matrix) y.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) or (n_samples, n_labels)
-            Class labels (any sortable values, strings included), or a 0/1 label
-            indicator matrix for multilabel classification.
-        sample_weight : array-like of shape (n_samples,), optional
-            Non-negative weights: the loss is the weighted mean over samples.
-
-        Returns
-        -------
-        self : MLPClassifier
-        """
-        return self._fit(X, y, sample_weight, incremental=False)
-
-    @available_if(_is_stochastic)
-    def partial_fit(self, X, y, sample_weight=None, classes=None):
-        """One epoch over X, y, continuing from the current network (``sgd``/``adam``).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) or (n_samples, n_labels)
-        sample_weight : array-like of shape (n_samples,), optional
-        classes : array-like of shape (n_classes,), optional
-            Every class of every call; needed on the first call (not for multilabel
-            targets), optional afterwards. y need not hold them all.
-
-        Returns
-        -------
-        self : MLPClassifier
-        """
-        return self._fit(X, y, sample_weight, incremental=True, classes=classes)
-
-    # ------------------------------------------------------------- targets
-    def _encode_targets(self, y, first_pass, incremental, classes):
-        """y -> (training target, what the validation score compares, target attributes).
-
-        The target attributes (classes_, _target_kind, n_outputs_, out_activation_) are
-        new on a first fit, else the fitted ones; nothing is set here. Several classes
-        train on integer class indices with cross-entropy from logits; two classes on
-        one 0/1 column and multilabel on the 0/1 matrix, with binary cross-entropy.
-        """
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
-        target_type = type_of_target(y)
-        if target_type not in ("binary", "multiclass", "multilabel-indicator"):
-            raise ValueError(f"MLPClassifier does not support {target_type} targets")
-        if incremental and "classes_" not in self.__dict__:
-            first_pass = True  # the first partial_fit call defines the classes
-            if target_type != "multilabel-indicator":
-                if classes is None:
-                    raise ValueError("classes must be passed on the first call to "
-                                     "partial_fit.")
-                fitted_classes = np.unique(np.asarray(classes))
-            else:
-                fitted_classes = np.arange(y.shape[1])
-        elif first_pass:
-            fitted_classes = (np.arange(y.shape[1]) if target_type == "multilabel-indicator"
-                              else np.unique(y))
-        else:
-            fitted_classes = self.classes_
-            if incremental and classes is not None and not np.array_equal(
-                    np.unique(np.asarray(classes)), self.classes_):
-                raise ValueError(f"classes={classes!r} is not the same as on the first "
-                                 f"call to partial_fit, which was {self.classes_!r}")
-        multilabel = target_type == "multilabel-indicator"
-        if not first_pass and multilabel != (self.__dict__["_target_kind"] == "multilabel"):
-            raise ValueError("y is multilabel now but was not when fitted, or the reverse")
-        if multilabel:
-            if y.shape[1] != len(fitted_classes):
-                raise ValueError(f"y has {y.shape[1]} labels but the network was fitted "
-                                 f"on {len(fitted_classes)}")
-            kind = "multilabel"
-        else:
-            present = np.unique(y)
-            if not first_pass and self.warm_start and not incremental \
-                    and set(present) != set(fitted_classes):
-                raise ValueError(
-                    "warm_start can only be used where `y` has the same classes as in "
-                    f"the previous call to fit. Previously got {fitted_classes}, `y` "
-                    f"has {present}")
-            unknown = np.setdiff1d(present, fitted_classes)
-            if len(unknown):
-                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` "
-                                 f"has {fitted_classes}. 'y' has {present}.")
-            if len(fitted_classes) < 2:
-                raise ValueError("MLPClassifier needs samples of at least 2 classes in the "
-                                 f"data, but the data contain only one class: "
-                                 f"{fitted_classes[0]!r}")
-            kind = "binary" if len(fitted_classes) == 2 else "multiclass"
-        if first_pass:
-            targets = {"classes_": fitted_classes, "_target_kind": kind,
-                       "n_outputs_": 1 if kind == "binary" else len(fitted_classes),
-                       "out_activation_": "softmax" if kind == "multiclass" else "logistic"}
-        else:
-            targets = {name: self.__dict__[name] for name in
-                       ("classes_", "_target_kind", "n_outputs_", "out_activation_")}
-        if kind == "multilabel":
-            target = np.ascontiguousarray(y, dtype=self.dtype)
-            return target, target, targets
-        indices = np.searchsorted(fitted_classes, y).astype(np.intp)
-        if kind == "binary":
-            return indices.astype(self.dtype).reshape(-1, 1), indices, targets
-        return indices, indices, targets
-
-    def _training_weights(self, sample_weight, y, incremental, targets):
-        """sample_weight times class_weight, and at least two classes with weight in fit."""
-        kind = targets["_target_kind"]
-        if self.class_weight is not None:
-            if kind == "multilabel":
-                raise ValueError("class_weight is not supported for multilabel targets")
-            if incremental and self.class_weight == "balanced":
-                raise ValueError("class_weight='balanced' is not supported for "
-                                 "partial_fit: one batch's class counts are not the data's;"
-                                 " pass a dict of weights")
-            labels = column_or_1d(y) if y.ndim == 2 else y
-            class_weights = compute_sample_weight(self.class_weight, labels)
-            sample_weight = (class_weights if sample_weight is None
-                             else sample_weight * class_weights)
-            if not sample_weight.any():
-                raise ValueError("the weights (sample_weight times class_weight) are all "
-                                 "zero")
-        if sample_weight is not None and not incremental and kind != "multilabel":
-            labels = column_or_1d(y) if y.ndim == 2 else y
-            if len(np.unique(labels[sample_weight > 0])) < 2:
-                raise ValueError("the samples with non-zero weight belong to a single "
-                                 "class; fitting needs at least 2 classes")
-        return sample_weight
-
-    def _check_parameters(self):
-        super()._check_parameters()
-        weights = self.class_weight
-        if not (weights is None or isinstance(weights, dict)
-                or (isinstance(weights, str) and weights == "balanced")):
-            raise ValueError(f"class_weight must be a dict, 'balanced' or None, got "
-                             f"{weights!r}")
-
-    def _make_loss(self, targets=None):
-        """(bpfast loss, scale): the objective is scale times the bpfast loss.
-
-        bpfast's binary cross-entropy averages over every output; scikit-learn's log
-        loss sums over the labels, so several labels scale it by their number.
-        ``targets``: the target attributes of the fit being planned (default: the
-        fitted ones).
-        """
-        targets = self.__dict__ if targets is None else targets
-        if targets["_target_kind"] == "multiclass":
-            return CrossEntropy(from_logits=True), 1.0
-        return BinaryCrossEntropy(from_logits=True), float(targets["n_outputs_"])
-
-    def _stratify_labels(self, score_target, targets):
-        # scikit-learn's documentation: stratified, except for multilabel targets
-        return None if targets["_target_kind"] == "multilabel" else score_target
-
-    def _encoded_prediction(self, output):
-        if self._target_kind == "multiclass":
-            return output.argmax(axis=1)
-        prediction = (output > 0).astype(int)
-        return prediction.ravel() if self._target_kind == "binary" else prediction
-
-    def _validation_score(self, X_val, score_val, weight_val):
-        output = self.network_.predict(X_val)
-        if not np.isfinite(output).all():
-            return np.nan
-        return float(accuracy_score(score_val, self._encoded_prediction(output),
-                                    sample_weight=weight_val))
-
-    # ------------------------------------------------------------- prediction
-    def predict(self, X):
-        """The predicted class of each sample (a 0/1 indicator row for multilabel).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        y : ndarray of shape (n_samples,) or (n_samples, n_labels)
-        """
-        encoded = self._encoded_prediction(self._raw_output(X))
-        if self._target_kind == "multilabel":
-            return encoded
-        return self.classes_[encoded]
-
-    def predict_proba(self, X):
-        """Probability of each class, columns ordered as ``classes_``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        proba : ndarray of shape (n_samples, n_classes)
-            Softmax of the logits for several classes; for two classes the columns
-            are ``1 - p`` and ``p = sigmoid(logit)``; for multilabel, each label's
-            sigmoid (rows need not sum to 1).
-        """
-        output = self._raw_output(X)
-        if self._target_kind == "multiclass":
-            return softmax(output, axis=1)
-        probability = expit(output)
-        if self._target_kind == "binary":
-            return np.hstack([1 - probability, probability])
-        return probability
-
-    def predict_log_proba(self, X):
-        """``log(predict_proba(X))``, as scikit-learn defines it.
-
-        A probability that rounds to 0 gives -inf (scikit-learn's checks compare
-        against exactly this).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        log_proba : ndarray of shape (n_samples, n_classes)
-        """
-        probability = self.predict_proba(X)
-        return np.log(probability, out=probability)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.classifier_tags.multi_label = True
-        return tags
-
-
-# --------------------------------------------------------------------------- regressor
-class MLPRegressor(RegressorMixin, _BaseMLP):
-    """Multilayer perceptron regressor, scikit-learn's API on bpfast's engine.
-
-    A drop-in replacement for :class:`sklearn.neural_network.MLPRegressor`. It
-    minimises half the squared error, summed over outputs and averaged over samples,
-    plus ``0.5 * alpha * ||W||^2 / n_samples``; the last layer is linear.
-
-    Parameters
-    ----------
-    loss : {"squared_error"}, default="squared_error"
-        The loss; scikit-learn's "poisson" is not available in bpfast.
-    hidden_layer_sizes, activation, solver, alpha, batch_size, learning_rate, \
-learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose, \
-warm_start, momentum, nesterovs_momentum, early_stopping, validation_fraction, \
-beta_1, beta_2, epsilon, n_iter_no_change, max_fun, dtype, n_threads
-        As for :class:`MLPClassifier`; with ``early_stopping`` the validation score
-        is R^2 and the split is not stratified.
-
-    Attributes
-    ----------
-    loss_ : float
-        The last epoch's training loss (the final loss for "lbfgs"), penalty
-        included. For several outputs it is summed over them: ``n_outputs_`` times
-        what scikit-learn reports, whose gradient is of this sum too.
-    best_loss_, loss_curve_, validation_scores_, best_validation_score_, t_, \
-coefs_, intercepts_, n_features_in_, feature_names_in_, n_iter_, n_layers_, \
-n_outputs_, network_
-        As for :class:`MLPClassifier` (validation scores are R^2).
-    out_activation_ : "identity"
-
-    See Also
-    --------
-    sklearn.neural_network.MLPRegressor : the estimator this one replaces.
-    MLPClassifier : the classifier.
-    """
-
-    _y_numeric = True
-
-    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", *,
-                 solver="adam", alpha=0.0001, batch_size="auto", learning_rate="constant",
-                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
-                 random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
-                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
-                 beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype="float64", n_threads=None):
-        self.loss = loss
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.learning_rate_init = learning_rate_init
-        self.power_t = power_t
-        self.max_iter = max_iter
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.tol = tol
-        self.verbose = verbose
-        self.warm_start = warm_start
-        self.momentum = momentum
-        self.nesterovs_momentum = nesterovs_momentum
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
-        self.epsilon = epsilon
-        self.n_iter_no_change = n_iter_no_change
-        self.max_fun = max_fun
-        self.dtype = dtype
-        self.n_threads = n_threads
-
-    def fit(self, X, y, sample_weight=None):
-        """Fit the network to X and the real targets y.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-        sample_weight : array-like of shape (n_samples,), optional
-            Non-negative weights: the loss is the weighted mean over samples.
-
-        Returns
-        -------
-        self : MLPRegressor
-        """
-        return self._fit(X, y, sample_weight, incremental=False)
-
-    @available_if(_is_stochastic)
-    def partial_fit(self, X, y, sample_weight=None):
-        """One epoch over X, y, continuing from the current network (``sgd``/``adam``).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-        sample_weight : array-like of shape (n_samples,), optional
-
-        Returns
-        -------
-        self : MLPRegressor
-        """
-        return self._fit(X, y, sample_weight, incremental=True)
-
-    def _check_parameters(self):
-        if self.loss == "poisson":
-            raise ValueError("loss='poisson' is not available in bpfast.sklearn; use "
-                             "loss='squared_error' or scikit-learn's MLPRegressor")
-        check_choice("loss", self.loss, ("squared_error",))
-        super()._check_parameters()
-
-    def _encode_targets(self, y, first_pass, incremental, classes):
-        target = np.ascontiguousarray(y.reshape(-1, 1) if y.ndim == 1 else y,
-                                      dtype=self.dtype)
-        if not first_pass and target.shape[1] != self.n_outputs_:
-            raise ValueError(f"y has {target.shape[1]} outputs but the network was fitted "
-                             f"on {self.n_outputs_}")
-        return target, target, {"n_outputs_": target.shape[1], "out_activation_": "identity"}
-
-    def _make_loss(self, targets=None):
-        """(bpfast loss, scale): half the squared error, summed over outputs.
-
-        bpfast's MSE averages over all elements; scikit-learn's gradient is that of
-        the sum over outputs, which is n_outputs times it. ``targets``: the target
-        attributes of the fit being planned (default: the fitted ones).
-        """
-        targets = self.__dict__ if targets is None else targets
-        return MSE(half=True), float(targets["n_outputs_"])
-
-    def _validation_score(self, X_val, score_val, weight_val):
-        output = self.network_.predict(X_val)
-        if not np.isfinite(output).all():
-            return np.nan
-        return float(r2_score(score_val, output, sample_weight=weight_val))
-
-    def predict(self, X):
-        """The predicted targets.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
-        """
-        output = self._raw_output(X)
-        return output.ravel() if self.n_outputs_ == 1 else output
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        return tags
