@@ -17,6 +17,7 @@ try:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import train_test_split
     from sklearn.utils import check_random_state
+    from sklearn.utils.metaestimators import available_if
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -182,13 +183,21 @@ class _Fit:
         self.train = None
 
 
+def _is_stochastic(estimator):
+    if estimator.solver not in ("sgd", "adam"):
+        raise AttributeError(f"partial_fit is only available for stochastic optimizers. "
+                             f"{estimator.solver} is not stochastic.")
+    return True
+
+
 # --------------------------------------------------------------------------- base
 class _BaseMLP(BaseEstimator):
     """What MLPClassifier and MLPRegressor share: checks, network, solvers, bookkeeping.
 
-    A subclass defines ``__init__`` (its parameters), ``_encode_targets`` (y -> what
-    the network trains on, and the target attributes), ``_make_loss`` and
-    ``_validation_score``.
+    A subclass defines ``__init__`` (its parameters, stored by
+    ``_set_hyperparameters``), ``_encode_targets`` (y -> what the network trains on,
+    and the target attributes), ``_make_loss``, ``_score_output`` (the validation
+    score of an output) and ``_decode_output`` (an output -> ``predict``'s answer).
     """
 
     #: whether validate_data converts y to numbers (regression) or keeps labels
@@ -282,6 +291,41 @@ class _BaseMLP(BaseEstimator):
         return nullcontext() if self.n_threads is None else threads(self.n_threads)
 
     # ------------------------------------------------------------- fit
+    def fit(self, X, y, sample_weight=None):
+        """Fit a new network (with ``warm_start``, continue the fitted one) to X and y.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            MLPClassifier: class labels (any sortable values, strings included), or a
+            0/1 label indicator matrix for multilabel classification. MLPRegressor:
+            the real targets.
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weights: the loss is the weighted mean over samples.
+
+        Returns
+        -------
+        self : object
+        """
+        return self._fit(X, y, sample_weight, incremental=False)
+
+    @available_if(_is_stochastic)
+    def partial_fit(self, X, y, sample_weight=None):
+        """One epoch over X, y, continuing from the current network (``sgd``/``adam``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        self : object
+        """
+        return self._fit(X, y, sample_weight, incremental=True)
+
     def _fit(self, X, y, sample_weight, incremental, classes=None):
         self._check_parameters()
         with self._thread_limit():
@@ -621,6 +665,13 @@ class _BaseMLP(BaseEstimator):
     def _stratify_labels(self, score_target, targets):
         return None
 
+    def _validation_score(self, X_val, score_val, weight_val):
+        """The held-out score of early stopping (NaN once the output is not finite)."""
+        output = self.network_.predict(X_val)
+        if not np.isfinite(output).all():
+            return np.nan
+        return float(self._score_output(output, score_val, weight_val))
+
     def _update_no_improvement_count(self, validation):
         """scikit-learn's convergence test: progress by tol on validation score or loss."""
         if self.early_stopping:
@@ -644,6 +695,21 @@ class _BaseMLP(BaseEstimator):
             self.best_loss_ = min(self.best_loss_, last_loss)
 
     # ------------------------------------------------------------- prediction
+    def predict(self, X):
+        """The prediction for each sample of X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            MLPClassifier: the predicted class (a 0/1 indicator row for multilabel
+            targets). MLPRegressor: the predicted targets, one column per output.
+        """
+        return self._decode_output(self._raw_output(X))
+
     def _raw_output(self, X):
         """The network's last-layer output (logits or values) for validated X."""
         check_is_fitted(self)
@@ -723,9 +789,3 @@ class _BaseMLP(BaseEstimator):
         from ..export import estimator_to_onnx
         return estimator_to_onnx(self, path, opset=opset)
 
-
-def _is_stochastic(estimator):
-    if estimator.solver not in ("sgd", "adam"):
-        raise AttributeError(f"partial_fit is only available for stochastic optimizers. "
-                             f"{estimator.solver} is not stochastic.")
-    return True

@@ -155,24 +155,6 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  dtype="float64", n_threads=None, class_weight=None):
         self._set_hyperparameters(locals())
 
-    def fit(self, X, y, sample_weight=None):
-        """Fit the network to X and the class labels (or label indicator matrix) y.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) or (n_samples, n_labels)
-            Class labels (any sortable values, strings included), or a 0/1 label
-            indicator matrix for multilabel classification.
-        sample_weight : array-like of shape (n_samples,), optional
-            Non-negative weights: the loss is the weighted mean over samples.
-
-        Returns
-        -------
-        self : MLPClassifier
-        """
-        return self._fit(X, y, sample_weight, incremental=False)
-
     @available_if(_is_stochastic)
     def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over X, y, continuing from the current network (``sgd``/``adam``).
@@ -312,26 +294,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         prediction = (output > 0).astype(int)
         return prediction.ravel() if self._target_kind == "binary" else prediction
 
-    def _validation_score(self, X_val, score_val, weight_val):
-        output = self.network_.predict(X_val)
-        if not np.isfinite(output).all():
-            return np.nan
-        return float(accuracy_score(score_val, self._encoded_prediction(output),
-                                    sample_weight=weight_val))
+    def _score_output(self, output, score_val, weight_val):
+        return accuracy_score(score_val, self._encoded_prediction(output),
+                              sample_weight=weight_val)
 
     # ------------------------------------------------------------- prediction
-    def predict(self, X):
-        """The predicted class of each sample (a 0/1 indicator row for multilabel).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        y : ndarray of shape (n_samples,) or (n_samples, n_labels)
-        """
-        encoded = self._encoded_prediction(self._raw_output(X))
+    def _decode_output(self, output):
+        """The class of each sample (a 0/1 indicator row for multilabel targets)."""
+        encoded = self._encoded_prediction(output)
         if self._target_kind == "multilabel":
             return encoded
         return self.classes_[encoded]

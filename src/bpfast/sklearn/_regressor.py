@@ -2,11 +2,10 @@
 import numpy as np
 from sklearn.base import RegressorMixin
 from sklearn.metrics import r2_score
-from sklearn.utils.metaestimators import available_if
 
 from .._validation import check_choice
 from ..losses import MSE
-from ._base import _BaseMLP, _is_stochastic
+from ._base import _BaseMLP
 
 
 def _check_loss(name, value):
@@ -64,38 +63,6 @@ n_outputs_, network_
                  dtype="float64", n_threads=None):
         self._set_hyperparameters(locals())
 
-    def fit(self, X, y, sample_weight=None):
-        """Fit the network to X and the real targets y.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-        sample_weight : array-like of shape (n_samples,), optional
-            Non-negative weights: the loss is the weighted mean over samples.
-
-        Returns
-        -------
-        self : MLPRegressor
-        """
-        return self._fit(X, y, sample_weight, incremental=False)
-
-    @available_if(_is_stochastic)
-    def partial_fit(self, X, y, sample_weight=None):
-        """One epoch over X, y, continuing from the current network (``sgd``/``adam``).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-        sample_weight : array-like of shape (n_samples,), optional
-
-        Returns
-        -------
-        self : MLPRegressor
-        """
-        return self._fit(X, y, sample_weight, incremental=True)
-
     def _encode_targets(self, y, first_pass, incremental, classes):
         target = np.ascontiguousarray(y.reshape(-1, 1) if y.ndim == 1 else y,
                                       dtype=self.dtype)
@@ -114,24 +81,11 @@ n_outputs_, network_
         targets = self.__dict__ if targets is None else targets
         return MSE(half=True), float(targets["n_outputs_"])
 
-    def _validation_score(self, X_val, score_val, weight_val):
-        output = self.network_.predict(X_val)
-        if not np.isfinite(output).all():
-            return np.nan
-        return float(r2_score(score_val, output, sample_weight=weight_val))
+    def _score_output(self, output, score_val, weight_val):
+        return r2_score(score_val, output, sample_weight=weight_val)
 
-    def predict(self, X):
-        """The predicted targets.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
-        """
-        output = self._raw_output(X)
+    def _decode_output(self, output):
+        """The targets: one column per output, a 1-D array for one output."""
         return output.ravel() if self.n_outputs_ == 1 else output
 
     def __sklearn_tags__(self):
