@@ -75,7 +75,7 @@ _NON_NEGATIVE = _real(minimum=0)
 _AT_LEAST_ONE = partial(check_int, minimum=1)
 
 # the hyperparameters MLPClassifier and MLPRegressor share: name -> check(name, value)
-_PARAMETER_CHECKS = {
+_SHARED_PARAMETER_CHECKS = {
     "activation": partial(check_choice, choices=tuple(_HIDDEN_ACTIVATIONS)),
     "solver": partial(check_choice, choices=_SOLVERS),
     "alpha": _NON_NEGATIVE,
@@ -205,7 +205,7 @@ class _BaseMLP(BaseEstimator):
     #: name -> check(name, value) of each hyperparameter, run in this order (a
     #: subclass adds its own); validation_fraction's lower bound depends on
     #: early_stopping and is checked after the table
-    _PARAMETER_CHECKS = _PARAMETER_CHECKS
+    _PARAMETER_CHECKS = _SHARED_PARAMETER_CHECKS
 
     def _set_hyperparameters(self, given):
         """Store the arguments of a subclass's ``__init__`` (its ``locals()``) as given.
