@@ -28,7 +28,10 @@ PROC_SELF_CGROUP = "/proc/self/cgroup"
 MAX_THREADS_PER_CPU = 4
 
 _blas = None  # (set, get, description) of the BLAS bpfast calls, or None when unknown
-_lock = threading.RLock()
+_lock = threading.RLock()  # one change of the counts at a time
+# held for a whole `with threads(n)` block: blocks in several threads take turns, or
+# one would restore counts another set (and the process keep the wrong ones)
+_turns = threading.RLock()
 
 
 # --------------------------------------------------------------------------- CPUs
@@ -221,8 +224,11 @@ def threads(n):
     """Use n threads inside the ``with`` block, then restore the previous counts.
 
     Restores bpfast's count and the BLAS's (SciPy's OpenBLAS, and with threadpoolctl
-    every BLAS it sees), also when the block raises. The counts belong to the process:
-    use it from one thread at a time.
+    every BLAS it sees), also when the block raises. The counts belong to the process,
+    not to a thread, so blocks in different threads take turns (a process-wide lock),
+    each restoring the counts the one before it found; the lock is reentrant, so a
+    block inside another one in the same thread nests. bpfast work in other threads
+    meanwhile runs with the counts of the block that holds the lock.
 
     Parameters
     ----------
@@ -236,22 +242,23 @@ def threads(n):
     ...     pass  # fit, predict: one thread here
     """
     n = check_int("n", n, minimum=1)
-    with _lock:
-        previous = _core.get_num_threads()
-        previous_blas = blas_num_threads()
-        threadpoolctl = _threadpoolctl()
-        others = (threadpoolctl.threadpool_limits(limits=None, user_api="blas")
-                  if threadpoolctl is not None else None)  # remembers every BLAS's count
-    try:
-        set_num_threads(n)
-        yield
-    finally:
+    with _turns:
         with _lock:
-            _core.set_num_threads(previous)
-            if others is not None:
-                others.restore_original_limits()
-            if previous_blas is not None:
-                _core.set_blas_num_threads(previous_blas)
+            previous = _core.get_num_threads()
+            previous_blas = blas_num_threads()
+            threadpoolctl = _threadpoolctl()
+            others = (threadpoolctl.threadpool_limits(limits=None, user_api="blas")
+                      if threadpoolctl is not None else None)  # remembers every BLAS's count
+        try:
+            set_num_threads(n)
+            yield
+        finally:
+            with _lock:
+                _core.set_num_threads(previous)
+                if others is not None:
+                    others.restore_original_limits()
+                if previous_blas is not None:
+                    _core.set_blas_num_threads(previous_blas)
 
 
 def _blas_info():
