@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 # _threads first: it loads the compiled core with the right OpenMP settings
-from ._threads import get_num_threads, set_num_threads, show_config  # noqa: I001
+from ._threads import get_num_threads, set_num_threads, show_config, threads  # noqa: I001
 from . import callbacks, schedules
 from ._training import DivergenceError
 from .callbacks import History
@@ -16,5 +16,5 @@ __all__ = [
     "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy", "CrossEntropy", "Dense",
     "DivergenceError", "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer",
     "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "save", "schedules",
-    "set_num_threads", "show_config",
+    "set_num_threads", "show_config", "threads",
 ]

@@ -65,7 +65,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "`pip install 'scikit-learn>=1.6'`. The rest of bpfast works without it."
     ) from error
 
-from ._compiled import core as _core
+from ._threads import threads
 from ._validation import check_bool, check_choice, check_int, check_real, check_sample_weight
 from .layers import Dense
 from .losses import MSE, BinaryCrossEntropy, CrossEntropy
@@ -150,36 +150,22 @@ def _assign_layers(views, values, what):
 
 @contextmanager
 def _thread_limit(n_threads):
-    """Run the body with n_threads OpenMP and BLAS threads, then restore both (None: as is).
+    """Run the body with n_threads threads (bpfast's and BLAS's), then restore both.
 
-    bpfast.set_num_threads changes the process for good; an estimator parameter
-    should only hold while the estimator works, so this saves and restores
-    bpfast's OpenMP count and uses threadpoolctl's context (when installed) for BLAS.
-    Both counts belong to the process, not to a thread, so the body runs under a
+    None leaves the process's counts alone: bpfast's default policy (the CPUs this
+    process may use, with large products threaded only while that is faster, see
+    bpfast.threads) applies, and in joblib's worker processes (GridSearchCV(n_jobs=k))
+    the default follows the OMP_NUM_THREADS joblib sets there, cpu_count // k. Both
+    counts belong to the process, not to a thread, so the body runs under a
     module-wide lock: estimators that set n_threads fit and predict one at a time,
-    and each restores the count the one before it found. The lock is reentrant,
+    and each restores the counts the one before it found. The lock is reentrant,
     so a limited call inside another one (same thread) nests.
     """
     if n_threads is None:
         yield
         return
-    with _THREAD_LOCK:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            blas_limit = None
-        else:
-            blas_limit = threadpool_limits(limits=n_threads, user_api="blas")
-        try:
-            previous = _core.get_num_threads()
-            _core.set_num_threads(n_threads)
-            try:
-                yield
-            finally:
-                _core.set_num_threads(previous)
-        finally:
-            if blas_limit is not None:
-                blas_limit.restore_original_limits()
+    with _THREAD_LOCK, threads(n_threads):
+        yield
 
 
 def _checked_sample_weight(sample_weight, n_samples):
@@ -825,9 +811,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         bpfast's: the network's dtype; input is converted to it. float64 gives
         scikit-learn's numbers; float32 is faster on wide layers.
     n_threads : int or None, default=None
-        bpfast's: threads for bpfast's OpenMP loops and (with threadpoolctl) BLAS while
-        this estimator fits or predicts; restored afterwards. None leaves the
-        process's settings (see :func:`bpfast.set_num_threads`) alone. The thread
+        bpfast's: threads for bpfast's OpenMP loops, its products and BLAS while this
+        estimator fits or predicts; restored afterwards. None leaves the process's
+        settings (see :func:`bpfast.set_num_threads` and :func:`bpfast.threads`:
+        by default the CPUs this process may use, products threaded only where that
+        is faster, also under load) alone. The thread
         counts belong to the process, so estimators with ``n_threads`` set fit and
         predict one at a time (a process-wide lock), each restoring the counts it
         found; bpfast work in other threads meanwhile (an estimator with
