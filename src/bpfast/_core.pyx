@@ -2,11 +2,15 @@
 # cython: cdivision=True, initializedcheck=False
 """bpfast's compiled core: every arithmetic loop of training and inference.
 
-Each kernel is written once over ``cython.floating`` and works on raw row-major
-buffers (pointer + sizes), the way BLAS does; memoryview-free so that one training
-step costs a single Python call and no buffer acquisition. The Python layer
-validates every argument before anything here runs: these functions trust their
-inputs.
+The kernels (``_kernels/*.pxi``, one file per concern) are written once over
+``cython.floating`` and work on raw row-major buffers (pointer + sizes), the way BLAS
+does, without the GIL. Above them, the typed engines ``Engine32`` and ``Engine64``
+(rendered from one template, ``_engine.pxi.tp``) hold typed memoryviews of every
+buffer they own, taken once when it is allocated, and take the caller's arrays as
+typed memoryviews after checking them; the kernels get pointers from those views.
+One training step is a single Python call. The Python layer validates every
+argument before anything here runs; the engines check types and shapes again so
+that a wrong array is refused, never misread.
 
 Threads: matrix products go to BLAS, which threads itself. Elementwise passes and
 the optimizer run under OpenMP ``prange`` only above ``PARALLEL_MIN_WORK``

@@ -1,19 +1,6 @@
 # Checks of the arrays callers pass in (type, layout, shape, finiteness). Included by
 # _core.pyx.
 
-cdef inline void* _data(object array):
-    """The data of an array the engine allocated itself (its layout is known)."""
-    return cnp.PyArray_DATA(<cnp.ndarray>array)
-
-
-cdef inline void* _data_or_null(object array):
-    return NULL if array is None else cnp.PyArray_DATA(<cnp.ndarray>array)
-
-
-cdef inline int _float_type(bint is_double) noexcept:
-    return cnp.NPY_DOUBLE if is_double else cnp.NPY_FLOAT
-
-
 cdef bint _kernel_ready(object array, int type_num):
     """Whether the kernels may read array as a C array of type_num: an ndarray of exactly
     that type, in native byte order, C-contiguous and aligned."""
@@ -24,15 +11,16 @@ cdef bint _kernel_ready(object array, int type_num):
             and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a))
 
 
-cdef void* _input_data(object array, int type_num, str name, Py_ssize_t n_rows=-1,
-                       Py_ssize_t n_cols=-2) except? NULL:
-    """The data of a caller's array, which must be _kernel_ready for type_num and, where
+cdef int _check_input(object array, int type_num, str name, Py_ssize_t n_rows=-1,
+                      Py_ssize_t n_cols=-2) except -1:
+    """Check a caller's array, which must be _kernel_ready for type_num and, where
     given, have n_rows rows (n_rows >= 0) and be 1-D (n_cols == -1) or have n_cols
     columns (n_cols >= 0).
 
     The Python layer converts every array (bpfast._validation.as_kernel_array) before
     it gets here; this check makes sure that an array that skipped it is refused
-    (TypeError, ValueError for a shape) instead of read as the wrong type or length.
+    (TypeError, ValueError for a shape, with a message naming it) before the engine
+    takes a typed memoryview of it, which would refuse it less clearly.
     """
     if not _kernel_ready(array, type_num):
         expected = cnp.PyArray_DescrFromType(type_num).name
@@ -49,12 +37,13 @@ cdef void* _input_data(object array, int type_num, str name, Py_ssize_t n_rows=-
         raise ValueError(f"{name} has shape {array.shape}, expected "
                          f"{'(' + str(n_rows) + ',)' if n_cols == -1 else (n_rows, n_cols)}"
                          " (-1: any)")
-    return cnp.PyArray_DATA(a)
+    return 0
 
 
-cdef void* _input_data_or_null(object array, int type_num, str name, Py_ssize_t n_rows=-1,
-                               Py_ssize_t n_cols=-2) except? NULL:
-    return NULL if array is None else _input_data(array, type_num, name, n_rows, n_cols)
+cdef int _check_optional_input(object array, int type_num, str name, Py_ssize_t n_rows=-1,
+                               Py_ssize_t n_cols=-2) except -1:
+    """_check_input for an array that may be None."""
+    return 0 if array is None else _check_input(array, type_num, name, n_rows, n_cols)
 
 
 cdef Py_ssize_t first_nonfinite_index(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -133,12 +122,13 @@ def first_nonfinite(array):
     if not (isinstance(array, np.ndarray) and array.dtype in (np.float32, np.float64)):
         raise TypeError(f"first_nonfinite needs a float32 or float64 ndarray, got "
                         f"{getattr(array, 'dtype', type(array).__name__)}")
-    cdef bint is_double = array.dtype == np.float64
-    cdef void* data = _input_data(array, _float_type(is_double), "first_nonfinite's array")
+    cdef int type_num = cnp.PyArray_TYPE(<cnp.ndarray>array)
+    _check_input(array, type_num, "first_nonfinite's array")
+    cdef const void* data = cnp.PyArray_DATA(<cnp.ndarray>array)
     cdef Py_ssize_t n = array.size, index
     with nogil:
-        if is_double:
-            index = first_nonfinite_index(<double*>data, n)
+        if type_num == cnp.NPY_DOUBLE:
+            index = first_nonfinite_index(<const double*>data, n)
         else:
-            index = first_nonfinite_index(<float*>data, n)
+            index = first_nonfinite_index(<const float*>data, n)
     return index

@@ -12,13 +12,12 @@ cdef struct LayerSpec:
 
 
 cdef struct Workspace:
-    # Per-layer blocks of `capacity` rows each: layer l's output is the row-major
-    # (m, n_out) matrix at acts + capacity * a_column.
+    # The sizes of the engine's workspaces, which the kernels get as typed pointers:
+    # acts and zs hold per-layer blocks of `capacity` rows each (layer l's output is
+    # the row-major (m, n_out) matrix at acts + capacity * a_column); delta holds two
+    # (capacity, max_width) ping-pong buffers of dL/dz.
     Py_ssize_t capacity
     Py_ssize_t max_width
-    void* acts
-    void* zs
-    void* delta        # two (capacity, max_width) ping-pong buffers of dL/dz
     double* row_loss
 
 

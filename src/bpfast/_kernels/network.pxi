@@ -2,11 +2,9 @@
 # epoch, inference in chunks. Included by _core.pyx.
 
 cdef void network_forward(const LayerSpec* layers, int n_layers, const Workspace* ws,
-                          const floating* params, const floating* x,
-                          Py_ssize_t n_rows) noexcept nogil:
+                          floating* acts, floating* zs, const floating* params,
+                          const floating* x, Py_ssize_t n_rows) noexcept nogil:
     cdef int l
-    cdef floating* acts = <floating*>ws.acts
-    cdef floating* zs = <floating*>ws.zs
     cdef const floating* inp = x
     for l in range(n_layers):
         dense_forward(&layers[l], params, inp, n_rows, _layer_z(&layers[l], ws, acts, zs),
@@ -15,6 +13,7 @@ cdef void network_forward(const LayerSpec* layers, int n_layers, const Workspace
 
 
 cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                           floating* acts, floating* zs, floating* delta,
                            const floating* params, floating* grads, const floating* x,
                            Py_ssize_t n_rows, floating* grad_x) noexcept nogil:
     """Back-propagate dL/dz of the last layer (in delta buffer 0) through every layer.
@@ -22,9 +21,7 @@ cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspac
     Fills every weight and bias gradient, and dL/dx into grad_x unless it is NULL.
     """
     cdef int l
-    cdef floating* acts = <floating*>ws.acts
-    cdef floating* zs = <floating*>ws.zs
-    cdef floating* dz = <floating*>ws.delta
+    cdef floating* dz = delta
     cdef floating* spare = dz + ws.capacity * ws.max_width
     cdef floating* swap
     cdef const LayerSpec* below
@@ -42,6 +39,7 @@ cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspac
 
 
 cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                                 floating* acts, floating* zs, floating* delta,
                                  const LossParams* loss, const floating* target,
                                  const intp* labels, const double* weights,
                                  Py_ssize_t n_rows) noexcept nogil:
@@ -53,10 +51,9 @@ cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Wo
     pairing computes dL/da and multiplies by the exact activation derivative.
     """
     cdef const LayerSpec* last = &layers[n_layers - 1]
-    cdef floating* acts = <floating*>ws.acts
     cdef floating* out = _layer_output(last, ws, acts)
-    cdef floating* z = _layer_z(last, ws, acts, <floating*>ws.zs)
-    cdef floating* dz = <floating*>ws.delta
+    cdef floating* z = _layer_z(last, ws, acts, zs)
+    cdef floating* dz = delta
     cdef LossParams fused = loss[0]
     cdef double value
     if loss.kind == LOSS_CE_PROBS and last.activation == ACT_SOFTMAX:
@@ -73,7 +70,8 @@ cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Wo
 
 
 cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace* ws,
-                          floating* params, floating* grads, const floating* x,
+                          floating* acts, floating* zs, floating* delta, floating* params,
+                          floating* grads, const floating* x,
                           const floating* target, const intp* labels, const double* weights,
                           Py_ssize_t n_rows, const LossParams* loss,
                           const StepOptions* options, const OptimizerParams* optimizer,
@@ -86,9 +84,11 @@ cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace
     the parameters stay as they were, for the caller to report the divergence.
     """
     cdef double value
-    network_forward(layers, n_layers, ws, params, x, n_rows)
-    value = output_loss_gradient(layers, n_layers, ws, loss, target, labels, weights, n_rows)
-    network_backward(layers, n_layers, ws, params, grads, x, n_rows, <floating*>NULL)
+    network_forward(layers, n_layers, ws, acts, zs, params, x, n_rows)
+    value = output_loss_gradient(layers, n_layers, ws, acts, zs, delta, loss, target, labels,
+                                 weights, n_rows)
+    network_backward(layers, n_layers, ws, acts, zs, delta, params, grads, x, n_rows,
+                     <floating*>NULL)
     if options != NULL:
         value += regularize_and_clip(layers, n_layers, options, params, grads, n_params)
     if optimizer != NULL and isfinite(value):
@@ -125,7 +125,8 @@ cdef struct EpochResult:
 
 
 cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* ws,
-                        floating* params, floating* grads, const floating* x,
+                        floating* acts, floating* zs, floating* delta, floating* params,
+                        floating* grads, const floating* x,
                         const floating* target, const intp* labels, const double* weights,
                         Py_ssize_t n_samples, const intp* order, Py_ssize_t batch_size,
                         floating* x_batch, floating* target_batch, intp* label_batch,
@@ -183,8 +184,8 @@ cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* 
         if batch_lrs != NULL:
             scheduled.lr = batch_lrs[batch]
         step[0] += 1
-        value = training_step(layers, n_layers, ws, params, grads, xb, tb, lb, wb, n_rows,
-                              loss, options, &scheduled, step[0], state, n_params)
+        value = training_step(layers, n_layers, ws, acts, zs, delta, params, grads, xb, tb, lb,
+                              wb, n_rows, loss, options, &scheduled, step[0], state, n_params)
         if not isfinite(value):
             step[0] -= 1   # the update was skipped
             result.diverged = True
