@@ -102,6 +102,11 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
 cdef enum:
     OPT_SGD, OPT_ADAM, OPT_RMSPROP, OPT_ADAGRAD
 
+# The kinds of layer the engine's layer table knows (_kernels/layers.pxi).
+LAYER_KINDS = ("dense",)
+cdef enum:
+    KIND_DENSE
+
 # Below this many elements an elementwise pass runs on one thread: waking the
 # (passive) OpenMP workers costs more than the pass saves (bench/README.md).
 PARALLEL_MIN_WORK = 1 << 17

@@ -1,7 +1,10 @@
-# The layer table and the dense layer's forward and backward kernels. Included by
-# _core.pyx.
+# The layer table: each layer has a kind, and each kind one forward and one backward
+# kernel, reached through layer_forward and layer_backward. A new kind of layer is an
+# entry in the kind enum (_core.pyx), its two kernels here, and a case in each of the
+# two dispatchers. Included by _core.pyx.
 
 cdef struct LayerSpec:
+    int kind                   # KIND_*: which kernels run this layer
     int n_in, n_out
     int activation
     double param               # leaky_relu slope or elu alpha
@@ -47,9 +50,13 @@ cdef void dense_forward(const LayerSpec* layer, const floating* params, const fl
 
 
 cdef void dense_backward(const LayerSpec* layer, const floating* params, floating* grads,
-                         const floating* x, Py_ssize_t n_rows, const floating* dz,
+                         const floating* x, const floating* a, const floating* z,
+                         Py_ssize_t n_rows, floating* dz, bint delta_is_dz,
                          floating* grad_x) noexcept nogil:
-    """dW = dz^T x, db = column sums of dz, and (if grad_x != NULL) dx = dz W."""
+    """dz = dL/da * g'(z) in place (unless delta_is_dz: it already is dL/dz), then
+    dW = dz^T x, db = column sums of dz, and (if grad_x != NULL) dx = dz W."""
+    if not delta_is_dz:
+        activation_backward(dz, a, z, n_rows, layer.n_out, layer.activation, layer.param)
     gemm(True, False, layer.n_out, layer.n_in, <int>n_rows, dz, layer.n_out, x, layer.n_in,
          0, grads + layer.weight_offset, layer.n_in)
     if layer.bias_offset >= 0:
@@ -83,3 +90,24 @@ cdef void bias_gradient(const floating* dz, floating* grad_bias, Py_ssize_t n_ro
     for t in prange(n_threads, num_threads=n_threads, schedule="static"):
         column_sums(dz, grad_bias, n_rows, width, t * width // n_threads,
                     (t + 1) * width // n_threads)
+
+
+# --------------------------------------------------------------------------- dispatch
+cdef inline void layer_forward(const LayerSpec* layer, const floating* params,
+                               const floating* x, Py_ssize_t n_rows, floating* z,
+                               floating* a) noexcept nogil:
+    """a = the layer applied to x (n_rows rows); z: its pre-activation where the kind
+    keeps one (z may alias a)."""
+    if layer.kind == KIND_DENSE:
+        dense_forward(layer, params, x, n_rows, z, a)
+
+
+cdef inline void layer_backward(const LayerSpec* layer, const floating* params,
+                                floating* grads, const floating* x, const floating* a,
+                                const floating* z, Py_ssize_t n_rows, floating* delta,
+                                bint delta_is_dz, floating* grad_x) noexcept nogil:
+    """From delta = dL/d(the layer's output) (overwritten), or dL/dz where delta_is_dz
+    (the loss fused the activation), the layer's parameter gradients and, unless
+    grad_x is NULL, dL/dx. x, a, z: the layer's input, output and kept z."""
+    if layer.kind == KIND_DENSE:
+        dense_backward(layer, params, grads, x, a, z, n_rows, delta, delta_is_dz, grad_x)

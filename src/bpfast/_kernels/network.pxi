@@ -7,7 +7,7 @@ cdef void network_forward(const LayerSpec* layers, int n_layers, const Workspace
     cdef int l
     cdef const floating* inp = x
     for l in range(n_layers):
-        dense_forward(&layers[l], params, inp, n_rows, _layer_z(&layers[l], ws, acts, zs),
+        layer_forward(&layers[l], params, inp, n_rows, _layer_z(&layers[l], ws, acts, zs),
                       _layer_output(&layers[l], ws, acts))
         inp = _layer_output(&layers[l], ws, acts)
 
@@ -15,8 +15,10 @@ cdef void network_forward(const LayerSpec* layers, int n_layers, const Workspace
 cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspace* ws,
                            floating* acts, floating* zs, floating* delta,
                            const floating* params, floating* grads, const floating* x,
-                           Py_ssize_t n_rows, floating* grad_x) noexcept nogil:
-    """Back-propagate dL/dz of the last layer (in delta buffer 0) through every layer.
+                           Py_ssize_t n_rows, bint output_is_dz,
+                           floating* grad_x) noexcept nogil:
+    """Back-propagate delta buffer 0 through every layer: dL/d(the network's output), or
+    dL/dz of the last layer where output_is_dz (the loss fused its activation).
 
     Fills every weight and bias gradient, and dL/dx into grad_x unless it is NULL.
     """
@@ -24,49 +26,51 @@ cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspac
     cdef floating* dz = delta
     cdef floating* spare = dz + ws.capacity * ws.max_width
     cdef floating* swap
-    cdef const LayerSpec* below
-    for l in range(n_layers - 1, 0, -1):
-        below = &layers[l - 1]
-        dense_backward(&layers[l], params, grads, _layer_output(below, ws, acts), n_rows,
-                       dz, spare)
-        activation_backward(spare, _layer_output(below, ws, acts),
-                            _layer_z(below, ws, acts, zs), n_rows, below.n_out,
-                            below.activation, below.param)
+    cdef floating* grad_input
+    cdef const floating* inp
+    for l in range(n_layers - 1, -1, -1):
+        if l == 0:
+            inp = x
+            grad_input = grad_x
+        else:
+            inp = _layer_output(&layers[l - 1], ws, acts)
+            grad_input = spare
+        layer_backward(&layers[l], params, grads, inp, _layer_output(&layers[l], ws, acts),
+                       _layer_z(&layers[l], ws, acts, zs), n_rows, dz,
+                       output_is_dz and l == n_layers - 1, grad_input)
         swap = dz
         dz = spare
         spare = swap
-    dense_backward(&layers[0], params, grads, x, n_rows, dz, grad_x)
 
 
 cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Workspace* ws,
                                  floating* acts, floating* zs, floating* delta,
                                  const LossParams* loss, const floating* target,
                                  const intp* labels, const double* weights,
-                                 Py_ssize_t n_rows) noexcept nogil:
-    """The loss of the last forward pass, and dL/dz of the last layer in delta buffer 0.
+                                 Py_ssize_t n_rows, bint* fused_out) noexcept nogil:
+    """The loss of the last forward pass, and its gradient in delta buffer 0.
 
     softmax + cross-entropy on probabilities and sigmoid + binary cross-entropy on
     probabilities are fused: the loss is taken from the logits z by log-sum-exp and
-    dL/dz = (p * sum(y) - y) / n directly, stable where log(p) is not. Every other
-    pairing computes dL/da and multiplies by the exact activation derivative.
+    dL/dz = (p * sum(y) - y) / n directly, stable where log(p) is not (fused_out[0]
+    is then True). Every other pairing leaves dL/da, which the last layer's backward
+    kernel multiplies by the exact activation derivative.
     """
     cdef const LayerSpec* last = &layers[n_layers - 1]
     cdef floating* out = _layer_output(last, ws, acts)
     cdef floating* z = _layer_z(last, ws, acts, zs)
     cdef floating* dz = delta
     cdef LossParams fused = loss[0]
-    cdef double value
     if loss.kind == LOSS_CE_PROBS and last.activation == ACT_SOFTMAX:
         fused.kind = LOSS_CE_LOGITS
     elif loss.kind == LOSS_BCE_PROBS and last.activation == ACT_SIGMOID:
         fused.kind = LOSS_BCE_LOGITS
-    if fused.kind != loss.kind:
+    fused_out[0] = fused.kind != loss.kind
+    if fused_out[0]:
         return loss_and_gradient(&fused, z, target, labels, weights, dz, ws.row_loss, n_rows,
                                  last.n_out)
-    value = loss_and_gradient(loss, out, target, labels, weights, dz, ws.row_loss, n_rows,
-                              last.n_out)
-    activation_backward(dz, out, z, n_rows, last.n_out, last.activation, last.param)
-    return value
+    return loss_and_gradient(loss, out, target, labels, weights, dz, ws.row_loss, n_rows,
+                             last.n_out)
 
 
 cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace* ws,
@@ -84,11 +88,12 @@ cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace
     the parameters stay as they were, for the caller to report the divergence.
     """
     cdef double value
+    cdef bint output_is_dz
     network_forward(layers, n_layers, ws, acts, zs, params, x, n_rows)
     value = output_loss_gradient(layers, n_layers, ws, acts, zs, delta, loss, target, labels,
-                                 weights, n_rows)
+                                 weights, n_rows, &output_is_dz)
     network_backward(layers, n_layers, ws, acts, zs, delta, params, grads, x, n_rows,
-                     <floating*>NULL)
+                     output_is_dz, <floating*>NULL)
     if options != NULL:
         value += regularize_and_clip(layers, n_layers, options, params, grads, n_params)
     if optimizer != NULL and isfinite(value):
@@ -211,5 +216,5 @@ cdef void predict_chunk(const LayerSpec* layers, int n_layers, const floating* p
             dest = out
         else:
             dest = scratch + (l % 2) * n_rows * scratch_width
-        dense_forward(&layers[l], params, inp, n_rows, dest, dest)
+        layer_forward(&layers[l], params, inp, n_rows, dest, dest)
         inp = dest
