@@ -1,14 +1,45 @@
 # Type stub of the compiled core (private: the public API is in bpfast/__init__.py).
 
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+class Activation(IntEnum):
+    ACT_IDENTITY = 0
+    ACT_SIGMOID = 1
+    ACT_TANH = 2
+    ACT_RELU = 3
+    ACT_LEAKY_RELU = 4
+    ACT_ELU = 5
+    ACT_SOFTPLUS = 6
+    ACT_GELU = 7
+    ACT_SOFTMAX = 8
+
+class Loss(IntEnum):
+    LOSS_MSE = 0
+    LOSS_L1 = 1
+    LOSS_HUBER = 2
+    LOSS_CROSS_ENTROPY = 3
+    LOSS_CROSS_ENTROPY_PROBS = 4
+    LOSS_BINARY_CROSS_ENTROPY = 5
+    LOSS_BINARY_CROSS_ENTROPY_PROBS = 6
+
+class Optimizer(IntEnum):
+    OPT_SGD = 0
+    OPT_ADAM = 1
+    OPT_RMSPROP = 2
+    OPT_ADAGRAD = 3
+
+class LayerKind(IntEnum):
+    KIND_DENSE = 0
+
 ACTIVATIONS: tuple[str, ...]
 LOSSES: tuple[str, ...]
 OPTIMIZERS: tuple[str, ...]
+LAYER_KINDS: tuple[str, ...]
 PARALLEL_MIN_WORK: int
 PRODUCT_SPLIT: tuple[int, int, int]  # (SPLIT_MIN_WORK, BLOCK_WIDTH, MAX_BLOCKS)
 
@@ -21,6 +52,11 @@ def set_blas_num_threads(n: int) -> None: ...
 def set_adaptive(adaptive: bool) -> None: ...
 def product_timings() -> list[tuple[int, int, int, float, float, bool]]: ...
 def first_nonfinite(array: NDArray[np.floating]) -> int: ...
+def ready_array(array: object, dtype: np.dtype[Any], ndim: int) -> bool: ...
+def ready_labels(labels: object, n_rows: int, n_classes: int) -> bool: ...
+
+BUSY_MESSAGE: str
+FITTING_MESSAGE: str
 
 class LossConfig:
     def __init__(self, name: str, param: float = ...) -> None: ...

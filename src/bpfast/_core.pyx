@@ -84,28 +84,40 @@ cdef extern from *:
 
 
 # --------------------------------------------------------------------------- codes
-# The Python layer refers to activations, losses and optimizers by these names;
-# the index in each tuple is the code the kernels switch on.
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu",
-               "softplus", "gelu", "softmax")
-cdef enum:
+# The one table of names: the kernels switch on these codes, and every Python list of
+# names (ACTIVATIONS, LOSSES, OPTIMIZERS, LAYER_KINDS below, and through them
+# bpfast.layers, losses, optimizers, io and cli) is derived from these enums: a
+# member's name without its prefix, in lower case, in the order of the codes.
+cpdef enum Activation:
     ACT_IDENTITY, ACT_SIGMOID, ACT_TANH, ACT_RELU, ACT_LEAKY_RELU, ACT_ELU
     ACT_SOFTPLUS, ACT_GELU, ACT_SOFTMAX
 
-LOSSES = ("mse", "l1", "huber", "cross_entropy", "cross_entropy_probs",
-          "binary_cross_entropy", "binary_cross_entropy_probs")
-cdef enum:
-    LOSS_MSE, LOSS_L1, LOSS_HUBER, LOSS_CE_LOGITS, LOSS_CE_PROBS
-    LOSS_BCE_LOGITS, LOSS_BCE_PROBS
+cpdef enum Loss:
+    # the *_PROBS losses take probabilities (a softmax or sigmoid output), the others
+    # logits: cross-entropy from logits is log-sum-exp, stable where log(p) is not
+    LOSS_MSE, LOSS_L1, LOSS_HUBER, LOSS_CROSS_ENTROPY, LOSS_CROSS_ENTROPY_PROBS
+    LOSS_BINARY_CROSS_ENTROPY, LOSS_BINARY_CROSS_ENTROPY_PROBS
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
-cdef enum:
+cpdef enum Optimizer:
     OPT_SGD, OPT_ADAM, OPT_RMSPROP, OPT_ADAGRAD
 
-# The kinds of layer the engine's layer table knows (_kernels/layers.pxi).
-LAYER_KINDS = ("dense",)
-cdef enum:
+cpdef enum LayerKind:
+    # the kinds of layer the engine's layer table runs (_kernels/layers.pxi)
     KIND_DENSE
+
+
+def _names(enum, str prefix):
+    """The Python names of an enum's members in code order: ACT_LEAKY_RELU -> "leaky_relu"."""
+    members = sorted(enum)
+    if [int(member) for member in members] != list(range(len(members))):
+        raise ImportError(f"{enum.__name__}'s codes must be 0, 1, 2, ...")  # names index codes
+    return tuple(member.name[len(prefix):].lower() for member in members)
+
+
+ACTIVATIONS = _names(Activation, "ACT_")
+LOSSES = _names(Loss, "LOSS_")
+OPTIMIZERS = _names(Optimizer, "OPT_")
+LAYER_KINDS = _names(LayerKind, "KIND_")
 
 # Below this many elements an elementwise pass runs on one thread: waking the
 # (passive) OpenMP workers costs more than the pass saves (bench/README.md).

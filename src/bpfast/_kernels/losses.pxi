@@ -49,7 +49,7 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
                 acc += <floating>0.5 * v * v if v < delta else delta * (v - <floating>0.5 * delta)
                 if g != NULL:
                     g[j] = scale * (-delta if d < -delta else (delta if d > delta else d))
-        elif kind == LOSS_CE_LOGITS:
+        elif kind == LOSS_CROSS_ENTROPY:
             # log-sum-exp with the row max subtracted; gradient softmax * sum(y) - y.
             row_max = o[0]
             for j in range(1, width):
@@ -79,7 +79,7 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
                 else:
                     for j in range(width):
                         g[j] = scale * (<floating>(g[j] / total) * target_sum - t[j])
-        elif kind == LOSS_CE_PROBS:
+        elif kind == LOSS_CROSS_ENTROPY_PROBS:
             # outputs are probabilities (a softmax already applied by the caller)
             for j in range(width):
                 v = t[j] if labels == NULL else (1 if j == labels[i] else 0)
@@ -88,12 +88,12 @@ cdef void loss_rows(const LossParams* loss, const floating* out, const floating*
                     acc -= v * max(log(prob), LOG_CLAMP)
                 if g != NULL:
                     g[j] = -scale * v / (prob if prob > PROB_EPS else <floating>PROB_EPS)
-        elif kind == LOSS_BCE_LOGITS:
+        elif kind == LOSS_BINARY_CROSS_ENTROPY:
             for j in range(width):
                 acc += (1 - t[j]) * o[j] - _log_sigmoid(o[j])
                 if g != NULL:
                     g[j] = scale * (_sigmoid(o[j]) - t[j])
-        elif kind == LOSS_BCE_PROBS:
+        elif kind == LOSS_BINARY_CROSS_ENTROPY_PROBS:
             for j in range(width):
                 prob = o[j]
                 acc += ((t[j] - 1) * max(log1p(-prob), LOG_CLAMP)
@@ -131,7 +131,7 @@ cdef double loss_and_gradient(const LossParams* loss, const floating* out,
     cdef double total = 0, denominator, grad_scale
     # cross-entropy averages over samples, every other loss over all elements
     denominator = weight_sum(weights, n_rows)
-    if not (loss.kind == LOSS_CE_LOGITS or loss.kind == LOSS_CE_PROBS):
+    if not (loss.kind == LOSS_CROSS_ENTROPY or loss.kind == LOSS_CROSS_ENTROPY_PROBS):
         denominator *= <double>width
     grad_scale = 2.0 * loss.param if loss.kind == LOSS_MSE else 1.0
     grad_scale = grad_scale / denominator if denominator > 0 else 0.0

@@ -61,10 +61,10 @@ cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Wo
     cdef floating* z = _layer_z(last, ws, acts, zs)
     cdef floating* dz = delta
     cdef LossParams fused = loss[0]
-    if loss.kind == LOSS_CE_PROBS and last.activation == ACT_SOFTMAX:
-        fused.kind = LOSS_CE_LOGITS
-    elif loss.kind == LOSS_BCE_PROBS and last.activation == ACT_SIGMOID:
-        fused.kind = LOSS_BCE_LOGITS
+    if loss.kind == LOSS_CROSS_ENTROPY_PROBS and last.activation == ACT_SOFTMAX:
+        fused.kind = LOSS_CROSS_ENTROPY
+    elif loss.kind == LOSS_BINARY_CROSS_ENTROPY_PROBS and last.activation == ACT_SIGMOID:
+        fused.kind = LOSS_BINARY_CROSS_ENTROPY
     fused_out[0] = fused.kind != loss.kind
     if fused_out[0]:
         return loss_and_gradient(&fused, z, target, labels, weights, dz, ws.row_loss, n_rows,
