@@ -1,14 +1,45 @@
 # Type stub of the compiled core (private: the public API is in bpfast/__init__.py).
 
 from collections.abc import Callable
-from typing import Any
+from enum import IntEnum
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+class Activation(IntEnum):
+    ACT_IDENTITY = 0
+    ACT_SIGMOID = 1
+    ACT_TANH = 2
+    ACT_RELU = 3
+    ACT_LEAKY_RELU = 4
+    ACT_ELU = 5
+    ACT_SOFTPLUS = 6
+    ACT_GELU = 7
+    ACT_SOFTMAX = 8
+
+class Loss(IntEnum):
+    LOSS_MSE = 0
+    LOSS_L1 = 1
+    LOSS_HUBER = 2
+    LOSS_CROSS_ENTROPY = 3
+    LOSS_CROSS_ENTROPY_PROBS = 4
+    LOSS_BINARY_CROSS_ENTROPY = 5
+    LOSS_BINARY_CROSS_ENTROPY_PROBS = 6
+
+class Optimizer(IntEnum):
+    OPT_SGD = 0
+    OPT_ADAM = 1
+    OPT_RMSPROP = 2
+    OPT_ADAGRAD = 3
+
+class LayerKind(IntEnum):
+    KIND_DENSE = 0
+
 ACTIVATIONS: tuple[str, ...]
 LOSSES: tuple[str, ...]
 OPTIMIZERS: tuple[str, ...]
+LAYER_KINDS: tuple[str, ...]
 PARALLEL_MIN_WORK: int
 PRODUCT_SPLIT: tuple[int, int, int]  # (SPLIT_MIN_WORK, BLOCK_WIDTH, MAX_BLOCKS)
 
@@ -21,6 +52,11 @@ def set_blas_num_threads(n: int) -> None: ...
 def set_adaptive(adaptive: bool) -> None: ...
 def product_timings() -> list[tuple[int, int, int, float, float, bool]]: ...
 def first_nonfinite(array: NDArray[np.floating]) -> int: ...
+def ready_array(array: object, dtype: np.dtype[Any], ndim: int) -> bool: ...
+def ready_labels(labels: object, n_rows: int, n_classes: int) -> bool: ...
+
+BUSY_MESSAGE: str
+FITTING_MESSAGE: str
 
 class LossConfig:
     def __init__(self, name: str, param: float = ...) -> None: ...
@@ -48,6 +84,7 @@ class OptimizerConfig:
     def step(self, engine: Engine) -> None: ...
 
 class Engine:
+    """The base of Engine32 and Engine64: layer table and lock."""
     n_layers: int
     n_parameters: int
     n_inputs: int
@@ -70,18 +107,28 @@ class Engine:
                  ) -> tuple[NDArray[np.floating], NDArray[np.floating] | None, int, Any]: ...
     def assign_parameters(self, values: NDArray[np.floating]) -> None: ...
     def layer_output(self, layer: int) -> NDArray[np.floating]: ...
-    def train_step(self, x: NDArray[np.floating], target: NDArray[np.floating] | None,
+
+_F = TypeVar("_F", np.float32, np.float64)
+
+class _TypedEngine(Engine, Generic[_F]):
+    """Stub only: what Engine32 (float32) and Engine64 (float64) add, from one template."""
+    def train_step(self, x: NDArray[_F], target: NDArray[_F] | None,
                    labels: NDArray[np.intp] | None, weights: NDArray[np.float64] | None,
                    loss: LossConfig, optimizer: OptimizerConfig | None, l2: float = ...,
                    clip_value: float = ..., clip_norm: float = ...) -> float: ...
-    def train_epoch(self, x: NDArray[np.floating], target: NDArray[np.floating] | None,
+    def train_epoch(self, x: NDArray[_F], target: NDArray[_F] | None,
                     labels: NDArray[np.intp] | None, weights: NDArray[np.float64] | None,
                     order: NDArray[np.intp] | None, batch_size: int, loss: LossConfig,
                     optimizer: OptimizerConfig, l2: float = ..., clip_value: float = ...,
                     clip_norm: float = ..., batch_lrs: NDArray[np.float64] | None = ...,
                     check_signals: bool = ..., totals: NDArray[np.float64] | None = ...
                     ) -> tuple[float, float, int, bool]: ...
-    def forward(self, x: NDArray[np.floating]) -> NDArray[np.floating]: ...
-    def backward(self, grad_output: NDArray[np.floating],
-                 want_grad_input: bool) -> NDArray[np.floating] | None: ...
-    def predict(self, x: NDArray[np.floating], chunk_rows: int) -> NDArray[np.floating]: ...
+    def forward(self, x: NDArray[_F]) -> NDArray[_F]: ...
+    def backward(self, grad_output: NDArray[_F],
+                 want_grad_input: bool) -> NDArray[_F] | None: ...
+    def predict(self, x: NDArray[_F], chunk_rows: int) -> NDArray[_F]: ...
+
+class Engine32(_TypedEngine[np.float32]): ...
+class Engine64(_TypedEngine[np.float64]): ...
+
+ENGINES: dict[np.dtype[Any], type[Engine32] | type[Engine64]]

@@ -21,7 +21,7 @@ from .io import load, read_header, save
 from .layers import ACTIVATIONS, Dense
 from .losses import MSE, CrossEntropy
 from .network import Network
-from .optimizers import get_optimizer
+from .optimizers import OPTIMIZER_NAMES, get_optimizer
 
 __all__ = ["main"]
 
@@ -29,7 +29,6 @@ __all__ = ["main"]
 # at most this many distinct values; otherwise it is a regression target.
 MAX_AUTO_CLASSES = 20
 
-_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 _HIDDEN_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "softmax")
 
 
@@ -593,7 +592,7 @@ def build_parser():
                        f"{', '.join(_HIDDEN_ACTIVATIONS)})")
     train.add_argument("--epochs", type=_positive_int, default=20, help="default 20")
     train.add_argument("--batch-size", type=_positive_int, default=32, help="default 32")
-    train.add_argument("--optimizer", default="adam", choices=_OPTIMIZERS,
+    train.add_argument("--optimizer", default="adam", choices=OPTIMIZER_NAMES,
                        help="default adam")
     train.add_argument("--lr", type=_positive_float, default=1e-3,
                        help="learning rate (default 0.001)")

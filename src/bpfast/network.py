@@ -128,7 +128,8 @@ class Network:
                           offset, bias_offset))
             offset += layer.n_parameters
             layer._network = self
-        self._engine = _core.Engine(table, self._parameters, self._gradients)
+        self._engine = _core.ENGINES[self._parameters.dtype](table, self._parameters,
+                                                            self._gradients)
         self.epochs_trained = 0
         self.history = None
         self.stop_training = False

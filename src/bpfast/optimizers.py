@@ -16,7 +16,8 @@ from ._validation import check_bool, check_memory, check_real, instance_by_name
 if TYPE_CHECKING:
     from .network import Network
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get_optimizer"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "OPTIMIZER_NAMES",
+           "get_optimizer"]
 
 
 class Optimizer:
@@ -257,6 +258,8 @@ def _rebuild_optimizer(cls, arguments, initial_lr):
 
 _BY_CLASS_NAME = {cls.__name__: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)}
 _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad}
+# the names get_optimizer (and the command line's --optimizer) takes
+OPTIMIZER_NAMES = tuple(_BY_NAME)
 
 
 def get_optimizer(optimizer):

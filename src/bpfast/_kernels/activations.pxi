@@ -1,0 +1,144 @@
+# Bias + activation forward and the activation derivative, row blocks under OpenMP.
+# Included by _core.pyx.
+
+cdef void bias_activation_rows(floating* z, floating* a, const floating* bias,
+                               Py_ssize_t row_begin, Py_ssize_t row_end,
+                               Py_ssize_t width, int activation,
+                               double param) noexcept nogil:
+    """z += bias; a = g(z) on rows [row_begin, row_end). a may alias z."""
+    cdef Py_ssize_t i, j
+    cdef floating *zr
+    cdef floating *ar
+    cdef floating v, row_max, total, p = <floating>param
+    for i in range(row_begin, row_end):
+        zr = z + i * width
+        ar = a + i * width
+        if bias != NULL:
+            for j in range(width):
+                zr[j] = zr[j] + bias[j]
+        if activation == ACT_IDENTITY:
+            if ar != zr:
+                for j in range(width):
+                    ar[j] = zr[j]
+        elif activation == ACT_SIGMOID:
+            for j in range(width):
+                ar[j] = _sigmoid(zr[j])
+        elif activation == ACT_TANH:
+            for j in range(width):
+                ar[j] = _tanh(zr[j])
+        elif activation == ACT_RELU:
+            # "not <= 0" lets NaN through, as PyTorch's relu does.
+            for j in range(width):
+                v = zr[j]
+                ar[j] = 0 if v <= 0 else v
+        elif activation == ACT_LEAKY_RELU:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v if v > 0 else v * p
+        elif activation == ACT_ELU:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v if v > 0 else p * _expm1(v)
+        elif activation == ACT_SOFTPLUS:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v if v > SOFTPLUS_THRESHOLD else _log1p(_exp(v))
+        elif activation == ACT_GELU:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v * <floating>0.5 * (1 + _erf(v * <floating>SQRT1_2))
+        elif activation == ACT_SOFTMAX:
+            row_max = zr[0]
+            for j in range(1, width):
+                if zr[j] > row_max:
+                    row_max = zr[j]
+            total = 0
+            for j in range(width):
+                ar[j] = _exp(zr[j] - row_max)
+                total = total + ar[j]
+            for j in range(width):
+                ar[j] = ar[j] / total
+
+
+cdef void activation_backward_rows(floating* grad, const floating* a, const floating* z,
+                                   Py_ssize_t row_begin, Py_ssize_t row_end,
+                                   Py_ssize_t width, int activation,
+                                   double param) noexcept nogil:
+    """grad = dL/da -> dL/dz in place, on rows [row_begin, row_end).
+
+    Uses the output a where the derivative is a function of it (sigmoid, tanh,
+    relu, softmax) and the pre-activation z otherwise (leaky_relu, elu, softplus,
+    gelu), so every derivative is exact for any parameter value.
+    """
+    cdef Py_ssize_t i, j
+    cdef floating *gr
+    cdef const floating *ar
+    cdef const floating *zr
+    cdef floating v, e, dot, p = <floating>param
+    for i in range(row_begin, row_end):
+        gr = grad + i * width
+        ar = a + i * width
+        zr = z + i * width
+        if activation == ACT_SIGMOID:
+            for j in range(width):
+                gr[j] = gr[j] * (1 - ar[j]) * ar[j]
+        elif activation == ACT_TANH:
+            for j in range(width):
+                gr[j] = gr[j] * (1 - ar[j] * ar[j])
+        elif activation == ACT_RELU:
+            # selects, not conditional stores, so the loops vectorize
+            for j in range(width):
+                gr[j] = 0 if ar[j] <= 0 else gr[j]
+        elif activation == ACT_LEAKY_RELU:
+            for j in range(width):
+                gr[j] = gr[j] if zr[j] > 0 else gr[j] * p
+        elif activation == ACT_ELU:
+            for j in range(width):
+                v = zr[j]
+                if v <= 0:
+                    gr[j] = gr[j] * p * _exp(v)
+        elif activation == ACT_SOFTPLUS:
+            for j in range(width):
+                v = zr[j]
+                if not v > SOFTPLUS_THRESHOLD:
+                    e = _exp(v)
+                    gr[j] = gr[j] * e / (e + 1)
+        elif activation == ACT_GELU:
+            for j in range(width):
+                v = zr[j]
+                gr[j] = gr[j] * (<floating>0.5 * (1 + _erf(v * <floating>SQRT1_2))
+                                 + v * <floating>GELU_PDF_SCALE * _exp(v * v * <floating>-0.5))
+        elif activation == ACT_SOFTMAX:
+            # Jacobian-vector product of softmax: a * (g - <g, a>).
+            dot = 0
+            for j in range(width):
+                dot = dot + gr[j] * ar[j]
+            for j in range(width):
+                gr[j] = ar[j] * (gr[j] - dot)
+
+
+# Parallel drivers: split rows (or columns) into one contiguous block per thread.
+cdef void bias_activation(floating* z, floating* a, const floating* bias, Py_ssize_t n_rows,
+                          Py_ssize_t width, int activation, double param) noexcept nogil:
+    cdef int t, n_threads = _threads_for(n_rows * width)
+    if n_threads == 1 or n_rows < 2:
+        bias_activation_rows(z, a, bias, 0, n_rows, width, activation, param)
+        return
+    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+        bias_activation_rows(z, a, bias, t * n_rows // n_threads,
+                             (t + 1) * n_rows // n_threads, width, activation, param)
+
+
+cdef void activation_backward(floating* grad, const floating* a, const floating* z,
+                              Py_ssize_t n_rows, Py_ssize_t width, int activation,
+                              double param) noexcept nogil:
+    cdef int t, n_threads
+    if activation == ACT_IDENTITY:
+        return
+    n_threads = _threads_for(n_rows * width)
+    if n_threads == 1 or n_rows < 2:
+        activation_backward_rows(grad, a, z, 0, n_rows, width, activation, param)
+        return
+    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+        activation_backward_rows(grad, a, z, t * n_rows // n_threads,
+                                 (t + 1) * n_rows // n_threads, width, activation, param)

@@ -1,0 +1,297 @@
+# Matrix products through SciPy's BLAS (gemm, matvec) and the thread policy of
+# bpfast's own passes (_threads_for). Included by _core.pyx.
+
+cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
+    # and one thread while the threaded products lose (a busy machine, see gemm):
+    # joining this pass's threads would wait for a descheduled worker just the same
+    return 1 if work < _parallel_min_work or not _passes_threaded else _n_threads
+
+
+# Thread policy for matrix products (bench/README.md, "Threads under load").
+#
+# bpfast threads its products itself: a product large enough to gain is split into
+# fixed column (or row) blocks, each one single-threaded BLAS call, and the blocks run
+# either one after the other in the calling thread or under OpenMP. The blocks depend
+# on the shape only, so both ways (and any thread count) give the same bits. Which way
+# is faster depends on the load: on a quiet machine the threads win up to 1.7x, but
+# when other processes keep the cores busy every join waits a scheduler slice for a
+# descheduled worker and the threaded product is up to 10x slower. So each shape keeps
+# a running time of both ways and uses the faster: it starts on one thread and times
+# the other way again once PROBE_RATIO times that way's estimated cost (at least
+# PROBE_FLOOR_S) has been spent on the chosen one, so probing costs about
+# 1/PROBE_RATIO of the time. SciPy's OpenBLAS is held at one thread
+# while bpfast calls it (through the set/get functions _threads.py finds); where those
+# are unknown (another BLAS), products are not split and BLAS threads itself. A
+# lower BLAS count set from outside (threadpoolctl) caps the products' threads too.
+cdef extern from *:
+    """
+    #include <time.h>
+    typedef void (*bpfast_blas_set_fn)(int);
+    typedef int (*bpfast_blas_get_fn)(void);
+    static bpfast_blas_set_fn bpfast_blas_set = NULL;
+    static bpfast_blas_get_fn bpfast_blas_get = NULL;
+    #ifdef _WIN32
+    static double bpfast_seconds(void) {
+        struct timespec ts; timespec_get(&ts, TIME_UTC);
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    /* Windows: the BLAS functions are never looked up, so this is never reached */
+    static int bpfast_blas_enter(void) { return 1; }
+    static void bpfast_blas_leave(void) {}
+    static void bpfast_blas_set_count(int n) {}
+    #else
+    #include <pthread.h>
+    static double bpfast_seconds(void) {
+        struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    /* The BLAS thread count belongs to the process: the first bpfast product to start
+       saves it and sets one thread, the last to finish restores it. Returns the saved
+       count: a limit set from outside (threadpoolctl) also limits bpfast's products. */
+    static pthread_mutex_t bpfast_blas_lock = PTHREAD_MUTEX_INITIALIZER;
+    static int bpfast_blas_users = 0, bpfast_blas_saved = 1;
+    static int bpfast_blas_enter(void) {
+        int saved;
+        pthread_mutex_lock(&bpfast_blas_lock);
+        if (bpfast_blas_users++ == 0) {
+            bpfast_blas_saved = bpfast_blas_get();
+            if (bpfast_blas_saved != 1) bpfast_blas_set(1);
+        }
+        saved = bpfast_blas_saved;
+        pthread_mutex_unlock(&bpfast_blas_lock);
+        return saved;
+    }
+    static void bpfast_blas_leave(void) {
+        pthread_mutex_lock(&bpfast_blas_lock);
+        if (--bpfast_blas_users == 0 && bpfast_blas_saved != 1)
+            bpfast_blas_set(bpfast_blas_saved);
+        pthread_mutex_unlock(&bpfast_blas_lock);
+    }
+    /* a new count while products run is the one the last of them restores */
+    static void bpfast_blas_set_count(int n) {
+        pthread_mutex_lock(&bpfast_blas_lock);
+        if (bpfast_blas_users > 0) bpfast_blas_saved = n; else bpfast_blas_set(n);
+        pthread_mutex_unlock(&bpfast_blas_lock);
+    }
+    #endif
+    """
+    ctypedef void (*bpfast_blas_set_fn)(int) noexcept nogil
+    ctypedef int (*bpfast_blas_get_fn)() noexcept nogil
+    bpfast_blas_set_fn bpfast_blas_set
+    bpfast_blas_get_fn bpfast_blas_get
+    double bpfast_seconds() noexcept nogil
+    int bpfast_blas_enter() noexcept nogil
+    void bpfast_blas_leave() noexcept nogil
+    void bpfast_blas_set_count(int n) noexcept nogil
+
+# A product is split when m n k reaches SPLIT_MIN_WORK (OpenBLAS's own threshold for
+# threading a GEMM): its longer side (rows or columns of C) into blocks of about
+# BLOCK_WIDTH (two halves from BLOCK_WIDTH up), at most MAX_BLOCKS of them. Narrower
+# blocks cost more in one thread: 64 columns 5-15% over one call, 128 columns 3-6%
+# (SGEMM/DGEMM of the L shapes, bench/README.md).
+cdef enum:
+    SPLIT_MIN_WORK = 1 << 18
+    BLOCK_WIDTH = 128
+    MAX_BLOCKS = 64
+    PROBE_RATIO = 16
+    TIMING_SLOTS = 256  # shapes remembered (a network has 3 per layer, and a last batch)
+cdef double PROBE_FLOOR_S = 1e-3
+# for tests: (SPLIT_MIN_WORK, BLOCK_WIDTH, MAX_BLOCKS)
+PRODUCT_SPLIT = (SPLIT_MIN_WORK, BLOCK_WIDTH, MAX_BLOCKS)
+
+ctypedef struct ShapeTiming:
+    int m, n, k, flags        # the product; flags: transposes, dtype; 0 = empty slot
+    double serial_s           # running time per call, blocks one after the other
+    double parallel_s         # the same under OpenMP; 0 = not timed yet
+    double since_probe_s      # time spent on the chosen way since the other was timed
+    bint parallel             # the chosen way
+
+# Racy by design: threads may update one slot at once. A torn update only misleads
+# the choice for a while; the result is the same either way.
+cdef ShapeTiming _timings[TIMING_SLOTS]
+cdef bint _adaptive = True
+cdef bint _split_products = False  # True once _threads.py found the BLAS's thread functions
+
+
+def set_blas_thread_functions(size_t set_address, size_t get_address):
+    """Give the engine the BLAS's set_num_threads/get_num_threads (C addresses; 0, 0: none).
+
+    With them, products are split and threaded by bpfast (see the BLAS section of
+    _core.pyx); without, BLAS threads its own products.
+    """
+    global bpfast_blas_set, bpfast_blas_get, _split_products
+    bpfast_blas_set = <bpfast_blas_set_fn>set_address
+    bpfast_blas_get = <bpfast_blas_get_fn>get_address
+    _split_products = set_address != 0 and get_address != 0
+
+
+def set_blas_num_threads(int n):
+    """Set the BLAS's thread count (found by set_blas_thread_functions), also while
+    bpfast's products hold it at one: the last of them to finish restores n."""
+    if _split_products:
+        bpfast_blas_set_count(max(1, n))
+
+
+def set_adaptive(bint adaptive):
+    """True: time both ways of running split products and use the faster (the default);
+    False: always run them on get_num_threads() threads (benchmarks use it)."""
+    global _adaptive, _passes_threaded
+    _adaptive = adaptive
+    _passes_threaded = True
+
+
+def product_timings():
+    """The shapes timed so far: (m, n, k, serial_s, parallel_s, uses_threads) each."""
+    return [(t.m, t.n, t.k, t.serial_s, t.parallel_s, bool(t.parallel))
+            for t in _timings[:TIMING_SLOTS] if t.flags != 0]
+
+
+cdef ShapeTiming* _timing_for(int m, int n, int k, int flags) noexcept nogil:
+    cdef uint64_t h = (<uint64_t>m * 0x9E3779B97F4A7C15ULL) ^ (<uint64_t>n * 0xC2B2AE3D27D4EB4FULL)
+    h ^= (<uint64_t>k * 0x165667B19E3779F9ULL) ^ <uint64_t>flags
+    h ^= h >> 29
+    cdef int probe, slot = <int>(h % TIMING_SLOTS)
+    cdef ShapeTiming* t
+    for probe in range(4):
+        t = &_timings[(slot + probe) % TIMING_SLOTS]
+        if t.flags == flags and t.m == m and t.n == n and t.k == k:
+            return t
+        if t.flags == 0:
+            break
+    # a new shape: the empty slot found, or (these four being taken) the last of them
+    t.m, t.n, t.k, t.flags = m, n, k, flags
+    t.serial_s = t.parallel_s = t.since_probe_s = 0
+    t.parallel = False
+    return t
+
+
+cdef inline void _blas_gemm(char ta, char tb, int m, int n, int k, const floating* a, int lda,
+                            const floating* b, int ldb, floating beta, floating* c,
+                            int ldc) noexcept nogil:
+    # column-major C (n x m as bpfast sees it): see gemm
+    cdef floating one = 1
+    if floating is float:
+        sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&tb, &ta, &n, &m, &k, &one, <double*>b, &ldb, <double*>a, &lda, &beta, c, &ldc)
+
+
+cdef void _gemm_block(bint trans_a, bint trans_b, bint split_rows, int block, int n_blocks,
+                      int m, int n, int k, const floating* a, int lda, const floating* b,
+                      int ldb, floating beta, floating* c, int ldc) noexcept nogil:
+    """Block `block` of n_blocks of the rows (split_rows) or columns of C = op(A) op(B)."""
+    cdef char ta = b'T' if trans_a else b'N'
+    cdef char tb = b'T' if trans_b else b'N'
+    cdef int size = m if split_rows else n
+    cdef int begin = <int>(<long long>block * size // n_blocks)
+    cdef int end = <int>(<long long>(block + 1) * size // n_blocks)
+    cdef Py_ssize_t offset
+    if split_rows:  # rows of op(A): rows of A, or its columns when transposed
+        offset = begin if trans_a else <Py_ssize_t>begin * lda
+        _blas_gemm(ta, tb, end - begin, n, k, a + offset, lda, b, ldb, beta,
+                   c + <Py_ssize_t>begin * ldc, ldc)
+    else:  # columns of op(B): columns of B, or its rows when transposed
+        offset = <Py_ssize_t>begin * ldb if trans_b else begin
+        _blas_gemm(ta, tb, m, end - begin, k, a, lda, b + offset, ldb, beta, c + begin, ldc)
+
+
+cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
+               const floating* a, int lda, const floating* b, int ldb,
+               floating beta, floating* c, int ldc) noexcept nogil:
+    """Row-major C (m x n) = op(A) op(B) + beta C, with op(X) = X.T when trans_X.
+
+    A row-major matrix is the column-major storage of its transpose, so C.T =
+    op(B).T op(A).T is one column-major BLAS call with the operands swapped:
+    no copies, whatever the transposes. Large products run in blocks (see above).
+    """
+    cdef char ta = b'T' if trans_a else b'N'
+    cdef char tb = b'T' if trans_b else b'N'
+    cdef bint split_rows = m > n
+    cdef int n_blocks = (m if split_rows else n) // BLOCK_WIDTH
+    cdef int block, n_threads = _n_threads, flags
+    cdef bint parallel
+    cdef double start, elapsed, other_s
+    cdef ShapeTiming* timing = NULL
+    if n_blocks > MAX_BLOCKS:
+        n_blocks = MAX_BLOCKS
+    elif n_blocks == 1 and (m if split_rows else n) >= BLOCK_WIDTH:
+        n_blocks = 2  # two halves of at least BLOCK_WIDTH / 2
+    if not _split_products or n_blocks < 2 or <double>m * n * k < SPLIT_MIN_WORK:
+        if _split_products:
+            bpfast_blas_enter()
+        _blas_gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+        if _split_products:
+            bpfast_blas_leave()
+        return
+    n_threads = min(n_threads, bpfast_blas_enter())  # and at most BLAS's own count
+    parallel = n_threads > 1
+    if parallel and _adaptive:
+        flags = 1 + trans_a + 2 * trans_b + (4 if floating is float else 8)
+        timing = _timing_for(m, n, k, flags)
+        if timing.serial_s == 0:
+            parallel = False
+        else:
+            # an untimed way counts as costing PROBE_FLOOR_S: under load one threaded
+            # call can wait a scheduler slice, whatever its size
+            other_s = timing.serial_s if timing.parallel else timing.parallel_s
+            if timing.since_probe_s >= PROBE_RATIO * max(other_s, PROBE_FLOOR_S):
+                parallel = not timing.parallel
+            else:
+                parallel = timing.parallel
+        start = bpfast_seconds()
+    if parallel:
+        for block in prange(n_blocks, num_threads=n_threads, schedule="dynamic"):
+            _gemm_block(trans_a, trans_b, split_rows, block, n_blocks, m, n, k, a, lda, b,
+                        ldb, beta, c, ldc)
+    else:
+        for block in range(n_blocks):
+            _gemm_block(trans_a, trans_b, split_rows, block, n_blocks, m, n, k, a, lda, b,
+                        ldb, beta, c, ldc)
+    if timing != NULL:
+        elapsed = bpfast_seconds() - start
+        _record(timing, parallel, elapsed)
+    bpfast_blas_leave()
+
+
+cdef inline double _running(double previous, double sample, double weight) noexcept nogil:
+    return sample if previous == 0 else previous + weight * (sample - previous)
+
+
+cdef void _record(ShapeTiming* timing, bint parallel, double elapsed) noexcept nogil:
+    global _passes_threaded
+    # the chosen way is timed every call (weight 1/4); a probe of the other counts 1/2
+    if parallel == timing.parallel:
+        timing.since_probe_s += elapsed
+    else:
+        timing.since_probe_s = 0
+    if parallel:
+        timing.parallel_s = _running(timing.parallel_s, elapsed,
+                                     0.25 if timing.parallel else 0.5)
+    else:
+        timing.serial_s = _running(timing.serial_s, elapsed,
+                                   0.5 if timing.parallel else 0.25)
+    timing.parallel = timing.parallel_s != 0 and timing.parallel_s < timing.serial_s
+    if timing.parallel_s != 0:
+        _passes_threaded = timing.parallel
+
+
+cdef inline void matvec(const floating* w, int n_out, int n_in, const floating* x,
+                        floating* y) noexcept nogil:
+    """y = W x for a row-major W (n_out, n_in): one GEMV on the column-major W^T.
+
+    A one-row product through GEMM would pack all of W first (measured: 95% of a
+    one-sample predict); GEMV streams W once.
+    """
+    cdef char trans = b'T'
+    cdef int one = 1
+    cdef floating alpha = 1, beta = 0
+    if _split_products:  # one BLAS thread, as for the products (see gemm)
+        bpfast_blas_enter()
+    if floating is float:
+        sgemv(&trans, &n_in, &n_out, &alpha, <float*>w, &n_in, <float*>x, &one, &beta, y,
+              &one)
+    else:
+        dgemv(&trans, &n_in, &n_out, &alpha, <double*>w, &n_in, <double*>x, &one, &beta, y,
+              &one)
+    if _split_products:
+        bpfast_blas_leave()
