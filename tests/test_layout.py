@@ -9,6 +9,7 @@
 """
 import ast
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -114,3 +115,23 @@ def test_saving_reads_a_network_only_through_its_state_protocol():
     private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
                and node.attr.startswith("_") and not node.attr.startswith("__")}
     assert private <= {"_get_state", "_from_state", "_restore"}, private
+
+
+@pytest.mark.parametrize("activation", [None, *bp.ACTIVATIONS])
+def test_a_layer_has_one_description(activation):
+    """A layer is described once (describe/from_description): pickling, saving and the
+    engine's table all read it, so a layer rebuilt from it is the same layer."""
+    from bpfast.layers import from_description
+    keyword = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.7}}.get(activation, {})
+    layer = bp.Dense(3, 4, activation, bias=activation != "tanh", init="normal", **keyword)
+    spec = layer.describe()
+    json.dumps(spec)  # plain values only
+    assert from_description(spec).describe() == spec
+    assert from_description({k: spec[k] for k in bp.Dense.FILE_FIELDS}).describe() == {
+        **spec, "init": None}
+    net = bp.Network([bp.Dense(2, 3), layer], seed=0)
+    assert net._get_state()["layers"][1] == spec
+    row = layer.engine_row(0, 12)
+    assert row[:4] == (3, 4, bp.ACTIVATIONS.index(layer.activation), layer.activation_param)
+    with pytest.raises(ValueError, match="unknown layer kind"):
+        from_description({**spec, "kind": "conv2d"})

@@ -49,7 +49,7 @@ from typing import Any, Literal, NamedTuple, overload
 import numpy as np
 
 from . import __version__
-from .layers import ACTIVATIONS
+from .layers import ACTIVATIONS, Dense
 from .network import Network
 from .optimizers import _BY_CLASS_NAME as _OPTIMIZER_CLASSES
 from .optimizers import Optimizer
@@ -67,7 +67,7 @@ _MAX_HEADER_BYTES = 64 << 20
 # The fixed part of a zip entry's local header (APPNOTE 4.3.7), before its name and extra field.
 _LOCAL_HEADER_SIZE = 30
 
-_LAYER_FIELDS = ("in_features", "out_features", "activation", "bias", "activation_param")
+_LAYER_FIELDS = Dense.FILE_FIELDS
 
 
 # --------------------------------------------------------------------------- save

@@ -88,16 +88,27 @@ class Dense:
     def n_parameters(self) -> int:
         return self.out_features * (self.in_features + self.use_bias)
 
+    #: The fields of :meth:`describe` that a model file stores (``init`` only matters
+    #: before training, so files leave it out; pickles keep it).
+    FILE_FIELDS = ("in_features", "out_features", "activation", "bias", "activation_param")
+
+    def describe(self) -> dict[str, Any]:
+        """The layer as plain JSON-able values: the one description that the engine's
+        layer table, saving, pickling and export all read (see :func:`from_description`)."""
+        return {"kind": "dense", "in_features": self.in_features,
+                "out_features": self.out_features, "activation": self.activation,
+                "bias": self.use_bias, "activation_param": self.activation_param,
+                "init": self.init}
+
     def arguments(self) -> dict[str, Any]:
         """The constructor's arguments that make an equal, unattached Dense."""
-        arguments: dict[str, Any] = {
-            "in_features": self.in_features, "out_features": self.out_features,
-            "activation": self.activation, "bias": self.use_bias, "init": self.init}
-        if self.activation == "leaky_relu":
-            arguments["negative_slope"] = self.activation_param
-        elif self.activation == "elu":
-            arguments["alpha"] = self.activation_param
-        return arguments
+        return _dense_arguments(self.describe())
+
+    def engine_row(self, weight_offset: int, bias_offset: int) -> tuple:
+        """This layer's row of the engine's layer table (kind code last)."""
+        return (self.in_features, self.out_features,
+                _core.ACTIVATIONS.index(self.activation), self.activation_param,
+                weight_offset, bias_offset, _core.LAYER_KINDS.index("dense"))
 
     def initial_values(self, rng):
         """Fresh float64 (weight, bias) drawn from rng by this layer's init scheme."""
@@ -126,3 +137,28 @@ class Dense:
             extra += f", alpha={self.activation_param}"
         return (f"Dense({self.in_features}, {self.out_features}, "
                 f"activation={self.activation!r}{extra})")
+
+
+def _dense_arguments(spec):
+    arguments = {key: spec[key] for key in ("in_features", "out_features", "activation",
+                                            "bias")}
+    arguments["init"] = spec.get("init")
+    if spec["activation"] == "leaky_relu":
+        arguments["negative_slope"] = spec["activation_param"]
+    elif spec["activation"] == "elu":
+        arguments["alpha"] = spec["activation_param"]
+    return arguments
+
+
+def from_description(spec: dict[str, Any]) -> Dense:
+    """The unattached layer that ``spec`` (from a layer's ``describe()``) describes.
+
+    A description without ``"kind"`` (files written before layer kinds) is a Dense.
+    TypeError or ValueError for one the constructor refuses.
+    """
+    kind = spec.get("kind", "dense")
+    if kind != "dense":
+        raise ValueError(f"unknown layer kind {kind!r}; valid: 'dense'")
+    arguments = _dense_arguments(spec)
+    return Dense(arguments.pop("in_features"), arguments.pop("out_features"),
+                 arguments.pop("activation"), **arguments)

@@ -32,7 +32,7 @@ from ._validation import (
     format_bytes,
 )
 from .callbacks import Callback, EarlyStopping, History
-from .layers import Dense
+from .layers import Dense, from_description
 from .losses import Loss, get_loss
 from .optimizers import Optimizer, get_optimizer
 from .schedules import Schedule
@@ -123,9 +123,7 @@ class Network:
             layer.weight[...] = weight
             if layer.use_bias:
                 layer.bias[...] = bias
-            table.append((layer.in_features, layer.out_features,
-                          _core.ACTIVATIONS.index(layer.activation), layer.activation_param,
-                          offset, bias_offset))
+            table.append(layer.engine_row(offset, bias_offset))
             offset += layer.n_parameters
             layer._network = self
         self._engine = _core.ENGINES[self._parameters.dtype](table, self._parameters,
@@ -547,10 +545,7 @@ class Network:
             lambda: (self._rng_state(), getattr(self, "epochs_trained", None)))
         if record is not None:  # the step count and state of the snapshot
             record = {**record, "step_count": int(step_count), "has_state": state is not None}
-        layers = [{"in_features": layer.in_features, "out_features": layer.out_features,
-                   "activation": layer.activation, "bias": layer.use_bias,
-                   "activation_param": layer.activation_param, "init": layer.init}
-                  for layer in self.layers]
+        layers = [layer.describe() for layer in self.layers]
         return {"layers": layers, "dtype": self.dtype.name, "seed": self.seed,
                 "rng_state": rng_state, "epochs_trained": epochs_trained,
                 "optimizer": record, "parameters": parameters, "optimizer_state": state}
@@ -559,10 +554,7 @@ class Network:
     def _from_state(cls, state):
         """The network that ``state`` (from _get_state) describes; TypeError or
         ValueError for a description the constructor refuses."""
-        layers = [Dense(spec["in_features"], spec["out_features"], spec["activation"],
-                        bias=spec["bias"], init=spec.get("init"),
-                        **_activation_keyword(spec["activation"], spec["activation_param"]))
-                  for spec in state["layers"]]
+        layers = [from_description(spec) for spec in state["layers"]]
         network = cls(layers, dtype=state["dtype"], seed=state["seed"])
         network.parameters = state["parameters"]
         network._restore_rng(state.get("rng_state"))
@@ -667,15 +659,6 @@ class Network:
         """
         from .export import network_from_torch
         return network_from_torch(module)
-
-
-def _activation_keyword(activation, param):
-    """The Dense keyword that sets ``activation``'s parameter, as a dict (empty if none)."""
-    if activation == "leaky_relu":
-        return {"negative_slope": param}
-    if activation == "elu":
-        return {"alpha": param}
-    return {}
 
 
 def _rebuild_network(layers, dtype, seed, parameters, rng_state, epochs_trained):
