@@ -683,7 +683,8 @@ def test_validation_split_regression_is_not_stratified():
     (dict(validation_data=([[0.0] * 64], [0], [1.0], [2])), TypeError),
     (dict(validation_data=np.zeros((4, 64))), TypeError),
     (dict(metrics=["accuracy"], loss=bp.MSE()), ValueError),
-    (dict(metrics=["precision"]), ValueError),
+    (dict(metrics=["f2"]), ValueError),  # unknown
+    (dict(metrics=["r2"]), ValueError),  # a regression metric for CrossEntropy
 ])
 def test_bad_validation_arguments_raise_before_anything_changes(trained, kwargs, error):
     net, opt, X, y = trained

@@ -18,7 +18,8 @@ import numpy as np
 from ._compiled import core as _core
 from ._validation import check_choice, check_real, check_sample_weight
 from .callbacks import Callback, EarlyStopping, History, ProgressBar, ReduceLROnPlateau
-from .losses import BinaryCrossEntropy, CrossEntropy
+from .losses import CrossEntropy
+from .metrics import get_metric
 from .schedules import as_schedule
 
 __all__ = ["DivergenceError", "FitConfig", "Trainer"]
@@ -111,44 +112,18 @@ def split_validation(n_samples, fraction, classes, rng):
     return np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
 
 
-def resolve_metrics(metrics, loss):
-    """[(name, function(output, data) -> float)] for metrics=["accuracy", callable, ...]."""
+def resolve_metrics(metrics, loss, n_outputs):
+    """[(name, function(output, data) -> float)] for metrics=["accuracy", callable, ...]
+    (see bpfast.metrics), checked against loss and the network's n_outputs."""
     if metrics is None:
         return []
     if isinstance(metrics, str) or callable(metrics):
         metrics = [metrics]
-    resolved = []
-    for metric in metrics:
-        if metric == "accuracy":
-            if not isinstance(loss, (CrossEntropy, BinaryCrossEntropy)):
-                raise ValueError(f"metric 'accuracy' needs a classification loss "
-                                 f"(CrossEntropy or BinaryCrossEntropy), not {loss!r}")
-            resolved.append(("accuracy", _accuracy_for(loss)))
-        elif callable(metric):
-            name = getattr(metric, "__name__", type(metric).__name__)
-            resolved.append((name, lambda output, data, f=metric: float(f(data.y, output))))
-        else:
-            raise ValueError(f"unknown metric {metric!r}; valid: 'accuracy' or a callable "
-                             f"f(y_true, y_pred) -> float")
+    resolved = [get_metric(metric, loss, n_outputs) for metric in metrics]
     names = [name for name, _ in resolved]
     if len(set(names)) != len(names):
         raise ValueError(f"metric names must be distinct, got {names}")
     return resolved
-
-
-def _accuracy_for(loss):
-    if isinstance(loss, CrossEntropy):
-        def accuracy(output, data):
-            truth = data.labels if data.labels is not None else np.argmax(data.dense, axis=1)
-            return float(np.mean(np.argmax(output, axis=1) == truth))
-    else:
-        # binary (per output): logit > 0, or probability > 1/2, against target >= 1/2
-        threshold = 0.0 if loss.from_logits else 0.5
-
-        def accuracy(output, data):
-            return float(np.mean((output > threshold) == (data.dense >= 0.5)))
-    return accuracy
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -362,7 +362,11 @@ class Network:
         validation_split : float in (0, 1), optional
             Hold out this fraction of the samples (stratified by class for
             classification losses, drawn from the network's RNG) for validation.
-        metrics : list of "accuracy" or callables ``f(y_true, y_pred) -> float``
+        metrics : list of metric names or callables ``f(y_true, y_pred) -> float``
+            "accuracy", "mae", "mse", "rmse", "r2", "log_loss", "top_k_accuracy"
+            (k=5; "top_3_accuracy" for k=3), "precision", "recall", "f1" (binary
+            for two classes, else macro; "f1_macro", "f1_binary" to choose), "auc";
+            each gives scikit-learn's value (see :mod:`bpfast.metrics`).
             Recorded per epoch on the training data (after the epoch, one extra
             forward pass) and, with validation, as "val_<name>". A callable gets y
             as given and the network's output (``predict``: logits or
@@ -487,7 +491,7 @@ class Network:
         if isinstance(X, np.ndarray) and X.ndim:  # before X and y are copied
             self._check_fit_batch(X.shape[0], batch_size)
         data = self._data(X, y, loss, config.sample_weight, config.class_weight)
-        metrics = resolve_metrics(config.metrics, loss)
+        metrics = resolve_metrics(config.metrics, loss, self.n_outputs)
         validation_data, validation_split = config.validation_data, config.validation_split
         validation = None
         if validation_data is not None:

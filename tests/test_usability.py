@@ -1,0 +1,147 @@
+"""What a Keras or PyTorch user expects of the API: metrics (against scikit-learn's
+functions on random predictions, float32 and float64, with ties), evaluate, predict_proba,
+reprs and summary, and the keyword spellings they bring along.
+"""
+import numpy as np
+import pytest
+
+import bpfast as bp
+from bpfast._training import Data
+from bpfast.metrics import get_metric, top_k_accuracy
+
+sk_metrics = pytest.importorskip("sklearn.metrics")
+DTYPES = ["float32", "float64"]
+
+
+def metric_value(name, loss, output, y):
+    """The bpfast metric name on (output, y), through the same Data that fit builds."""
+    loss = bp.losses.get_loss(loss)
+    dense, labels = loss.prepare_target(y, output.shape[0], output.shape[1], output.dtype)
+    _, function = get_metric(name, loss, output.shape[1])
+    return function(output, Data(None, dense, labels, None, y))
+
+
+def softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+def tolerance(dtype):
+    return 1e-5 if dtype == "float32" else 1e-12
+
+
+# --------------------------------------------------------------------------- metrics
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_outputs", [1, 3])
+def test_regression_metrics_are_scikit_learns(dtype, n_outputs):
+    rng = np.random.default_rng(n_outputs)
+    y = rng.normal(size=(200, n_outputs)).astype(dtype)
+    output = (y + rng.normal(scale=0.7, size=y.shape)).astype(dtype)
+    expected = {"mae": sk_metrics.mean_absolute_error, "mse": sk_metrics.mean_squared_error,
+                "rmse": sk_metrics.root_mean_squared_error, "r2": sk_metrics.r2_score}
+    for name, oracle in expected.items():
+        want = oracle(y.astype(np.float64), output.astype(np.float64))
+        got = metric_value(name, "mse", output, y)
+        assert got == pytest.approx(want, rel=tolerance(dtype), abs=1e-12), name
+
+
+def test_r2_of_a_constant_target_is_scikit_learns():
+    y = np.ones((10, 2))
+    output = np.ones((10, 2))
+    output[0, 1] = 2.0
+    assert metric_value("r2", "mse", output, y) == sk_metrics.r2_score(y, output) == 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multiclass_metrics_are_scikit_learns(dtype):
+    rng = np.random.default_rng(1)
+    n_classes = 5
+    y = rng.integers(0, n_classes - 1, size=300)  # class 4 never true: a zero division
+    output = rng.normal(size=(300, n_classes)).astype(dtype)
+    output[:40] = np.round(output[:40])  # ties inside rows
+    predicted = output.argmax(axis=1)
+    for kind in ("precision", "recall", "f1"):
+        oracle = getattr(sk_metrics, f"{kind}_score")
+        want = oracle(y, predicted, average="macro", zero_division=0)
+        assert metric_value(kind, "cross_entropy", output, y) == pytest.approx(want, 1e-12)
+        assert metric_value(f"{kind}_macro", "cross_entropy", output, y) == pytest.approx(
+            want, rel=1e-12)
+    probabilities = softmax(output)
+    assert metric_value("log_loss", "cross_entropy", output, y) == pytest.approx(
+        sk_metrics.log_loss(y, probabilities, labels=range(n_classes)),
+        rel=tolerance(dtype))
+    for k in (1, 2, 3, 4):
+        want = sk_metrics.top_k_accuracy_score(y, output, k=k, labels=range(n_classes))
+        assert metric_value(top_k_accuracy(k), "cross_entropy", output, y) == want
+    assert metric_value("top_k_accuracy", "cross_entropy", output, y) == 1.0  # k=5 of 5
+    assert metric_value("accuracy", "cross_entropy", output, y) == sk_metrics.accuracy_score(
+        y, predicted)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_binary_metrics_are_scikit_learns(dtype, from_logits):
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, size=400)
+    logits = np.round(rng.normal(size=(400, 1)) * 2, 1)  # many equal scores: auc ties
+    output = (logits if from_logits else sigmoid(logits)).astype(dtype)
+    loss = bp.BinaryCrossEntropy(from_logits=from_logits)
+    probability = sigmoid(output) if from_logits else output.astype(np.float64)
+    predicted = (probability[:, 0] > 0.5).astype(int)
+    for kind in ("precision", "recall", "f1"):
+        oracle = getattr(sk_metrics, f"{kind}_score")
+        assert metric_value(kind, loss, output, y) == pytest.approx(
+            oracle(y, predicted), rel=1e-12)
+        assert metric_value(f"{kind}_binary", loss, output, y) == pytest.approx(
+            oracle(y, predicted), rel=1e-12)
+        assert metric_value(f"{kind}_macro", loss, output, y) == pytest.approx(
+            oracle(y, predicted, average="macro"), rel=1e-12)
+    assert metric_value("auc", loss, output, y) == pytest.approx(
+        sk_metrics.roc_auc_score(y, probability[:, 0]), rel=1e-12)
+    assert metric_value("log_loss", loss, output, y) == pytest.approx(
+        sk_metrics.log_loss(y, probability[:, 0]), rel=tolerance(dtype))
+
+
+def test_auc_of_a_two_output_cross_entropy_is_scikit_learns():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=100)
+    output = np.round(rng.normal(size=(100, 2)), 1)
+    assert metric_value("auc", "cross_entropy", output, y) == pytest.approx(
+        sk_metrics.roc_auc_score(y, softmax(output)[:, 1]), rel=1e-12)
+    assert np.isnan(metric_value("auc", "cross_entropy", output, np.zeros(100, int)))
+
+
+@pytest.mark.parametrize("metric, loss, n_outputs, match", [
+    ("mae", "cross_entropy", 3, "regression loss"),
+    ("f1", "mse", 1, "classification loss"),
+    ("auc", "cross_entropy", 3, "two classes"),
+    ("f1", "binary_cross_entropy", 2, "one output"),
+    ("top_0_accuracy", "cross_entropy", 3, "k >= 1"),
+    ("top_2_accuracy", "binary_cross_entropy", 1, "CrossEntropy"),
+    ("f2", "mse", 1, "unknown metric 'f2'.*r2"),
+])
+def test_a_metric_that_does_not_fit_is_refused_by_name(metric, loss, n_outputs, match):
+    with pytest.raises(ValueError, match=match):
+        get_metric(metric, bp.losses.get_loss(loss), n_outputs)
+
+
+def test_fit_records_the_new_metrics_and_callables():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(120, 4))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    net = bp.Network([bp.Dense(4, 8, "tanh"), bp.Dense(8, 1)], seed=0)
+    history = net.fit(X, y, loss="binary_cross_entropy", optimizer=bp.Adam(lr=0.01),
+                      epochs=3, batch_size=None, validation_data=(X, y),
+                      metrics=["auc", "f1", lambda y_true, y_pred: 7.0])
+    assert set(history.history) >= {"auc", "val_auc", "f1", "val_f1", "<lambda>"}
+    probability = sigmoid(net.predict(X))[:, 0]
+    assert history.history["val_auc"][-1] == pytest.approx(
+        sk_metrics.roc_auc_score(y, probability), rel=1e-12)
+    assert history.history["<lambda>"] == [7.0] * 3
+    with pytest.raises(ValueError, match="regression loss"):
+        net.fit(X, y, loss="binary_cross_entropy", optimizer="sgd", metrics=["r2"])
