@@ -145,3 +145,63 @@ def test_fit_records_the_new_metrics_and_callables():
     assert history.history["<lambda>"] == [7.0] * 3
     with pytest.raises(ValueError, match="regression loss"):
         net.fit(X, y, loss="binary_cross_entropy", optimizer="sgd", metrics=["r2"])
+
+
+# --------------------------------------------------------------------------- evaluate
+def classifier(n_outputs, last=None, dtype="float64"):
+    return bp.Network([bp.Dense(4, 6, "tanh"), bp.Dense(6, n_outputs, last)],
+                      dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_evaluate_gives_the_loss_and_metrics_of_predict(dtype):
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(50, 4)).astype(dtype)
+    y = rng.integers(0, 3, size=50)
+    weights = rng.uniform(0.5, 2, size=50)
+    net = classifier(3, dtype=dtype)
+    before = net.parameters.copy()
+    results = net.evaluate(X, y, loss="cross_entropy", metrics=["accuracy", "log_loss"],
+                           sample_weight=weights)
+    assert list(results) == ["loss", "accuracy", "log_loss"]
+    output = net(X)
+    assert results["loss"] == bp.CrossEntropy()(output, y, sample_weight=weights)
+    assert results["accuracy"] == sk_metrics.accuracy_score(y, output.argmax(axis=1))
+    assert results["log_loss"] == pytest.approx(sk_metrics.log_loss(
+        y, softmax(output), labels=range(3)), rel=tolerance(dtype))
+    np.testing.assert_array_equal(net.parameters, before)
+    regression = net.evaluate(X, np.zeros((50, 3)), metrics=["mse"])
+    assert regression == {"mse": pytest.approx(np.mean(output.astype(np.float64) ** 2),
+                                               rel=1e-12)}
+    with pytest.raises(ValueError, match="a loss or some metrics"):
+        net.evaluate(X, y)
+
+
+def test_net_call_is_predict():
+    X = np.random.default_rng(6).normal(size=(7, 4))
+    net = classifier(2)
+    np.testing.assert_array_equal(net(X), net.predict(X))
+
+
+# --------------------------------------------------------------------------- predict_proba
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_predict_proba_applies_softmax_or_sigmoid_to_logits(dtype):
+    torch = pytest.importorskip("torch")
+    X = np.random.default_rng(7).normal(size=(9, 4)).astype(dtype) * 30  # large logits
+    for n_outputs, oracle in ((3, lambda z: torch.softmax(z, dim=1)), (1, torch.sigmoid)):
+        net = classifier(n_outputs, dtype=dtype)
+        probabilities = net.predict_proba(X)
+        assert probabilities.dtype == np.dtype(dtype)
+        want = oracle(torch.from_numpy(net(X).astype(np.float64))).numpy()
+        np.testing.assert_allclose(probabilities, want, rtol=tolerance(dtype) * 10,
+                                   atol=1e-7 if dtype == "float32" else 1e-15)
+        assert np.all(np.isfinite(probabilities))
+
+
+def test_predict_proba_keeps_probability_outputs_and_refuses_regression_outputs():
+    X = np.random.default_rng(8).normal(size=(5, 4))
+    for last, n_outputs in (("softmax", 3), ("sigmoid", 2)):
+        net = classifier(n_outputs, last)
+        np.testing.assert_array_equal(net.predict_proba(X), net(X))
+    with pytest.raises(ValueError, match="regression output"):
+        classifier(1, "relu").predict_proba(X)

@@ -531,6 +531,76 @@ class Network:
                          X.shape[0] * self.n_outputs * self.dtype.itemsize)
         return self._engine.predict(X, max(1, _PREDICT_CHUNK_ELEMENTS // widest))
 
+    def __call__(self, X: ArrayLike) -> NDArray[np.floating]:
+        """``net(X)`` is ``net.predict(X)`` (inference mode; keeps nothing for backward)."""
+        return self.predict(X)
+
+    def predict_proba(self, X: ArrayLike) -> NDArray[np.floating]:
+        """Class probabilities (n, n_outputs): what a classifier's output means.
+
+        A softmax or sigmoid last layer already gives probabilities: they are
+        returned as they are. A last layer without activation gives logits: softmax
+        over the outputs when there are several (CrossEntropy), the sigmoid of each
+        when there is one (BinaryCrossEntropy: P(class 1), shape (n, 1), as Keras
+        gives it). Several independent sigmoid outputs (multi-label) need a sigmoid
+        last layer. Any other last activation (relu, tanh, ...) is a regression
+        output, and a ValueError.
+        """
+        activation = self.layers[-1].activation
+        if activation not in ("softmax", "sigmoid", "identity"):
+            raise ValueError(f"predict_proba needs a classifier: a last layer with softmax, "
+                             f"sigmoid or no activation (logits); this network's applies "
+                             f"{activation!r}, a regression output; use predict")
+        output = self.predict(X)
+        if activation != "identity":
+            return output
+        if output.shape[1] == 1:
+            # sigmoid, written so that large logits neither overflow nor warn
+            np.tanh(0.5 * output, out=output)
+            output += 1
+            output *= 0.5
+            return output
+        output -= output.max(axis=1, keepdims=True)
+        np.exp(output, out=output)
+        output /= output.sum(axis=1, keepdims=True)
+        return output
+
+    def evaluate(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str | None = None,
+                 metrics: Sequence[str | Callable[[Any, Any], float]] | None = None,
+                 sample_weight: ArrayLike | None = None) -> dict[str, float]:
+        """The loss and metrics of the network on (X, y), in inference mode.
+
+        Parameters
+        ----------
+        X, y : data and targets, as ``fit`` takes them
+        loss : Loss or str, optional
+            Gives "loss": the data loss (without ``fit``'s l2 term), weighted by
+            ``sample_weight``, as fit's "val_loss". Needed for the classification
+            metrics to know what the outputs are (logits or probabilities); without
+            it the outputs are compared with y as a regression (MSE).
+        metrics : list of names or callables, optional
+            As ``fit``'s ``metrics`` (see :mod:`bpfast.metrics`); unweighted.
+        sample_weight : array (n_samples,), optional
+
+        Returns
+        -------
+        dict
+            {"loss": ..., <metric name>: ...} as Python floats, in that order.
+        """
+        resolved_loss = self._check_loss(get_loss("mse") if loss is None else loss)
+        resolved = resolve_metrics(metrics, resolved_loss, self.n_outputs)
+        if loss is None and not resolved:
+            raise ValueError("evaluate needs a loss or some metrics")
+        data = self._data(X, y, resolved_loss, sample_weight)
+        output = self.predict(data.X)  # in chunks, without caches
+        results = {}
+        if loss is not None:
+            results["loss"] = resolved_loss._config.evaluate(
+                output, data.dense, data.labels, None, data.weights)
+        for name, metric in resolved:
+            results[name] = metric(output, data)
+        return results
+
     # ---------------------------------------------------------------- state protocol
     # Saving (bpfast.io) and pickling describe a network the same way: _get_state takes
     # one snapshot, _from_state rebuilds from it through the public constructor.
