@@ -205,3 +205,60 @@ def test_predict_proba_keeps_probability_outputs_and_refuses_regression_outputs(
         np.testing.assert_array_equal(net.predict_proba(X), net(X))
     with pytest.raises(ValueError, match="regression output"):
         classifier(1, "relu").predict_proba(X)
+
+
+# --------------------------------------------------------------------------- reprs
+NAMESPACE = {name: getattr(bp, name) for name in bp.__all__}
+
+
+@pytest.mark.parametrize("thing", [
+    bp.Adam(), bp.AdamW(lr=0.01, betas=(0.8, 0.99), amsgrad=True),
+    bp.SGD(lr=0.1, momentum=0.9, nesterov=True), bp.RMSprop(centered=True),
+    bp.Adagrad(lr_decay=0.1), bp.MSE(half=True), bp.L1(), bp.Huber(delta=2.5),
+    bp.CrossEntropy(from_logits=False), bp.BinaryCrossEntropy(),
+    bp.Dense(3, 4, "leaky_relu", negative_slope=0.2, bias=False, init="he"),
+])
+def test_repr_is_the_constructor_call_with_every_hyperparameter(thing):
+    text = repr(thing)
+    assert " object at 0x" not in text
+    rebuilt = eval(text, NAMESPACE)  # noqa: S307 (our own repr)
+    assert type(rebuilt) is type(thing) and repr(rebuilt) == text
+    if isinstance(thing, bp.Optimizer):
+        assert rebuilt._arguments() == thing._arguments()
+    elif isinstance(thing, bp.Dense):
+        assert rebuilt.arguments() == thing.arguments()
+    else:
+        assert vars(rebuilt).keys() == vars(thing).keys()
+
+
+def test_optimizer_repr_reads_as_pytorchs_and_follows_lr():
+    optimizer = bp.Adam()
+    assert repr(optimizer) == ("Adam(lr=0.001, betas=(0.9, 0.999), eps=1e-08, "
+                               "weight_decay=0.0, amsgrad=False)")
+    optimizer.lr = 0.5
+    assert repr(optimizer).startswith("Adam(lr=0.5, ")
+
+
+def test_network_repr_rebuilds_the_architecture():
+    net = bp.Network([bp.Dense(4, 8, "relu"), bp.Dense(8, 2, "softmax")], dtype="float64",
+                     seed=7)
+    rebuilt = eval(repr(net), NAMESPACE)  # noqa: S307 (our own repr)
+    assert repr(rebuilt) == repr(net)
+    np.testing.assert_array_equal(rebuilt.parameters, net.parameters)  # same seed
+
+
+def test_summary_lists_layers_output_shapes_and_parameter_counts(capsys):
+    import io
+    net = bp.Network([bp.Dense(5, 16, "relu"), bp.Dense(16, 8, "tanh", bias=False),
+                      bp.Dense(8, 3)], seed=0)
+    buffer = io.StringIO()
+    assert net.summary(file=buffer) is None
+    text = buffer.getvalue()
+    rows = [line.split() for line in text.splitlines() if line.startswith("dense_")]
+    assert [(row[2] + row[3], row[4], int(row[5].replace(",", ""))) for row in rows] == [
+        (f"(None,{layer.out_features})", layer.activation, layer.n_parameters)
+        for layer in net.layers]
+    assert f"Total params: {net.n_parameters:,}" in text
+    assert sum(layer.n_parameters for layer in net.layers) == net.n_parameters == 96 + 128 + 27
+    net.summary()
+    assert capsys.readouterr().out == text

@@ -1,6 +1,7 @@
 """Network: the flat parameter buffers and the training API around the compiled core."""
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, Literal
@@ -665,7 +666,33 @@ class Network:
 
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
-        return f"Network([\n  {body}\n], dtype={self.dtype.name!r})"
+        seed = "" if self.seed is None else f", seed={self.seed}"
+        return f"Network([\n  {body}\n], dtype={self.dtype.name!r}{seed})"
+
+    def summary(self, file: Any = None) -> None:
+        """Print the layers, their output shapes and parameter counts, as Keras does.
+
+        Parameters
+        ----------
+        file : a writable text file, optional
+            Where to print (default ``sys.stdout``); ``io.StringIO()`` keeps the text.
+        """
+        rows = [("Layer (type)", "Output Shape", "Activation", "Param #")]
+        for index, layer in enumerate(self.layers):
+            rows.append((f"dense_{index} (Dense)", f"(None, {layer.out_features})",
+                         layer.activation, f"{layer.n_parameters:,}"))
+        widths = [max(len(row[column]) for row in rows) + 3 for column in range(4)]
+        rule = "=" * sum(widths)
+
+        def line(row):
+            return "".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+
+        n_bytes = self.n_parameters * self.dtype.itemsize
+        text = [f'Network ({self.n_inputs} inputs, {self.dtype.name})', rule, line(rows[0]),
+                rule, *(line(row) for row in rows[1:]), rule,
+                f"Total params: {self.n_parameters:,} ({format_bytes(n_bytes)})",
+                f"Trainable params: {self.n_parameters:,}", "Non-trainable params: 0"]
+        print("\n".join(text), file=sys.stdout if file is None else file)
 
     def save(self, path: str | PathLike[str], *, optimizer: Optimizer | None = None,
              metadata: dict[str, Any] | None = None) -> None:
