@@ -633,7 +633,7 @@ def test_a_fitting_network_belongs_to_its_fit(tmp_path):
 
     class Interleave(bp.callbacks.Callback):
         def on_epoch_end(self, epoch, logs):
-            if epoch == 0:
+            if epoch == 1:  # the first epoch (numbered from 1)
                 worker = threading.Thread(target=other_thread)
                 worker.start()
                 worker.join(60)

@@ -262,3 +262,91 @@ def test_summary_lists_layers_output_shapes_and_parameter_counts(capsys):
     assert sum(layer.n_parameters for layer in net.layers) == net.n_parameters == 96 + 128 + 27
     net.summary()
     assert capsys.readouterr().out == text
+
+
+# --------------------------------------------------------------------------- Keras habits
+def small_problem(n=60, seed=9):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 4))
+    return X, (X[:, 0] > 0).astype(int)
+
+
+def scripted(values):
+    calls = iter(values)
+
+    def score(y_true, y_pred):
+        return next(calls)
+    return score
+
+
+def test_early_stopping_takes_keras_restore_best_weights():
+    assert bp.callbacks.EarlyStopping(restore_best_weights=False).restore_best is False
+    assert bp.callbacks.EarlyStopping(restore_best_weights=True).restore_best is True
+    with pytest.raises(ValueError, match="not both"):
+        bp.callbacks.EarlyStopping(restore_best=False, restore_best_weights=True)
+
+
+@pytest.mark.parametrize("patience", [0, 1, 2, 3])
+def test_early_stopping_counts_patience_as_keras(patience):
+    """Keras' rule written out: wait += 1 after each epoch without improvement, stop
+    when wait >= patience. The scripted score is best at epoch 3, then flat."""
+    values = [5.0, 4.0, 3.0] + [3.0] * 10
+    wait, expected = 0, len(values)
+    for number, value in enumerate(values, start=1):
+        if number > 1 and value < min(values[:number - 1]):
+            wait = 0
+            continue
+        if number > 1:
+            wait += 1
+            if wait >= patience:
+                expected = number
+                break
+    X, y = small_problem()
+    net = bp.Network([bp.Dense(4, 2)], seed=0)
+    stopper = bp.callbacks.EarlyStopping("score", mode="min", patience=patience,
+                                         restore_best_weights=False)
+    history = net.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=len(values),
+                      metrics=[scripted(values)], callbacks=[stopper])
+    assert len(history.epoch) == expected == 3 + patience if patience else expected
+    assert stopper.stopped_epoch == history.epoch[-1] and stopper.best_epoch == 3
+
+
+def test_epoch_numbers_are_the_same_everywhere(tmp_path, capsys):
+    import csv
+    X, y = small_problem()
+    net = bp.Network([bp.Dense(4, 2)], seed=0)
+    net.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=2, batch_size=None)
+    history = net.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=2, verbose=2,
+                      batch_size=None, callbacks=[
+                          bp.callbacks.CSVLogger(tmp_path / "log.csv"),
+                          bp.callbacks.ModelCheckpoint(tmp_path / "m{epoch}.npz", "loss",
+                                                       save_best_only=False)])
+    assert history.epoch == [3, 4] and net.epochs_trained == 4  # from 1, across fits
+    with open(tmp_path / "log.csv", newline="") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [3, 4]
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["m3.npz", "m4.npz"]
+    captured = capsys.readouterr()
+    assert captured.out == ""  # progress goes to stderr
+    assert [line.split()[1] for line in captured.err.splitlines() if line.strip()] == [
+        "3/4", "4/4"], captured.err
+    with pytest.warns(RuntimeWarning, match=r"epoch 5\b"):
+        net.fit(X * 1e18, y, loss="cross_entropy", optimizer=bp.SGD(lr=1e30), epochs=3,
+                batch_size=10, on_divergence="warn")
+    assert net.history.stop_reason == "diverged"
+
+
+def test_history_plot_axis_is_the_epoch_numbers(tmp_path):
+    pytest.importorskip("matplotlib")
+    X, y = small_problem()
+    net = bp.Network([bp.Dense(4, 2)], seed=0)
+    history = net.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=3)
+    ax = history.plot(tmp_path / "plot.png")
+    assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
+
+
+def test_model_checkpoint_into_a_missing_folder_fails_at_construction(tmp_path):
+    path = tmp_path / "nodir" / "x.npz"
+    with pytest.raises(FileNotFoundError, match=str(path).replace("\\", "\\\\")):
+        bp.callbacks.ModelCheckpoint(path)
+    bp.callbacks.ModelCheckpoint(tmp_path / "x.npz")  # an existing folder is fine
+    bp.callbacks.ModelCheckpoint("x.npz")  # the current one too

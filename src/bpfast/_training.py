@@ -220,13 +220,16 @@ class Trainer:
             callbacks.append(early_stopping)
         elif early_stopping is True:
             monitor = "val_loss" if self.validation is not None else "loss"
-            callbacks.append(EarlyStopping(monitor, patience=patience, min_delta=tol or 0.0))
+            # fit's patience is scikit-learn's n_iter_no_change: stop after more than
+            # patience epochs without improvement; EarlyStopping counts as Keras
+            callbacks.append(EarlyStopping(monitor, patience=patience + 1,
+                                           min_delta=tol or 0.0))
         elif early_stopping is not False:
             raise TypeError(f"early_stopping must be True, False or an EarlyStopping, "
                             f"got {early_stopping!r}")
         elif tol is not None:
             # the textbook stopping rule: the training cost no longer decreases
-            converged = EarlyStopping("loss", patience=patience, min_delta=tol,
+            converged = EarlyStopping("loss", patience=patience + 1, min_delta=tol,
                                       restore_best=False)
             converged.stop_reason = "converged"
             callbacks.append(converged)
@@ -267,7 +270,7 @@ class Trainer:
                 epoch_lr = optimizer.lr
                 logs = {"lr": epoch_lr}
                 for callback in self.callbacks:
-                    callback.on_epoch_begin(epoch, logs)
+                    callback.on_epoch_begin(epoch + 1, logs)  # users count from 1
                 loss = self._train_one_epoch(epoch)
                 if loss is None:  # diverged before any update of this epoch ("warn")
                     self.history.stop_reason = "diverged"
@@ -276,7 +279,7 @@ class Trainer:
                 network.epochs_trained += 1
                 logs = {"loss": loss, **self._evaluate(), "lr": epoch_lr}
                 for callback in self.callbacks:
-                    callback.on_epoch_end(epoch, logs)
+                    callback.on_epoch_end(epoch + 1, logs)
                 if network.stop_training:
                     reason = network.stop_training
                     self.history.stop_reason = reason if isinstance(reason, str) else "callback"
@@ -312,11 +315,11 @@ class Trainer:
                 self._restore_after_divergence()
                 return
             self.network.epochs_trained += 1
-        if self.history.epoch and self.history.epoch[-1] == epoch:
+        if self.history.epoch and self.history.epoch[-1] == epoch + 1:
             return  # recorded already
         record = dict.fromkeys(self._log_keys, math.nan)
         record.update(loss=loss_sum / weight_sum if weight_sum else 0.0, lr=lr)
-        self.history.on_epoch_end(epoch, record)
+        self.history.on_epoch_end(epoch + 1, record)
 
     def _end_callbacks(self, logs):
         """Every callback's on_train_end, even if one raises (files close, weights are
@@ -437,7 +440,7 @@ class Trainer:
             weight_sum += part_weight
             rows_done += part_rows
             if diverged:
-                self._diverged(f"the training loss became NaN or infinite at epoch {epoch}, "
+                self._diverged(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
                                f"batch {batch + part_rows // batch_size}",
                                "the update was skipped and ")
                 if weight_sum == 0 and rows_done == 0:
@@ -458,7 +461,7 @@ class Trainer:
         if not self._all_finite():
             # an update overflowed. Within an epoch the next batch's loss shows that; the
             # last update has no next loss, and a fit must not end with such parameters
-            self._diverged(f"the parameters became NaN or infinite in epoch {epoch}")
+            self._diverged(f"the parameters became NaN or infinite in epoch {epoch + 1}")
             return None  # undone (back to the epoch's start): it does not count
         if lrs is not None:
             self.optimizer.lr = float(self.schedule(self.optimizer._config.step_count,
