@@ -350,3 +350,33 @@ def test_model_checkpoint_into_a_missing_folder_fails_at_construction(tmp_path):
         bp.callbacks.ModelCheckpoint(path)
     bp.callbacks.ModelCheckpoint(tmp_path / "x.npz")  # an existing folder is fine
     bp.callbacks.ModelCheckpoint("x.npz")  # the current one too
+
+
+# --------------------------------------------------------------------------- named optimizers
+@pytest.mark.parametrize("name", ["adam", "sgd", "rmsprop"])
+def test_an_optimizer_by_name_keeps_its_state_across_fit_calls(name):
+    X, y = small_problem(90)
+    a = bp.Network([bp.Dense(4, 8, "tanh"), bp.Dense(8, 2)], seed=3)
+    b = bp.Network([bp.Dense(4, 8, "tanh"), bp.Dense(8, 2)], seed=3)
+    first = a.fit(X, y, loss="cross_entropy", optimizer=name, epochs=1, batch_size=16)
+    second = a.fit(X, y, loss="cross_entropy", optimizer=name, epochs=1, batch_size=16)
+    whole = b.fit(X, y, loss="cross_entropy", optimizer=name, epochs=2, batch_size=16)
+    assert a.parameters.tobytes() == b.parameters.tobytes()
+    assert first.history["loss"] + second.history["loss"] == whole.history["loss"]
+    # train_step and partial_fit by name continue the same optimizer
+    a.partial_fit(X, y, loss="cross_entropy", optimizer=name, batch_size=16)
+    a.train_step(X, y, "cross_entropy", name)
+    b.partial_fit(X, y, loss="cross_entropy", optimizer=name, batch_size=16)
+    b.train_step(X, y, "cross_entropy", name)
+    assert a.parameters.tobytes() == b.parameters.tobytes()
+    kept, = a._named_optimizers.values()
+    assert kept.step_count == 3 * 6 + 1
+
+
+def test_an_optimizer_instance_is_not_replaced_by_the_named_one():
+    X, y = small_problem(30)
+    net = bp.Network([bp.Dense(4, 2)], seed=0)
+    net.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=1)
+    mine = bp.Adam()
+    net.fit(X, y, loss="cross_entropy", optimizer=mine, epochs=1, batch_size=None)
+    assert mine.step_count == 1

@@ -224,6 +224,21 @@ class Network:
                 f"apply it again; use {type(loss).__name__}(from_logits=False)")
         return loss
 
+    def _get_optimizer(self, optimizer):
+        """The Optimizer for optimizer; a name gives the one this network keeps for it.
+
+        An optimizer given by name ("adam") is made once per network and class, with
+        its default hyperparameters, and kept: later fit, partial_fit and train_step
+        calls that name it continue its state and step count, as passing the same
+        instance does. Losses have no state to keep.
+        """
+        if not isinstance(optimizer, str):
+            return get_optimizer(optimizer)
+        made = get_optimizer(optimizer)
+        named = self.__dict__.setdefault("_named_optimizers", {})
+        # keyed by class: every spelling of a name continues the same optimizer
+        return named.setdefault(type(made), made)
+
     def _prepare_batch(self, X, y, loss):
         X = self._check_input(X)
         target, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
@@ -290,7 +305,7 @@ class Network:
         """
         loss = self._check_loss(loss)
         X, target, labels = self._prepare_batch(X, y, loss)
-        optimizer = get_optimizer(optimizer)
+        optimizer = self._get_optimizer(optimizer)
         if optimizer._config.owner is not self._engine:
             optimizer._bind_check(self)  # its first step: hyperparameters in our dtype
         # the plain step (no weights, no l2, no clipping) skips those checks: this
@@ -341,6 +356,11 @@ class Network:
         y : targets for ``loss`` (class labels (n,) or an (n, n_outputs) array)
         loss : Loss or str
         optimizer : Optimizer or str
+            A name ("adam") gives an optimizer with its default hyperparameters that
+            this network keeps: fit, partial_fit and train_step calls with that name
+            continue its state, so two ``fit(..., optimizer="adam", epochs=1)`` are
+            one 2-epoch fit. It is not saved (``bpfast.save(optimizer=...)`` needs an
+            instance) nor copied with the network.
         epochs : int
         batch_size : int or None
             None: batch gradient descent (all samples per step); 1: stochastic;
@@ -480,7 +500,7 @@ class Network:
     def _checked_trainer(self, X, y, config):
         """Check config against this network and the data, split the data: a Trainer."""
         loss = self._check_loss(config.loss)
-        optimizer = get_optimizer(config.optimizer)
+        optimizer = self._get_optimizer(config.optimizer)
         config = dataclasses.replace(
             config, loss=loss, optimizer=optimizer,
             epochs=check_int("epochs", config.epochs, minimum=0),
