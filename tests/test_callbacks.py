@@ -263,7 +263,8 @@ def test_reduce_lr_on_plateau_on_a_real_plateau():
     opt = bp.SGD(lr=1e-5)
     recorder = Recorder()
     reducer = ReduceLROnPlateau("loss", factor=0.5, patience=2)
-    history = net.fit(X, y, loss=bp.MSE(), optimizer=opt, epochs=10, callbacks=[reducer, recorder])
+    history = net.fit(X, y, loss=bp.MSE(), optimizer=opt, epochs=10, batch_size=None,
+                      callbacks=[reducer, recorder])
     losses = history.history["loss"]
     assert max(losses) - min(losses) < 1e-4
     lrs, final = plateau_reference(losses, 1e-5, 0.5, 2, 1e-4, 0, 0.0)

@@ -265,7 +265,8 @@ def fit_and_train_step():
             for _ in range(3):
                 history = net.history
                 try:  # refused only at its start (a step is running), never aborted
-                    net.fit(X, y, loss=CE, optimizer=opt, epochs=2, shuffle=False)
+                    net.fit(X, y, loss=CE, optimizer=opt, epochs=2, shuffle=False,
+                            batch_size=None)
                 except RuntimeError as e:
                     if "thread" not in str(e) or net.history is not history:
                         unexpected.append(repr(e))

@@ -133,8 +133,9 @@ def test_integer_weights_equal_duplicated_rows(kind):
     a, _, _, _ = problem(kind, n=60)
     b, _, _, _ = problem(kind, n=60)
     ha = a.fit(X, y, loss=loss, optimizer=bp.SGD(lr=0.1, momentum=0.9), epochs=10,
-               sample_weight=counts)
-    hb = b.fit(X_dup, y_dup, loss=loss, optimizer=bp.SGD(lr=0.1, momentum=0.9), epochs=10)
+               sample_weight=counts, batch_size=None)
+    hb = b.fit(X_dup, y_dup, loss=loss, optimizer=bp.SGD(lr=0.1, momentum=0.9), epochs=10,
+               batch_size=None)
     np.testing.assert_allclose(a.parameters, b.parameters, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ha.history["loss"], hb.history["loss"], rtol=1e-11)
     assert hb.history["loss"][-1] < hb.history["loss"][0]
@@ -168,9 +169,9 @@ def test_zero_weight_equals_dropping_the_row(kind):
     a, _, _, _ = problem(kind, n=50)
     b, _, _, _ = problem(kind, n=50)
     a.fit(X, y, loss=loss, optimizer=bp.SGD(lr=0.05, momentum=0.5), epochs=5,
-          sample_weight=w)
+          sample_weight=w, batch_size=None)
     b.fit(X[keep], y[keep], loss=loss, optimizer=bp.SGD(lr=0.05, momentum=0.5), epochs=5,
-          sample_weight=w[keep])
+          sample_weight=w[keep], batch_size=None)
     np.testing.assert_allclose(a.parameters, b.parameters, rtol=1e-11, atol=1e-13)
 
 
@@ -394,7 +395,8 @@ def test_l2_in_train_step_and_fit_and_unlike_weight_decay():
         for layer in net.layers:
             layer.bias[:] = 0.1
     opt_a, opt_b = bp.SGD(lr=0.1, momentum=0.9), bp.SGD(lr=0.1, momentum=0.9)
-    history = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=3, shuffle=False, l2=0.01)
+    history = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=3, shuffle=False, l2=0.01,
+                    batch_size=None)
     losses = []
     for _ in range(3):
         losses.append(b.compute_gradients(X, y, CE, l2=0.01))

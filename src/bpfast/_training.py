@@ -138,7 +138,7 @@ class FitConfig:
     loss: Any
     optimizer: Any
     epochs: int = 1
-    batch_size: int | None = None
+    batch_size: int | None = 32  # fit's default (Keras'); None: the whole set per step
     shuffle: bool = True
     sample_weight: Any = None
     class_weight: Any = None

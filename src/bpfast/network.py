@@ -331,7 +331,7 @@ class Network:
         return Data(X, dense, labels, weights, y)
 
     def fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str, optimizer: Optimizer | str,
-            epochs: int = 1, batch_size: int | None = None, shuffle: bool = True,
+            epochs: int = 1, batch_size: int | None = 32, shuffle: bool = True,
             sample_weight: ArrayLike | None = None,
             class_weight: dict[int, float] | Literal["balanced"] | None = None,
             l2: float = 0.0, clip_norm: float | None = None, clip_value: float | None = None,
@@ -363,8 +363,9 @@ class Network:
             instance) nor copied with the network.
         epochs : int
         batch_size : int or None
-            None: batch gradient descent (all samples per step); 1: stochastic;
-            k: mini-batches of k (the last one partial).
+            Samples per step: 32 by default (Keras' default); k: mini-batches of k
+            (the last one partial); 1: stochastic; None: batch gradient descent
+            (all samples per step).
         shuffle : bool
             Visit the samples in a new random order each epoch (from the network's seed).
         sample_weight : array (n_samples,), optional
@@ -459,7 +460,7 @@ class Network:
             self._engine.unclaim()
 
     def partial_fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str,
-                    optimizer: Optimizer | str, batch_size: int | None = None,
+                    optimizer: Optimizer | str, batch_size: int | None = 32,
                     shuffle: bool = True, sample_weight: ArrayLike | None = None,
                     class_weight: dict[int, float] | Literal["balanced"] | None = None,
                     l2: float = 0.0, clip_norm: float | None = None,
@@ -686,8 +687,7 @@ class Network:
 
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
-        seed = "" if self.seed is None else f", seed={self.seed}"
-        return f"Network([\n  {body}\n], dtype={self.dtype.name!r}{seed})"
+        return f"Network([\n  {body}\n], dtype={self.dtype.name!r})"
 
     def summary(self, file: Any = None) -> None:
         """Print the layers, their output shapes and parameter counts, as Keras does.
