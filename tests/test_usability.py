@@ -175,6 +175,8 @@ def test_evaluate_gives_the_loss_and_metrics_of_predict(dtype):
                                                rel=1e-12)}
     with pytest.raises(ValueError, match="a loss or some metrics"):
         net.evaluate(X, y)
+    with pytest.raises(ValueError, match="pass loss="):
+        net.evaluate(X, y, metrics=["accuracy"])
 
 
 def test_net_call_is_predict():

@@ -610,7 +610,13 @@ class Network:
             {"loss": ..., <metric name>: ...} as Python floats, in that order.
         """
         resolved_loss = self._check_loss(get_loss("mse") if loss is None else loss)
-        resolved = resolve_metrics(metrics, resolved_loss, self.n_outputs)
+        try:
+            resolved = resolve_metrics(metrics, resolved_loss, self.n_outputs)
+        except ValueError as error:
+            if loss is None and "classification loss" in str(error):
+                raise ValueError(f"{error}: pass loss= (e.g. 'cross_entropy') so that "
+                                 f"evaluate knows what the outputs are") from None
+            raise
         if loss is None and not resolved:
             raise ValueError("evaluate needs a loss or some metrics")
         data = self._data(X, y, resolved_loss, sample_weight)
