@@ -33,13 +33,13 @@ def test_hook_order_with_the_compiled_epoch():
     history = net.fit(X, y, loss=CE, optimizer=opt, epochs=3, batch_size=32,
                       callbacks=[recorder])
     expected = [("train_begin", None)]
-    for epoch in range(3):
+    for epoch in range(1, 4):  # numbered from 1
         expected += [("epoch_begin", epoch), ("epoch_end", epoch)]
     expected.append(("train_end", None))
     assert recorder.events == expected  # no on_batch_end without wants_batches
     assert recorder.network is net and recorder.optimizer is opt
     for epoch in range(3):
-        assert recorder.epoch_logs[epoch] == {key: values[epoch]
+        assert recorder.epoch_logs[epoch + 1] == {key: values[epoch]
                                               for key, values in history.history.items()}
     assert recorder.train_begin_logs["n_samples"] == 100
     assert recorder.train_end_logs["stop_reason"] is None
@@ -54,7 +54,7 @@ def test_on_batch_end_once_per_batch_when_wanted_and_results_unchanged():
                callbacks=[per_batch, per_epoch])
     hb = b.fit(X, y, loss=CE, optimizer=opt_b, epochs=2, batch_size=32)
     expected = [("train_begin", None)]
-    for epoch in range(2):
+    for epoch in range(1, 3):
         expected += [("epoch_begin", epoch)] + [("batch_end", i) for i in range(4)] + \
             [("epoch_end", epoch)]
     expected.append(("train_end", None))
@@ -118,8 +118,8 @@ def test_stop_training_from_on_epoch_end(reason, expected):
     a, b = twins((64, 8, 10), seed=2)
     opt_a, opt_b = bp.SGD(lr=0.1), bp.SGD(lr=0.1)
     history = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=20, batch_size=25,
-                    callbacks=[StopAt(epoch=2, reason=reason)])
-    assert history.epoch == [0, 1, 2] and history.stop_reason == expected
+                    callbacks=[StopAt(epoch=3, reason=reason)])
+    assert history.epoch == [1, 2, 3] and history.stop_reason == expected
     assert a.epochs_trained == 3 and opt_a.step_count == 12
     b.fit(X, y, loss=CE, optimizer=opt_b, epochs=3, batch_size=25)
     np.testing.assert_array_equal(a.parameters, b.parameters)
@@ -132,8 +132,8 @@ def test_stop_training_from_on_batch_end_stops_after_that_batch():
     a, b = twins((64, 8, 10), seed=3)
     opt_a, opt_b = bp.Adam(lr=0.01), bp.Adam(lr=0.01)
     history = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=20, batch_size=25, shuffle=False,
-                    callbacks=[StopAt(epoch=1, batch=2)])
-    assert history.stop_reason == "callback" and history.epoch == [0, 1]
+                    callbacks=[StopAt(epoch=2, batch=2)])
+    assert history.stop_reason == "callback" and history.epoch == [1, 2]
     assert opt_a.step_count == 4 + 3
     b.fit(X, y, loss=CE, optimizer=opt_b, epochs=1, batch_size=25, shuffle=False)
     losses = [b.train_step(X[rows], y[rows], CE, opt_b) for rows in batches(100, 25)[:3]]
@@ -168,7 +168,7 @@ def test_csv_logger_writes_the_history(tmp_path):
     assert len(lines) == 1 + 5 and sum(line.startswith("epoch") for line in lines) == 1
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3, 4]
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4, 5]
     assert [float(row["loss"]) for row in rows[3:]] == more.history["loss"]
     net.fit(X, y, loss=CE, optimizer=bp.Adam(lr=0.01), epochs=1, callbacks=[CSVLogger(path)])
     with open(path, newline="") as handle:
@@ -194,7 +194,7 @@ def test_model_checkpoint_keeps_the_best_model(tmp_path):
     best = int(np.argmin(val_loss))
     assert 0 < best < 39  # the crafted case overfits: the best is not the last
     loaded, optimizer = bp.load(path, with_optimizer=True)
-    np.testing.assert_array_equal(loaded.parameters, recorder.parameters[best])
+    np.testing.assert_array_equal(loaded.parameters, recorder.parameters[best + 1])
     assert CE(loaded.predict(X_val), y_val) == pytest.approx(val_loss[best], rel=1e-14)
     assert optimizer.step_count == best + 1
 
@@ -208,8 +208,8 @@ def test_model_checkpoint_every_epoch_with_a_name_template(tmp_path):
             callbacks=[recorder, ModelCheckpoint(tmp_path / "model-{epoch:02d}.npz",
                                                  monitor="loss", save_best_only=False)])
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model-00.npz", "model-01.npz", "model-02.npz"]
-    for epoch in range(3):
+        "model-01.npz", "model-02.npz", "model-03.npz"]  # {epoch} from 1, as Keras
+    for epoch in range(1, 4):
         loaded = bp.load(tmp_path / f"model-{epoch:02d}.npz")
         np.testing.assert_array_equal(loaded.parameters, recorder.parameters[epoch])
 
@@ -263,13 +263,14 @@ def test_reduce_lr_on_plateau_on_a_real_plateau():
     opt = bp.SGD(lr=1e-5)
     recorder = Recorder()
     reducer = ReduceLROnPlateau("loss", factor=0.5, patience=2)
-    history = net.fit(X, y, loss=bp.MSE(), optimizer=opt, epochs=10, callbacks=[reducer, recorder])
+    history = net.fit(X, y, loss=bp.MSE(), optimizer=opt, epochs=10, batch_size=None,
+                      callbacks=[reducer, recorder])
     losses = history.history["loss"]
     assert max(losses) - min(losses) < 1e-4
     lrs, final = plateau_reference(losses, 1e-5, 0.5, 2, 1e-4, 0, 0.0)
     assert lrs == [1e-5] * 4 + [5e-6] * 3 + [2.5e-6] * 3  # patience 2: the third bad epoch
     assert history.history["lr"] == pytest.approx(lrs, rel=1e-15)
-    assert [recorder.lr_at_begin[e] for e in range(10)] == history.history["lr"]
+    assert [recorder.lr_at_begin[e] for e in range(1, 11)] == history.history["lr"]
     assert opt.lr == pytest.approx(final, rel=1e-15)
 
 
@@ -355,7 +356,9 @@ def test_verbose_prints_epoch_and_loss(capsys, verbose):
     net = mlp((64, 8, 10))
     net.fit(X[:150], y[:150], loss=CE, optimizer=bp.Adam(lr=0.01), epochs=3, batch_size=10,
             validation_data=(X[150:], y[150:]), verbose=verbose)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.out == ""  # progress goes to stderr, as tqdm's
+    out = captured.err
     assert "epoch" in out and "loss" in out and "val_loss" in out
     assert "epoch 3/3" in out
     if verbose == 2:

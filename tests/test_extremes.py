@@ -517,7 +517,8 @@ def test_workspaces_of_a_huge_batch_are_refused(little_memory):
     before = net.parameters.copy()
     for call in (net.forward, lambda X: net.compute_gradients(X, y, "cross_entropy"),
                  lambda X: net.train_step(X, y, "cross_entropy", "sgd"),
-                 lambda X: net.fit(X, y, loss="cross_entropy", optimizer="sgd")):
+                 lambda X: net.fit(X, y, loss="cross_entropy", optimizer="sgd",
+                                   batch_size=None)):
         with pytest.raises(MemoryError, match="workspaces for a batch of 20000 rows"):
             call(X)
     assert net.parameters.tobytes() == before.tobytes()
@@ -537,4 +538,4 @@ def test_batch_of_more_rows_than_blas_takes_is_refused():
         with pytest.raises(ValueError, match=r"X has 2147483648 rows; .* at most 2147483647"):
             call(X)
     with pytest.raises(ValueError, match=r"batch of fit \(batch_size=None, 2147483648 samples"):
-        net.fit(X, y, loss="mse", optimizer="sgd")
+        net.fit(X, y, loss="mse", optimizer="sgd", batch_size=None)

@@ -777,7 +777,7 @@ def test_fit_batch_gradient_descent_is_train_step(dtype):
     losses = [b.train_step(X, y, CE, opt_b) for _ in range(3)]
     np.testing.assert_array_equal(a.parameters, b.parameters)
     assert history.history["loss"] == pytest.approx(losses, rel=1e-15, abs=0)
-    assert history.epoch == [0, 1, 2] and opt_a.step_count == 3
+    assert history.epoch == [1, 2, 3] and opt_a.step_count == 3
 
 
 def test_fit_sgd_is_one_train_step_per_row():

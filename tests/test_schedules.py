@@ -127,7 +127,8 @@ def test_per_epoch_schedule(schedule, dtype):
                     schedule=schedule, callbacks=[recorder])
     rates = [float(schedule(e, 0.1)) for e in range(6)]
     assert history.history["lr"] == rates
-    assert [recorder.lr_at_begin[e] for e in range(6)] == rates  # the optimizer's rate
+    # the optimizer's rate; callbacks number epochs from 1, the schedule from 0
+    assert [recorder.lr_at_begin[e + 1] for e in range(6)] == rates
     assert opt_a.initial_lr == 0.1 and opt_a.lr == rates[-1]
     for epoch in range(6):
         opt_b.lr = rates[epoch]
@@ -178,7 +179,7 @@ def test_callable_schedule_gets_global_epochs():
                    schedule=rate)
     assert calls == [0, 1, 2, 3, 4]
     assert first.history["lr"] + second.history["lr"] == [0.1 / (1 + e) for e in range(5)]
-    assert second.epoch == [3, 4]
+    assert second.epoch == [4, 5]  # the epochs' numbers, from 1
     for epoch in range(5):
         opt_b.lr = 0.1 / (1 + epoch)
         for rows in batches(500, 250):
@@ -201,7 +202,7 @@ def test_schedule_continues_across_fit_calls(schedule, shuffle):
                   schedule=schedule)
     np.testing.assert_array_equal(a.parameters, b.parameters)
     assert one.history["lr"] + two.history["lr"] == whole.history["lr"]
-    assert two.epoch == [3, 4] and opt_a.initial_lr == 0.01
+    assert two.epoch == [4, 5] and opt_a.initial_lr == 0.01
     t = 3 if schedule.per == "epoch" else 9
     assert two.history["lr"][0] == float(schedule(t, 0.01))
 

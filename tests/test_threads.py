@@ -265,7 +265,8 @@ def fit_and_train_step():
             for _ in range(3):
                 history = net.history
                 try:  # refused only at its start (a step is running), never aborted
-                    net.fit(X, y, loss=CE, optimizer=opt, epochs=2, shuffle=False)
+                    net.fit(X, y, loss=CE, optimizer=opt, epochs=2, shuffle=False,
+                            batch_size=None)
                 except RuntimeError as e:
                     if "thread" not in str(e) or net.history is not history:
                         unexpected.append(repr(e))
@@ -633,7 +634,7 @@ def test_a_fitting_network_belongs_to_its_fit(tmp_path):
 
     class Interleave(bp.callbacks.Callback):
         def on_epoch_end(self, epoch, logs):
-            if epoch == 0:
+            if epoch == 1:  # the first epoch (numbered from 1)
                 worker = threading.Thread(target=other_thread)
                 worker.start()
                 worker.join(60)

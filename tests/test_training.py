@@ -133,8 +133,9 @@ def test_integer_weights_equal_duplicated_rows(kind):
     a, _, _, _ = problem(kind, n=60)
     b, _, _, _ = problem(kind, n=60)
     ha = a.fit(X, y, loss=loss, optimizer=bp.SGD(lr=0.1, momentum=0.9), epochs=10,
-               sample_weight=counts)
-    hb = b.fit(X_dup, y_dup, loss=loss, optimizer=bp.SGD(lr=0.1, momentum=0.9), epochs=10)
+               sample_weight=counts, batch_size=None)
+    hb = b.fit(X_dup, y_dup, loss=loss, optimizer=bp.SGD(lr=0.1, momentum=0.9), epochs=10,
+               batch_size=None)
     np.testing.assert_allclose(a.parameters, b.parameters, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ha.history["loss"], hb.history["loss"], rtol=1e-11)
     assert hb.history["loss"][-1] < hb.history["loss"][0]
@@ -168,9 +169,9 @@ def test_zero_weight_equals_dropping_the_row(kind):
     a, _, _, _ = problem(kind, n=50)
     b, _, _, _ = problem(kind, n=50)
     a.fit(X, y, loss=loss, optimizer=bp.SGD(lr=0.05, momentum=0.5), epochs=5,
-          sample_weight=w)
+          sample_weight=w, batch_size=None)
     b.fit(X[keep], y[keep], loss=loss, optimizer=bp.SGD(lr=0.05, momentum=0.5), epochs=5,
-          sample_weight=w[keep])
+          sample_weight=w[keep], batch_size=None)
     np.testing.assert_allclose(a.parameters, b.parameters, rtol=1e-11, atol=1e-13)
 
 
@@ -394,7 +395,8 @@ def test_l2_in_train_step_and_fit_and_unlike_weight_decay():
         for layer in net.layers:
             layer.bias[:] = 0.1
     opt_a, opt_b = bp.SGD(lr=0.1, momentum=0.9), bp.SGD(lr=0.1, momentum=0.9)
-    history = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=3, shuffle=False, l2=0.01)
+    history = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=3, shuffle=False, l2=0.01,
+                    batch_size=None)
     losses = []
     for _ in range(3):
         losses.append(b.compute_gradients(X, y, CE, l2=0.01))
@@ -550,13 +552,13 @@ def test_validation_data_history_val_loss_and_accuracy():
                       callbacks=[recorder])
     assert set(history.history) == {"loss", "lr", "val_loss", "accuracy", "val_accuracy"}
     assert all(len(values) == 4 for values in history.history.values())
-    assert history.epoch == [0, 1, 2, 3] and history.stop_reason is None
+    assert history.epoch == [1, 2, 3, 4] and history.stop_reason is None
     # val_loss is computed after the epoch, on the parameters the epoch ended with
     assert history.history["val_loss"][-1] == pytest.approx(CE(net.predict(X_val), y_val),
                                                             rel=1e-14)
     probe = mlp((64, 16, 10))
     for epoch in range(4):
-        probe.parameters[:] = recorder.parameters[epoch]
+        probe.parameters[:] = recorder.parameters[epoch + 1]  # numbered from 1
         assert history.history["val_loss"][epoch] == pytest.approx(
             CE(probe.predict(X_val), y_val), rel=1e-14)
         assert history.history["accuracy"][epoch] == accuracy_score(
@@ -683,7 +685,8 @@ def test_validation_split_regression_is_not_stratified():
     (dict(validation_data=([[0.0] * 64], [0], [1.0], [2])), TypeError),
     (dict(validation_data=np.zeros((4, 64))), TypeError),
     (dict(metrics=["accuracy"], loss=bp.MSE()), ValueError),
-    (dict(metrics=["precision"]), ValueError),
+    (dict(metrics=["f2"]), ValueError),  # unknown
+    (dict(metrics=["r2"]), ValueError),  # a regression metric for CrossEntropy
 ])
 def test_bad_validation_arguments_raise_before_anything_changes(trained, kwargs, error):
     net, opt, X, y = trained
@@ -717,12 +720,12 @@ def test_early_stopping_on_a_validation_curve_that_turns_up(restore_best):
     n_epochs = len(history.epoch)
     assert history.stop_reason == "early_stopping" and n_epochs < 300
     assert net.epochs_trained == n_epochs
-    best = int(np.argmin(val_loss))
-    assert stopper.best_epoch == best and min(val_loss[best + 1:]) >= val_loss[best]
-    # patience epochs without improvement are allowed; the next one stops
-    assert stopper.stopped_epoch == n_epochs - 1 == best + 5 + 1
+    best = int(np.argmin(val_loss))  # an index; epochs are numbered from 1
+    assert stopper.best_epoch == best + 1 and min(val_loss[best + 1:]) >= val_loss[best]
+    # Keras' count: it stops after the patience-th epoch in a row without improvement
+    assert stopper.stopped_epoch == n_epochs == best + 1 + 5
     assert val_loss[-1] > val_loss[best]  # the curve did turn up
-    expected = recorder.parameters[best if restore_best else n_epochs - 1]
+    expected = recorder.parameters[best + 1 if restore_best else n_epochs]
     np.testing.assert_array_equal(net.parameters, expected)
     assert CE(net.predict(X_val), y_val) == pytest.approx(
         val_loss[best if restore_best else -1], rel=1e-14)
@@ -738,7 +741,7 @@ def test_early_stopping_true_uses_val_loss_patience_and_tol():
     assert history.stop_reason == "early_stopping"
     stop, best = reference_stop(val_loss, tol=1e-3, patience=4)
     assert stop == len(val_loss) - 1
-    np.testing.assert_array_equal(net.parameters, recorder.parameters[best])
+    np.testing.assert_array_equal(net.parameters, recorder.parameters[best + 1])
 
 
 def test_early_stopping_max_mode_on_accuracy():
@@ -749,8 +752,8 @@ def test_early_stopping_max_mode_on_accuracy():
                       validation_data=(X_val, y_val), metrics=["accuracy"],
                       early_stopping=stopper, callbacks=[recorder])
     accuracy = history.history["val_accuracy"]
-    assert stopper.best_epoch == int(np.argmax(accuracy))
-    assert len(accuracy) == stopper.best_epoch + 3 + 2
+    assert stopper.best_epoch == int(np.argmax(accuracy)) + 1  # numbered from 1
+    assert len(accuracy) == stopper.best_epoch + 3  # patience=3 epochs after the best
     np.testing.assert_array_equal(net.parameters, recorder.parameters[stopper.best_epoch])
 
 
@@ -793,7 +796,7 @@ def test_tol_stops_when_the_training_loss_no_longer_decreases():
     assert min(losses[-5:]) >= min(losses[:-5]) - 1e-3
     assert losses[0] - losses[-1] > 0.1
     # convergence keeps the last parameters (no restore)
-    np.testing.assert_array_equal(net.parameters, recorder.parameters[stop])
+    np.testing.assert_array_equal(net.parameters, recorder.parameters[stop + 1])
     # tol=0 with plain gradient descent on a small rate does not stop early
     other = mlp((10, 8, 1), seed=1)
     assert len(other.fit(X, y, loss=bp.MSE(), optimizer=bp.SGD(lr=0.02), epochs=30,
@@ -829,7 +832,7 @@ def test_repeated_fit_continues(shuffle):
     second = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=2, batch_size=40, shuffle=shuffle)
     whole = b.fit(X, y, loss=CE, optimizer=opt_b, epochs=4, batch_size=40, shuffle=shuffle)
     np.testing.assert_array_equal(a.parameters, b.parameters)
-    assert first.epoch == [0, 1] and second.epoch == [2, 3]
+    assert first.epoch == [1, 2] and second.epoch == [3, 4]
     assert first.history["loss"] + second.history["loss"] == whole.history["loss"]
     assert a.epochs_trained == 4 and a.history is second
     a.partial_fit(X, y, loss=CE, optimizer=opt_a)
@@ -1006,7 +1009,7 @@ def test_ctrl_c_during_fit_stops_at_a_batch_boundary():
     history = a.history
     completed = len(history.epoch)
     assert history.stop_reason == "interrupted"
-    assert history.epoch == list(range(1, 1 + completed))
+    assert history.epoch == list(range(2, 2 + completed))  # numbered from 1
     assert a.epochs_trained == 1 + completed
     assert ender.events[-1] == ("train_end", None)
     assert ender.train_end_logs["stop_reason"] == "interrupted"
@@ -1025,7 +1028,7 @@ def test_ctrl_c_during_fit_stops_at_a_batch_boundary():
     # usable: a step, and fit again, continuing the epoch count
     assert np.isfinite(a.train_step(X[:16], y[:16], CE, opt_a))
     again = a.fit(X, y, loss=CE, optimizer=opt_a, epochs=1, batch_size=batch_size)
-    assert again.epoch == [1 + completed] and again.stop_reason is None
+    assert again.epoch == [2 + completed] and again.stop_reason is None
 
 
 class InterruptOnReturn:
@@ -1072,7 +1075,7 @@ def test_ctrl_c_during_the_last_batch_of_an_epoch_counts_the_epoch(per_batch, me
     assert a.epochs_trained == 2 and opt_a.step_count == 2 * n_batches
     np.testing.assert_array_equal(a.parameters, b.parameters)
     history = a.history
-    assert history.stop_reason == "interrupted" and history.epoch == [0, 1]
+    assert history.stop_reason == "interrupted" and history.epoch == [1, 2]
     assert history.history["loss"] == twin.history["loss"]
     assert history.history["lr"] == twin.history["lr"]
     assert set(history.history) == set(twin.history)
@@ -1080,7 +1083,7 @@ def test_ctrl_c_during_the_last_batch_of_an_epoch_counts_the_epoch(per_batch, me
         if key not in ("loss", "lr"):
             assert values[0] == twin.history[key][0] and math.isnan(values[1])
     # the epoch count continues from there
-    assert a.fit(X, y, optimizer=opt_a, epochs=1, **kwargs).epoch == [2]
+    assert a.fit(X, y, optimizer=opt_a, epochs=1, **kwargs).epoch == [3]
 
 
 def test_ctrl_c_before_the_last_batch_does_not_count_the_epoch():
@@ -1093,7 +1096,7 @@ def test_ctrl_c_before_the_last_batch_does_not_count_the_epoch():
     trainer.engine = InterruptOnReturn(trainer.engine, at=7)  # the second epoch's third
     with pytest.raises(KeyboardInterrupt):
         trainer.run(3)
-    assert net.epochs_trained == 1 and net.history.epoch == [0] and opt.step_count == 7
+    assert net.epochs_trained == 1 and net.history.epoch == [1] and opt.step_count == 7
 
 
 class InterruptAt(bp.callbacks.Callback):
@@ -1113,12 +1116,12 @@ def test_keyboard_interrupt_from_a_callback():
     after = Recorder()
     with pytest.raises(KeyboardInterrupt):
         a.fit(X, y, loss=CE, optimizer=opt_a, epochs=50, batch_size=50,
-              callbacks=[InterruptAt(2), after], validation_data=(X[:50], y[:50]))
-    assert a.history.epoch == [0, 1, 2] and a.history.stop_reason == "interrupted"
+              callbacks=[InterruptAt(3), after], validation_data=(X[:50], y[:50]))
+    assert a.history.epoch == [1, 2, 3] and a.history.stop_reason == "interrupted"
     assert a.epochs_trained == 3 and opt_a.step_count == 3 * 4
     assert after.events[-1] == ("train_end", None)
     assert after.train_end_logs["stop_reason"] == "interrupted"
-    assert 2 not in after.epoch_logs  # the interrupt came before its on_epoch_end
+    assert 3 not in after.epoch_logs  # the interrupt came before its on_epoch_end
     b.fit(X, y, loss=CE, optimizer=opt_b, epochs=3, batch_size=50)
     np.testing.assert_array_equal(a.parameters, b.parameters)
 
@@ -1144,8 +1147,8 @@ def test_keyboard_interrupt_between_batches_keeps_the_finished_batches():
     opt_a, opt_b = bp.Adam(lr=0.01), bp.Adam(lr=0.01)
     with pytest.raises(KeyboardInterrupt):
         a.fit(X, y, loss=CE, optimizer=opt_a, epochs=50, batch_size=40, shuffle=False,
-              callbacks=[InterruptAtBatch(2, 1)])
-    assert a.history.epoch == [0, 1] and a.history.stop_reason == "interrupted"
+              callbacks=[InterruptAtBatch(3, 1)])  # epoch 3, from 1
+    assert a.history.epoch == [1, 2] and a.history.stop_reason == "interrupted"
     assert a.epochs_trained == 2 and opt_a.step_count == 2 * 5 + 2
     b.fit(X, y, loss=CE, optimizer=opt_b, epochs=2, batch_size=40, shuffle=False)
     for rows in batches(200, 40)[:2]:

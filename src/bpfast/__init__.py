@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 # _threads first: it loads the compiled core with the right OpenMP settings
 from ._threads import get_num_threads, set_num_threads, show_config, threads  # noqa: I001
-from . import callbacks, schedules
+from . import callbacks, metrics, schedules
 from ._training import DivergenceError
 from .callbacks import History
 from .io import load, save
@@ -15,6 +15,6 @@ from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 __all__ = [
     "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy", "CrossEntropy", "Dense",
     "DivergenceError", "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer",
-    "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "save", "schedules",
+    "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "metrics", "save", "schedules",
     "set_num_threads", "show_config", "threads",
 ]

@@ -18,7 +18,8 @@ import numpy as np
 from ._compiled import core as _core
 from ._validation import check_choice, check_real, check_sample_weight
 from .callbacks import Callback, EarlyStopping, History, ProgressBar, ReduceLROnPlateau
-from .losses import BinaryCrossEntropy, CrossEntropy
+from .losses import CrossEntropy
+from .metrics import get_metric
 from .schedules import as_schedule
 
 __all__ = ["DivergenceError", "FitConfig", "Trainer"]
@@ -111,44 +112,18 @@ def split_validation(n_samples, fraction, classes, rng):
     return np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
 
 
-def resolve_metrics(metrics, loss):
-    """[(name, function(output, data) -> float)] for metrics=["accuracy", callable, ...]."""
+def resolve_metrics(metrics, loss, n_outputs):
+    """[(name, function(output, data) -> float)] for metrics=["accuracy", callable, ...]
+    (see bpfast.metrics), checked against loss and the network's n_outputs."""
     if metrics is None:
         return []
     if isinstance(metrics, str) or callable(metrics):
         metrics = [metrics]
-    resolved = []
-    for metric in metrics:
-        if metric == "accuracy":
-            if not isinstance(loss, (CrossEntropy, BinaryCrossEntropy)):
-                raise ValueError(f"metric 'accuracy' needs a classification loss "
-                                 f"(CrossEntropy or BinaryCrossEntropy), not {loss!r}")
-            resolved.append(("accuracy", _accuracy_for(loss)))
-        elif callable(metric):
-            name = getattr(metric, "__name__", type(metric).__name__)
-            resolved.append((name, lambda output, data, f=metric: float(f(data.y, output))))
-        else:
-            raise ValueError(f"unknown metric {metric!r}; valid: 'accuracy' or a callable "
-                             f"f(y_true, y_pred) -> float")
+    resolved = [get_metric(metric, loss, n_outputs) for metric in metrics]
     names = [name for name, _ in resolved]
     if len(set(names)) != len(names):
         raise ValueError(f"metric names must be distinct, got {names}")
     return resolved
-
-
-def _accuracy_for(loss):
-    if isinstance(loss, CrossEntropy):
-        def accuracy(output, data):
-            truth = data.labels if data.labels is not None else np.argmax(data.dense, axis=1)
-            return float(np.mean(np.argmax(output, axis=1) == truth))
-    else:
-        # binary (per output): logit > 0, or probability > 1/2, against target >= 1/2
-        threshold = 0.0 if loss.from_logits else 0.5
-
-        def accuracy(output, data):
-            return float(np.mean((output > threshold) == (data.dense >= 0.5)))
-    return accuracy
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +138,7 @@ class FitConfig:
     loss: Any
     optimizer: Any
     epochs: int = 1
-    batch_size: int | None = None
+    batch_size: int | None = 32  # fit's default (Keras'); None: the whole set per step
     shuffle: bool = True
     sample_weight: Any = None
     class_weight: Any = None
@@ -245,13 +220,16 @@ class Trainer:
             callbacks.append(early_stopping)
         elif early_stopping is True:
             monitor = "val_loss" if self.validation is not None else "loss"
-            callbacks.append(EarlyStopping(monitor, patience=patience, min_delta=tol or 0.0))
+            # fit's patience is scikit-learn's n_iter_no_change: stop after more than
+            # patience epochs without improvement; EarlyStopping counts as Keras
+            callbacks.append(EarlyStopping(monitor, patience=patience + 1,
+                                           min_delta=tol or 0.0))
         elif early_stopping is not False:
             raise TypeError(f"early_stopping must be True, False or an EarlyStopping, "
                             f"got {early_stopping!r}")
         elif tol is not None:
             # the textbook stopping rule: the training cost no longer decreases
-            converged = EarlyStopping("loss", patience=patience, min_delta=tol,
+            converged = EarlyStopping("loss", patience=patience + 1, min_delta=tol,
                                       restore_best=False)
             converged.stop_reason = "converged"
             callbacks.append(converged)
@@ -292,7 +270,7 @@ class Trainer:
                 epoch_lr = optimizer.lr
                 logs = {"lr": epoch_lr}
                 for callback in self.callbacks:
-                    callback.on_epoch_begin(epoch, logs)
+                    callback.on_epoch_begin(epoch + 1, logs)  # users count from 1
                 loss = self._train_one_epoch(epoch)
                 if loss is None:  # diverged before any update of this epoch ("warn")
                     self.history.stop_reason = "diverged"
@@ -301,7 +279,7 @@ class Trainer:
                 network.epochs_trained += 1
                 logs = {"loss": loss, **self._evaluate(), "lr": epoch_lr}
                 for callback in self.callbacks:
-                    callback.on_epoch_end(epoch, logs)
+                    callback.on_epoch_end(epoch + 1, logs)
                 if network.stop_training:
                     reason = network.stop_training
                     self.history.stop_reason = reason if isinstance(reason, str) else "callback"
@@ -337,11 +315,11 @@ class Trainer:
                 self._restore_after_divergence()
                 return
             self.network.epochs_trained += 1
-        if self.history.epoch and self.history.epoch[-1] == epoch:
+        if self.history.epoch and self.history.epoch[-1] == epoch + 1:
             return  # recorded already
         record = dict.fromkeys(self._log_keys, math.nan)
         record.update(loss=loss_sum / weight_sum if weight_sum else 0.0, lr=lr)
-        self.history.on_epoch_end(epoch, record)
+        self.history.on_epoch_end(epoch + 1, record)
 
     def _end_callbacks(self, logs):
         """Every callback's on_train_end, even if one raises (files close, weights are
@@ -462,7 +440,7 @@ class Trainer:
             weight_sum += part_weight
             rows_done += part_rows
             if diverged:
-                self._diverged(f"the training loss became NaN or infinite at epoch {epoch}, "
+                self._diverged(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
                                f"batch {batch + part_rows // batch_size}",
                                "the update was skipped and ")
                 if weight_sum == 0 and rows_done == 0:
@@ -483,7 +461,7 @@ class Trainer:
         if not self._all_finite():
             # an update overflowed. Within an epoch the next batch's loss shows that; the
             # last update has no next loss, and a fit must not end with such parameters
-            self._diverged(f"the parameters became NaN or infinite in epoch {epoch}")
+            self._diverged(f"the parameters became NaN or infinite in epoch {epoch + 1}")
             return None  # undone (back to the epoch's start): it does not count
         if lrs is not None:
             self.optimizer.lr = float(self.schedule(self.optimizer._config.step_count,

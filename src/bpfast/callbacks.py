@@ -12,7 +12,12 @@ The protocol is small. ``fit`` gives each callback ``callback.network`` and
 - ``on_train_end(logs)``: always, also after an error or Ctrl-C (logs then has
   "stop_reason")
 
-``epoch`` counts across ``fit`` calls (``network.epochs_trained``). A callback
+``epoch`` is the epoch's number as users see it everywhere (progress bars,
+``History.epoch``, CSV logs, ``{epoch}`` in checkpoint names, error messages):
+counted from 1, as Keras shows it, and across ``fit`` calls (the epoch that
+ends has number ``network.epochs_trained``). (A schedule's ``epoch -> lr``
+function gets the 0-based count of finished epochs, as Keras' and PyTorch's
+schedulers do.) A callback
 stops training by setting ``network.stop_training = True``. Per-epoch
 callbacks cost one Python call per epoch: training itself stays compiled.
 """
@@ -69,7 +74,7 @@ class History(Callback):
         "loss" (mean training loss of the epoch), "lr" (the rate the epoch
         started with), and "val_loss" and metrics when asked for.
     epoch : list of int
-        The epoch numbers, counting across ``fit`` calls.
+        The epoch numbers, from 1 and counting across ``fit`` calls.
     stop_reason : str or None
         Why training ended before ``epochs``: "early_stopping", "converged",
         "callback", "diverged" or "interrupted" (Ctrl-C); None if it ran them all.
@@ -189,8 +194,10 @@ class EarlyStopping(_Monitor):
     monitor : str
         A log name: "val_loss" (default), "loss", "val_accuracy", ...
     patience : int
-        Training stops when more than ``patience`` epochs in a row bring no
-        improvement (PyTorch's and scikit-learn's count; Keras stops one earlier).
+        Training stops after ``patience`` epochs in a row without improvement
+        (Keras' count: with patience=2, best at epoch 3, training stops after
+        epoch 5). ``fit(early_stopping=True, patience=...)`` and ``tol`` count as
+        scikit-learn's ``n_iter_no_change`` instead: more than ``patience``.
     min_delta : float
         The smallest change that counts as an improvement.
     mode : {"auto", "min", "max"}
@@ -198,19 +205,28 @@ class EarlyStopping(_Monitor):
     restore_best : bool
         At the end of training, set the network's parameters to those of the best
         epoch (copied when it happened).
+    restore_best_weights : bool, optional
+        Keras' name for ``restore_best`` (give one or the other).
 
     Attributes
     ----------
     best_epoch : int or None
+        The number (from 1) of the best epoch.
     stopped_epoch : int or None
         The epoch after which training stopped, or None.
     """
 
     def __init__(self, monitor="val_loss", *, patience=10, min_delta=0.0, mode="auto",
-                 restore_best=True):
+                 restore_best=True, restore_best_weights=None):
         super().__init__(monitor, mode, min_delta)
         self.patience = check_int("patience", patience, minimum=0)
         self.restore_best = check_bool("restore_best", restore_best)
+        if restore_best_weights is not None:
+            restore_best_weights = check_bool("restore_best_weights", restore_best_weights)
+            if restore_best is not True and restore_best != restore_best_weights:
+                raise ValueError("give restore_best or restore_best_weights (Keras' name), "
+                                 "not both")
+            self.restore_best = restore_best_weights
         self.stop_reason = "early_stopping"
 
     def on_train_begin(self, logs):
@@ -231,7 +247,7 @@ class EarlyStopping(_Monitor):
                     np.copyto(self._best_parameters, self.network.parameters)
             return
         self._wait += 1
-        if self._wait > self.patience:
+        if self._wait >= self.patience:
             self.stopped_epoch = epoch
             self.network.stop_training = self.stop_reason
 
@@ -290,7 +306,8 @@ class ModelCheckpoint(_Monitor):
     Parameters
     ----------
     path : str or path-like
-        May contain ``{epoch}`` and any log name, e.g. ``"model-{epoch:03d}.npz"``.
+        May contain ``{epoch}`` (the epoch's number, from 1) and any log name, e.g.
+        ``"model-{epoch:03d}.npz"``. Its folder must exist (checked here).
     monitor : str
     save_best_only : bool
         Only save when the monitored value improves (the default); else every epoch.
@@ -303,6 +320,16 @@ class ModelCheckpoint(_Monitor):
                  save_optimizer=False, mode="auto"):
         super().__init__(monitor, mode, 0.0)
         self.path = os.fspath(path)
+        # a missing or read-only folder fails now, naming the user's path, not after the
+        # first epoch with the name of a temporary file
+        folder = os.path.dirname(self.path)
+        if folder and "{" not in folder:
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"ModelCheckpoint({self.path!r}): the folder "
+                                        f"{folder!r} does not exist")
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(f"ModelCheckpoint({self.path!r}): the folder "
+                                      f"{folder!r} is not writable")
         self.save_best_only = check_bool("save_best_only", save_best_only)
         self.save_optimizer = check_bool("save_optimizer", save_optimizer)
 
@@ -359,7 +386,10 @@ class ProgressBar(Callback):
     """A progress bar per epoch with loss, validation loss and samples per second.
 
     Uses tqdm when it is installed, else one line redrawn in place. ``fit(verbose=1)``
-    adds one; ``verbose=2`` prints one line per epoch instead of a bar.
+    adds one; ``verbose=2`` prints one line per epoch instead of a bar. Writes to
+    ``file``, by default ``sys.stderr`` (tqdm's default), and labels each epoch
+    with its number as in ``History.epoch`` ("epoch 6/8": epoch 6 of a fit that
+    ends with epoch 8).
     """
 
     wants_progress = True
@@ -373,7 +403,8 @@ class ProgressBar(Callback):
 
     @property
     def _out(self):
-        return self.file if self.file is not None else sys.stdout
+        # stderr by default, as tqdm: verbose output piped to a file keeps stdout clean
+        return self.file if self.file is not None else sys.stderr
 
     def on_train_begin(self, logs):
         self.n_samples = logs["n_samples"]
@@ -395,7 +426,8 @@ class ProgressBar(Callback):
     def on_epoch_begin(self, epoch, logs):
         if self._first_epoch is None:
             self._first_epoch = epoch
-        self._label = f"epoch {epoch - self._first_epoch + 1}/{self.epochs}"
+        # the epoch's own number (as in History and logs) of this fit's last one
+        self._label = f"epoch {epoch}/{self._first_epoch + self.epochs - 1}"
         self._start = time.perf_counter()
         self._bar = None
         if not self.wants_progress:

@@ -131,6 +131,8 @@ class Dense:
 
     def __repr__(self):
         extra = "" if self.use_bias else ", bias=False"
+        if self.init is not None:
+            extra += f", init={self.init!r}"
         if self.activation == "leaky_relu":
             extra += f", negative_slope={self.activation_param}"
         elif self.activation == "elu":

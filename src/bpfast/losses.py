@@ -95,7 +95,10 @@ class Loss:
         pass
 
     def __repr__(self):
-        return f"{type(self).__name__}()"
+        # the constructor's call: a loss's arguments are its public attributes
+        body = ", ".join(f"{name}={value!r}" for name, value in vars(self).items()
+                         if not name.startswith("_"))
+        return f"{type(self).__name__}({body})"
 
 
 class MSE(Loss):

@@ -1,6 +1,7 @@
 """Network: the flat parameter buffers and the training API around the compiled core."""
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, Literal
@@ -222,6 +223,21 @@ class Network:
                 f"apply it again; use {type(loss).__name__}(from_logits=False)")
         return loss
 
+    def _get_optimizer(self, optimizer):
+        """The Optimizer for optimizer; a name gives the one this network keeps for it.
+
+        An optimizer given by name ("adam") is made once per network and class, with
+        its default hyperparameters, and kept: later fit, partial_fit and train_step
+        calls that name it continue its state and step count, as passing the same
+        instance does. Losses have no state to keep.
+        """
+        if not isinstance(optimizer, str):
+            return get_optimizer(optimizer)
+        made = get_optimizer(optimizer)
+        named = self.__dict__.setdefault("_named_optimizers", {})
+        # keyed by class: every spelling of a name continues the same optimizer
+        return named.setdefault(type(made), made)
+
     def _prepare_batch(self, X, y, loss):
         X = self._check_input(X)
         target, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
@@ -288,7 +304,7 @@ class Network:
         """
         loss = self._check_loss(loss)
         X, target, labels = self._prepare_batch(X, y, loss)
-        optimizer = get_optimizer(optimizer)
+        optimizer = self._get_optimizer(optimizer)
         if optimizer._config.owner is not self._engine:
             optimizer._bind_check(self)  # its first step: hyperparameters in our dtype
         # the plain step (no weights, no l2, no clipping) skips those checks: this
@@ -314,7 +330,7 @@ class Network:
         return Data(X, dense, labels, weights, y)
 
     def fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str, optimizer: Optimizer | str,
-            epochs: int = 1, batch_size: int | None = None, shuffle: bool = True,
+            epochs: int = 1, batch_size: int | None = 32, shuffle: bool = True,
             sample_weight: ArrayLike | None = None,
             class_weight: dict[int, float] | Literal["balanced"] | None = None,
             l2: float = 0.0, clip_norm: float | None = None, clip_value: float | None = None,
@@ -339,10 +355,16 @@ class Network:
         y : targets for ``loss`` (class labels (n,) or an (n, n_outputs) array)
         loss : Loss or str
         optimizer : Optimizer or str
+            A name ("adam") gives an optimizer with its default hyperparameters that
+            this network keeps: fit, partial_fit and train_step calls with that name
+            continue its state, so two ``fit(..., optimizer="adam", epochs=1)`` are
+            one 2-epoch fit. It is not saved (``bpfast.save(optimizer=...)`` needs an
+            instance) nor copied with the network.
         epochs : int
         batch_size : int or None
-            None: batch gradient descent (all samples per step); 1: stochastic;
-            k: mini-batches of k (the last one partial).
+            Samples per step: 32 by default (Keras' default); k: mini-batches of k
+            (the last one partial); 1: stochastic; None: batch gradient descent
+            (all samples per step).
         shuffle : bool
             Visit the samples in a new random order each epoch (from the network's seed).
         sample_weight : array (n_samples,), optional
@@ -361,7 +383,11 @@ class Network:
         validation_split : float in (0, 1), optional
             Hold out this fraction of the samples (stratified by class for
             classification losses, drawn from the network's RNG) for validation.
-        metrics : list of "accuracy" or callables ``f(y_true, y_pred) -> float``
+        metrics : list of metric names or callables ``f(y_true, y_pred) -> float``
+            "accuracy", "mae", "mse", "rmse", "r2", "log_loss", "top_k_accuracy"
+            (k=5; "top_3_accuracy" for k=3), "precision", "recall", "f1" (binary
+            for two classes, else macro; "f1_macro", "f1_binary" to choose), "auc";
+            each gives scikit-learn's value (see :mod:`bpfast.metrics`).
             Recorded per epoch on the training data (after the epoch, one extra
             forward pass) and, with validation, as "val_<name>". A callable gets y
             as given and the network's output (``predict``: logits or
@@ -433,7 +459,7 @@ class Network:
             self._engine.unclaim()
 
     def partial_fit(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str,
-                    optimizer: Optimizer | str, batch_size: int | None = None,
+                    optimizer: Optimizer | str, batch_size: int | None = 32,
                     shuffle: bool = True, sample_weight: ArrayLike | None = None,
                     class_weight: dict[int, float] | Literal["balanced"] | None = None,
                     l2: float = 0.0, clip_norm: float | None = None,
@@ -474,7 +500,7 @@ class Network:
     def _checked_trainer(self, X, y, config):
         """Check config against this network and the data, split the data: a Trainer."""
         loss = self._check_loss(config.loss)
-        optimizer = get_optimizer(config.optimizer)
+        optimizer = self._get_optimizer(config.optimizer)
         config = dataclasses.replace(
             config, loss=loss, optimizer=optimizer,
             epochs=check_int("epochs", config.epochs, minimum=0),
@@ -486,7 +512,7 @@ class Network:
         if isinstance(X, np.ndarray) and X.ndim:  # before X and y are copied
             self._check_fit_batch(X.shape[0], batch_size)
         data = self._data(X, y, loss, config.sample_weight, config.class_weight)
-        metrics = resolve_metrics(config.metrics, loss)
+        metrics = resolve_metrics(config.metrics, loss, self.n_outputs)
         validation_data, validation_split = config.validation_data, config.validation_split
         validation = None
         if validation_data is not None:
@@ -525,6 +551,82 @@ class Network:
             check_memory(f"the predictions for {X.shape[0]} rows",
                          X.shape[0] * self.n_outputs * self.dtype.itemsize)
         return self._engine.predict(X, max(1, _PREDICT_CHUNK_ELEMENTS // widest))
+
+    def __call__(self, X: ArrayLike) -> NDArray[np.floating]:
+        """``net(X)`` is ``net.predict(X)`` (inference mode; keeps nothing for backward)."""
+        return self.predict(X)
+
+    def predict_proba(self, X: ArrayLike) -> NDArray[np.floating]:
+        """Class probabilities (n, n_outputs): what a classifier's output means.
+
+        A softmax or sigmoid last layer already gives probabilities: they are
+        returned as they are. A last layer without activation gives logits: softmax
+        over the outputs when there are several (CrossEntropy), the sigmoid of each
+        when there is one (BinaryCrossEntropy: P(class 1), shape (n, 1), as Keras
+        gives it). Several independent sigmoid outputs (multi-label) need a sigmoid
+        last layer. Any other last activation (relu, tanh, ...) is a regression
+        output, and a ValueError.
+        """
+        activation = self.layers[-1].activation
+        if activation not in ("softmax", "sigmoid", "identity"):
+            raise ValueError(f"predict_proba needs a classifier: a last layer with softmax, "
+                             f"sigmoid or no activation (logits); this network's applies "
+                             f"{activation!r}, a regression output; use predict")
+        output = self.predict(X)
+        if activation != "identity":
+            return output
+        if output.shape[1] == 1:
+            # sigmoid, written so that large logits neither overflow nor warn
+            np.tanh(0.5 * output, out=output)
+            output += 1
+            output *= 0.5
+            return output
+        output -= output.max(axis=1, keepdims=True)
+        np.exp(output, out=output)
+        output /= output.sum(axis=1, keepdims=True)
+        return output
+
+    def evaluate(self, X: ArrayLike, y: ArrayLike, *, loss: Loss | str | None = None,
+                 metrics: Sequence[str | Callable[[Any, Any], float]] | None = None,
+                 sample_weight: ArrayLike | None = None) -> dict[str, float]:
+        """The loss and metrics of the network on (X, y), in inference mode.
+
+        Parameters
+        ----------
+        X, y : data and targets, as ``fit`` takes them
+        loss : Loss or str, optional
+            Gives "loss": the data loss (without ``fit``'s l2 term), weighted by
+            ``sample_weight``, as fit's "val_loss". Needed for the classification
+            metrics to know what the outputs are (logits or probabilities); without
+            it the outputs are compared with y as a regression (MSE).
+        metrics : list of names or callables, optional
+            As ``fit``'s ``metrics`` (see :mod:`bpfast.metrics`); unweighted.
+        sample_weight : array (n_samples,), optional
+
+        Returns
+        -------
+        dict
+            {"loss": ..., <metric name>: ...} as Python floats, in that order.
+        """
+        resolved_loss = self._check_loss(get_loss("mse") if loss is None else loss)
+        try:
+            resolved = resolve_metrics(metrics, resolved_loss, self.n_outputs)
+        except ValueError as error:
+            if loss is None and "classification loss" in str(error):
+                raise ValueError(f"{error}: pass loss= (e.g. 'cross_entropy') so that "
+                                 f"evaluate knows what the outputs are") from None
+            raise
+        if loss is None and not resolved:
+            raise ValueError("evaluate needs a loss or some metrics")
+        data = self._data(X, y, resolved_loss, sample_weight)
+        output = self.predict(data.X)  # in chunks, without caches
+        results = {}
+        if loss is not None:
+            results["loss"] = resolved_loss._config.evaluate(
+                output, data.dense, data.labels, None, data.weights)
+        for name, metric in resolved:
+            results[name] = metric(output, data)
+        return results
 
     # ---------------------------------------------------------------- state protocol
     # Saving (bpfast.io) and pickling describe a network the same way: _get_state takes
@@ -585,6 +687,31 @@ class Network:
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"Network([\n  {body}\n], dtype={self.dtype.name!r})"
+
+    def summary(self, file: Any = None) -> None:
+        """Print the layers, their output shapes and parameter counts, as Keras does.
+
+        Parameters
+        ----------
+        file : a writable text file, optional
+            Where to print (default ``sys.stdout``); ``io.StringIO()`` keeps the text.
+        """
+        rows = [("Layer (type)", "Output Shape", "Activation", "Param #")]
+        for index, layer in enumerate(self.layers):
+            rows.append((f"dense_{index} (Dense)", f"(None, {layer.out_features})",
+                         layer.activation, f"{layer.n_parameters:,}"))
+        widths = [max(len(row[column]) for row in rows) + 3 for column in range(4)]
+        rule = "=" * sum(widths)
+
+        def line(row):
+            return "".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+
+        n_bytes = self.n_parameters * self.dtype.itemsize
+        text = [f'Network ({self.n_inputs} inputs, {self.dtype.name})', rule, line(rows[0]),
+                rule, *(line(row) for row in rows[1:]), rule,
+                f"Total params: {self.n_parameters:,} ({format_bytes(n_bytes)})",
+                f"Trainable params: {self.n_parameters:,}", "Non-trainable params: 0"]
+        print("\n".join(text), file=sys.stdout if file is None else file)
 
     def save(self, path: str | PathLike[str], *, optimizer: Optimizer | None = None,
              metadata: dict[str, Any] | None = None) -> None:

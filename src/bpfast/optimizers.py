@@ -97,6 +97,16 @@ class Optimizer:
         arguments.pop("decoupled_weight_decay", None)  # implied by the class
         return arguments
 
+    def __repr__(self):
+        # the constructor's call, at the current lr: Adam(lr=0.001, betas=(0.9, 0.999), ...)
+        arguments = self._arguments()
+        ordered = {"lr": arguments.pop("lr")}
+        if "betas" in arguments:
+            ordered["betas"] = tuple(arguments.pop("betas"))
+        ordered.update(arguments)
+        body = ", ".join(f"{name}={value!r}" for name, value in ordered.items())
+        return f"{type(self).__name__}({body})"
+
     # ---------------------------------------------------------------- state protocol
     # Saving (bpfast.io) and pickling both describe an optimizer by _get_state (plain
     # JSON-able values) and rebuild it with _from_state; the state rows, which belong
