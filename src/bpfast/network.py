@@ -121,7 +121,7 @@ class Network:
                 layer.grad_bias = self._gradients[bias_offset:bias_offset + layer.out_features]
             weight, bias = layer.initial_values(self._rng)
             layer.weight[...] = weight
-            if layer.use_bias:
+            if layer.bias is not None:  # set above exactly when use_bias
                 layer.bias[...] = bias
             table.append((layer.in_features, layer.out_features,
                           _core.ACTIVATIONS.index(layer.activation), layer.activation_param,
@@ -201,7 +201,7 @@ class Network:
         if rows > self._engine.capacity:
             self._check_workspace(rows)
 
-    def _check_input(self, X, name="X", batch=True):
+    def _check_input(self, X, name="X", batch=True) -> NDArray[np.floating]:
         """X converted (as_float_array); with batch, also one batch of an engine step
         (rows and workspaces checked where the engine must grow: its capacity is never
         above MAX_BATCH_ROWS)."""
@@ -213,7 +213,7 @@ class Network:
             self._check_workspace(X.shape[0])
         return X
 
-    def _check_loss(self, loss):
+    def _check_loss(self, loss) -> Loss:
         """The Loss for loss; refuses a softmax/sigmoid output fed to a loss on logits."""
         loss = get_loss(loss)
         activation = self.layers[-1].activation
@@ -224,7 +224,8 @@ class Network:
                 f"apply it again; use {type(loss).__name__}(from_logits=False)")
         return loss
 
-    def _prepare_batch(self, X, y, loss):
+    def _prepare_batch(self, X, y, loss) -> tuple[
+            NDArray[np.floating], NDArray[np.floating] | None, NDArray[np.intp] | None]:
         X = self._check_input(X)
         target, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
         return X, target, labels
