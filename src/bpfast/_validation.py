@@ -8,6 +8,7 @@ import numbers
 import os
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ._compiled import core as _core
 
@@ -111,7 +112,8 @@ def as_array(name, value):
         raise type(error)(f"{name} is not an array of numbers: {error}") from None
 
 
-def as_float_array(name, value, dtype, ndim, position_name="row", max_rows=None):
+def as_float_array(name, value, dtype, ndim, position_name="row",
+                   max_rows=None) -> NDArray[np.floating]:
     """A C-contiguous array of dtype with ndim dimensions, finite; copied only if needed.
 
     Integer input is converted; bool, complex, string and object arrays are refused.

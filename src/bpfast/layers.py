@@ -1,11 +1,14 @@
 """Dense layers and the activation names."""
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ._compiled import core as _core
 from ._validation import check_bool, check_choice, check_int, check_real
+
+if TYPE_CHECKING:
+    from .network import Network
 
 #: Activation names a Dense layer accepts (``None`` means "identity").
 ACTIVATIONS = _core.ACTIVATIONS
@@ -60,6 +63,7 @@ class Dense:
     bias: NDArray[np.floating] | None
     grad_weight: NDArray[np.floating] | None
     grad_bias: NDArray[np.floating] | None
+    _network: "Network | None"
 
     def __init__(self, in_features: int, out_features: int, activation: str | None = None, *,
                  bias: bool = True, init: str | None = None, negative_slope: float | None = None,

@@ -30,7 +30,7 @@ class Loss:
     #: whether integer class labels of shape (n,) are accepted as targets
     accepts_labels = False
     #: the last-layer activation whose output this loss expects when from_logits=False
-    output_activation = None
+    output_activation: str | None = None
 
     def __init__(self, core_name: str, param: float = 1.0) -> None:
         self._config = _core.LossConfig(core_name, param)
@@ -48,15 +48,15 @@ class Loss:
 
         ``sample_weight`` (n,), optional, makes it the weighted mean.
         """
-        output, dense, labels, weights = self._prepare(output, target, sample_weight)
-        return self._config.evaluate(output, dense, labels, None, weights)
+        output_array, dense, labels, weights = self._prepare(output, target, sample_weight)
+        return self._config.evaluate(output_array, dense, labels, None, weights)
 
     def gradient(self, output: ArrayLike, target: ArrayLike,
                  sample_weight: ArrayLike | None = None) -> NDArray[np.floating]:
         """dL/d(output): an array of output's shape and dtype."""
-        output, dense, labels, weights = self._prepare(output, target, sample_weight)
-        grad = np.empty_like(output)
-        self._config.evaluate(output, dense, labels, grad, weights)
+        output_array, dense, labels, weights = self._prepare(output, target, sample_weight)
+        grad = np.empty_like(output_array)
+        self._config.evaluate(output_array, dense, labels, grad, weights)
         return grad
 
     def _prepare(self, output, target, sample_weight):

@@ -122,7 +122,7 @@ class Network:
                 layer.grad_bias = self._gradients[bias_offset:bias_offset + layer.out_features]
             weight, bias = layer.initial_values(self._rng)
             layer.weight[...] = weight
-            if layer.use_bias:
+            if layer.bias is not None:  # set above exactly when use_bias
                 layer.bias[...] = bias
             table.append(layer.engine_row(offset, bias_offset))
             offset += layer.n_parameters
@@ -200,7 +200,7 @@ class Network:
         if rows > self._engine.capacity:
             self._check_workspace(rows)
 
-    def _check_input(self, X, name="X", batch=True):
+    def _check_input(self, X, name="X", batch=True) -> NDArray[np.floating]:
         """X converted (as_float_array); with batch, also one batch of an engine step
         (rows and workspaces checked where the engine must grow: its capacity is never
         above MAX_BATCH_ROWS)."""
@@ -212,7 +212,7 @@ class Network:
             self._check_workspace(X.shape[0])
         return X
 
-    def _check_loss(self, loss):
+    def _check_loss(self, loss) -> Loss:
         """The Loss for loss; refuses a softmax/sigmoid output fed to a loss on logits."""
         loss = get_loss(loss)
         activation = self.layers[-1].activation
@@ -223,7 +223,7 @@ class Network:
                 f"apply it again; use {type(loss).__name__}(from_logits=False)")
         return loss
 
-    def _get_optimizer(self, optimizer):
+    def _get_optimizer(self, optimizer) -> Optimizer:
         """The Optimizer for optimizer; a name gives the one this network keeps for it.
 
         An optimizer given by name ("adam") is made once per network and class, with
@@ -238,7 +238,8 @@ class Network:
         # keyed by class: every spelling of a name continues the same optimizer
         return named.setdefault(type(made), made)
 
-    def _prepare_batch(self, X, y, loss):
+    def _prepare_batch(self, X, y, loss) -> tuple[
+            NDArray[np.floating], NDArray[np.floating] | None, NDArray[np.intp] | None]:
         X = self._check_input(X)
         target, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
         return X, target, labels

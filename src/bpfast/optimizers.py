@@ -272,6 +272,6 @@ _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagr
 OPTIMIZER_NAMES = tuple(_BY_NAME)
 
 
-def get_optimizer(optimizer):
+def get_optimizer(optimizer) -> "Optimizer":
     """An Optimizer instance from an instance or a name ("sgd", "adam", ...; defaults)."""
     return instance_by_name("optimizer", optimizer, Optimizer, _BY_NAME)
