@@ -20,18 +20,25 @@ from typing import TYPE_CHECKING
 __all__ = ["ENGINE_CHOICES", "core"]
 
 ENGINE_CHOICES = ("auto", "baseline", "avx2")
+#: libgomp's spin count for idle workers (see _import_engines): 30,000 spins keep the
+#: quiet M step as fast as OpenBLAS's own threads were (10,000: 25% slower on M)
+OMP_SPIN_COUNT = 30000
 
 
 def _import_engines() -> ModuleType:
     """Import _core, then _core_avx2 if wanted and runnable; return the one to use.
 
     libgomp reads its wait policy once, when the library loads. Its default lets
-    idle workers spin after every parallel region, and with BLAS's own threads on
-    the same cores that spinning starves OpenBLAS's spin barriers: measured 8 ms
-    instead of 0.5 ms per training step (M shape, 2 cores, bench/README.md).
-    Passive workers sleep instead. A user who sets OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT keeps their choice, and the variable is removed again at once,
-    so neither the rest of the process nor its children see it.
+    idle workers spin for a long while after every parallel region, and with BLAS's
+    own threads on the same cores that spinning starved OpenBLAS's spin barriers:
+    measured 8 ms instead of 0.5 ms per training step (M shape, 2 cores). Fully
+    passive workers cost the other way now that bpfast threads its products itself
+    (a futex wake-up per parallel region: the quiet M step on 2 threads 1.5x slower,
+    bench/README.md). So workers spin briefly (GOMP_SPINCOUNT, about 10-30 us) and
+    then sleep; OMP_WAIT_POLICY=PASSIVE is for OpenMP runtimes other than libgomp.
+    A user who sets OMP_WAIT_POLICY or GOMP_SPINCOUNT keeps their choice, and the
+    variables are removed again at once, so neither the rest of the process nor its
+    children see them.
     """
     choice = os.environ.get("BPFAST_ENGINE", "auto").strip().lower() or "auto"
     if choice not in ENGINE_CHOICES:
@@ -40,6 +47,7 @@ def _import_engines() -> ModuleType:
     set_policy = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
     if set_policy:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)  # libgomp: it wins over the policy
     try:
         from . import _core
         if choice == "baseline":
@@ -58,6 +66,7 @@ def _import_engines() -> ModuleType:
     finally:
         if set_policy:
             del os.environ["OMP_WAIT_POLICY"]
+            del os.environ["GOMP_SPINCOUNT"]
 
 
 if TYPE_CHECKING:
