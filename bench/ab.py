@@ -5,7 +5,8 @@
 BEFORE_SRC and AFTER_SRC are folders that hold a built ``bpfast`` package (a
 checkout's ``src/`` after ``python setup.py build_ext --inplace``). Each round runs
 one process per tree, in alternating order, and each process times every shape
-with SGD (momentum) and Adam, float32, as ``bench/run.py`` builds them. Reported:
+with SGD (momentum) and Adam, float32, with ``bench/run.py``'s problems, step
+builder (``competitors/bpfast_steps.py``) and timing (``common.measure``). Reported:
 the median over rounds of each process's median, the minimum over rounds, and the
 median of the paired after/before ratios (the steadiest number on a shared machine).
 Used for the engine rewrite (bench/README.md, "Typed engines: before and after").
@@ -18,47 +19,30 @@ import subprocess
 import sys
 import time
 
-from common import OPTIMIZERS, SHAPES
+from common import SHAPES
 
+BENCH = os.path.dirname(os.path.abspath(__file__))
+
+# the child times what bench/run.py times: its Problem, its bpfast step builder, its
+# measure() with the full timing settings
 CHILD = r"""
-import json, sys, time
-import numpy as np
-import bpfast as bp
-shapes, optimizers, budget = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3])
-out = {"file": bp.__file__}
-for name, shape in shapes.items():
-    widths, batch = shape["widths"], shape["batch"]
-    for opt_name, opt_text in optimizers.items():
-        rng = np.random.default_rng(0)
-        layers = [bp.Dense(i, o, activation="relu") for i, o in zip(widths[:-2], widths[1:-1])]
-        layers.append(bp.Dense(widths[-2], widths[-1]))
-        net = bp.Network(layers, dtype="float32", seed=0)
-        X = [rng.standard_normal((batch, widths[0])).astype(np.float32) for _ in range(4)]
-        y = [rng.integers(0, widths[-1], batch) for _ in range(4)]
-        loss, opt = bp.CrossEntropy(), eval("bp." + opt_text)
-        for i in range(20):
-            net.train_step(X[i % 4], y[i % 4], loss, opt)
-        start, calls = time.perf_counter(), 0
-        while time.perf_counter() - start < 0.05:
-            net.train_step(X[calls % 4], y[calls % 4], loss, opt)
-            calls += 1
-        per_sample, samples = max(1, calls // 5), []
-        end = time.perf_counter() + budget
-        while time.perf_counter() < end or len(samples) < 5:
-            start = time.perf_counter()
-            for i in range(per_sample):
-                net.train_step(X[i % 4], y[i % 4], loss, opt)
-            samples.append((time.perf_counter() - start) / per_sample * 1e6)
-        out[f"{name}/{opt_name}"] = samples
+import json, sys
+from common import OPTIMIZERS, TIMING_FULL, Problem, import_bpfast, measure
+from competitors import bpfast_steps
+out = {"file": import_bpfast().__file__}
+for name in json.loads(sys.argv[1]):
+    problem = Problem(name, 4)
+    for opt in OPTIMIZERS:
+        step, per_call = bpfast_steps.train_step(problem, opt)
+        out[f"{name}/{opt}"] = [t * 1e6 for t in measure(step, TIMING_FULL, per_call)]
 print(json.dumps(out))
 """
 
 
-def run_tree(tree, threads, shapes, budget):
-    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads))
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes),
-                             json.dumps(OPTIMIZERS), "0.25"],
+def run_tree(tree, threads, shapes):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((tree, BENCH)),
+               OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes)],
                             env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
@@ -72,14 +56,14 @@ def main(argv=None):
     parser.add_argument("--shapes", default="S,M,L")
     parser.add_argument("--out", default=None, help="write the samples as JSON here")
     args = parser.parse_args(argv)
-    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    shapes = [name for name in args.shapes.split(",") if name in SHAPES]
     trees = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
     runs = {"before": [], "after": []}
     started = time.time()
     for r in range(args.rounds):
         order = ("before", "after") if r % 2 == 0 else ("after", "before")
         for label in order:
-            runs[label].append(run_tree(trees[label], args.threads, shapes, 0.25))
+            runs[label].append(run_tree(trees[label], args.threads, shapes))
     for label in runs:
         print(f"{label}: {runs[label][0].pop('file')}")
         for run in runs[label][1:]:
