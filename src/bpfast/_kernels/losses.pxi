@@ -126,7 +126,9 @@ cdef double loss_and_gradient(const LossParams* loss, const floating* out,
     PyTorch weights cross-entropy by class; a batch whose weights are all zero
     has loss 0 and a zero gradient.
     """
-    cdef int t, n_threads = _threads_for(n_rows * width * 8)
+    cdef PassTimer timer
+    cdef int t, n_threads = pass_threads(PASS_LOSS, n_rows * width * 8 if n_rows > 1 else 0,
+                                         floating is double, &timer)
     cdef Py_ssize_t i
     cdef double total = 0, denominator, grad_scale
     # cross-entropy averages over samples, every other loss over all elements
@@ -135,7 +137,7 @@ cdef double loss_and_gradient(const LossParams* loss, const floating* out,
         denominator *= <double>width
     grad_scale = 2.0 * loss.param if loss.kind == LOSS_MSE else 1.0
     grad_scale = grad_scale / denominator if denominator > 0 else 0.0
-    if n_threads == 1 or n_rows < 2:
+    if n_threads == 1:
         loss_rows(loss, out, target, labels, weights, grad, row_loss, 0, n_rows, width,
                   grad_scale)
     else:
@@ -143,6 +145,7 @@ cdef double loss_and_gradient(const LossParams* loss, const floating* out,
             loss_rows(loss, out, target, labels, weights, grad, row_loss,
                       t * n_rows // n_threads, (t + 1) * n_rows // n_threads, width,
                       grad_scale)
+    pass_done(&timer)
     for i in range(n_rows):  # one summation order for any thread count
         total += row_loss[i]
     if loss.kind == LOSS_MSE:
