@@ -1,6 +1,5 @@
 # Matrix products through SciPy's BLAS (gemm, matvec) and the thread policy of
-# bpfast's own passes (_threads_for). Included by _core.pyx.
-
+# bpfast's own passes (pass_threads). Included by _core.pyx.
 
 
 # Thread policy for matrix products (bench/README.md, "Threads under load").
