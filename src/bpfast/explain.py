@@ -915,8 +915,8 @@ def _dot(trace, digits):
     if trace.detailed:
         for k, name in enumerate(names.units[0]):
             grad = trace.backward[0].grad_input[:, k]
-            lines.append(f'  "{name}" [label="{{ {_dot_escape(name)} | value '
-                         f'{num(trace.X[:, k])} | grad {num(grad)} }}"];')
+            lines.append(f'  "{name}" [label="{_dot_escape(name)} | value '
+                         f'{num(trace.X[:, k])} | grad {num(grad)}"];')
         for passed, grads in zip(trace.forward, trace.backward, strict=True):
             layer, index = passed.layer, passed.index
             for j, unit in enumerate(names.units[index + 1]):
@@ -928,15 +928,15 @@ def _dot(trace, digits):
                     bias = names.biases[index][j]
                     fields.append(f"{bias} {num(passed.bias[j])} grad {num(grads.db[j])}")
                 label = " | ".join(_dot_escape(f) for f in fields)
-                lines.append(f'  "{unit}" [label="{{ {label} }}"];')
+                lines.append(f'  "{unit}" [label="{label}"];')
                 for k, source in enumerate(names.units[index]):
                     weight = names.weights[index][j, k]
                     lines.append(f'  "{source}" -> "{unit}" [label="{weight} = '
                                  f'{num(passed.weight[j, k])}\\ngrad {num(grads.dW[j, k])}"];')
         last = names.units[-1]
     else:
-        lines.append(f'  "x" [label="{{ x | value ({trace.X.shape[0]}, {trace.X.shape[1]}) '
-                     f'| grad norm {num(np.linalg.norm(trace.backward[0].grad_input))} }}"];')
+        lines.append(f'  "x" [label="x | value ({trace.X.shape[0]}, {trace.X.shape[1]}) '
+                     f'| grad norm {num(np.linalg.norm(trace.backward[0].grad_input))}"];')
         previous = "x"
         for passed, grads in zip(trace.forward, trace.backward, strict=True):
             node = f"layer{passed.index + 1}"
@@ -945,19 +945,19 @@ def _dot(trace, digits):
                       f"delta norm {num(np.linalg.norm(grads.delta))}",
                       f"dW norm {num(np.linalg.norm(grads.dW))}"]
             label = " | ".join(_dot_escape(f) for f in fields)
-            lines.append(f'  "{node}" [label="{{ {label} }}"];')
+            lines.append(f'  "{node}" [label="{label}"];')
             lines.append(f'  "{previous}" -> "{node}" [label="W{passed.index + 1} '
                          f'{passed.layer.weight.shape}"];')
             previous = node
         last = [previous]
-    lines.append(f'  "L" [label="{{ L | value {num(trace.loss_value)} | grad 1 }}", '
+    lines.append(f'  "L" [label="L | value {num(trace.loss_value)} | grad 1", '
                  'style=filled, fillcolor="#f2f2f2"];')
     for j, unit in enumerate(last):
         target = (names.targets[j] if trace.detailed else "t")
         if trace.detailed:
             value = (trace.labels == j).astype(float) if trace.labels is not None \
                 else trace.target[:, j]
-            lines.append(f'  "{target}" [label="{{ {target} | value {num(value)} }}"];')
+            lines.append(f'  "{target}" [label="{target} | value {num(value)}"];')
             lines.append(f'  "{target}" -> "L";')
         lines.append(f'  "{unit}" -> "L";')
     lines.append("}")
