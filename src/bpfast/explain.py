@@ -675,8 +675,8 @@ class _Writer:
                 + f"   {passed.z.shape} = {passed.input.shape} x {layer.weight.shape[::-1]}",
                 rf"Z^{{[{label}]}} = A^{{[{label - 1}]}} W^{{[{label}]\top}}"
                 + (rf" + b^{{[{label}]}}" if layer.use_bias else "")), 4)
-            self.prose(f"    ||Z{label}|| = {self.norm(passed.z)}, range "
-                       f"[{self.num(passed.z.min()).text}, {self.num(passed.z.max()).text}]")
+            low, high = (_number(v, self.digits) for v in (passed.z.min(), passed.z.max()))
+            self.prose(f"    ||Z{label}|| = {self.norm(passed.z)}, range [{low}, {high}]")
             self.formula(_Expr(f"A{label} = {layer.activation}(Z{label})   {passed.a.shape}",
                                rf"A^{{[{label}]}} = g(Z^{{[{label}]}})"), 4)
             self.prose(f"    ||A{label}|| = {self.norm(passed.a)}")
