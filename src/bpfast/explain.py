@@ -148,6 +148,8 @@ def _tex_name(name):
     """h1 -> h_{1}, h2_3 -> h_{2,3}, z_h1 -> z_{h_{1}}, w12 -> w_{12}."""
     if name.startswith("z_"):
         return "z_{" + _tex_name(name[2:]) + "}"
+    if name.startswith("delta_"):
+        return r"\delta_{" + _tex_name(name[6:]) + "}"
     letters = name.rstrip("0123456789_")
     rest = name[len(letters):]
     return f"{letters}_{{{rest.replace('_', ',')}}}" if rest else letters
@@ -374,12 +376,12 @@ class ExplainTrace:
         out = []
         for text, tex in self._lines(digits):
             if tex is None:
-                out.append(text)
+                out.append(text.strip())
             elif tex.startswith("#") or tex == "":
                 out.append(tex)
             else:
                 out.append(f"$$ {tex} $$")
-        return "\n\n".join(line for line in out if line is not None) + "\n"
+        return "\n\n".join(line for line in out if line) + "\n"
 
     # ---------------------------------------------------------------- the lines
     def _lines(self, digits):
@@ -577,7 +579,10 @@ class _Writer:
                                       self.values(grads.activation_derivative[:, j])))
             sides.append(self.values(grads.delta[:, j]))
             self.formula(_equation(*sides), 4)
-            derivative_symbols.append(derivative[0])
+            derivative_symbols.append(
+                derivative[0] if layer.activation in ("sigmoid", "tanh") else _Expr(
+                    f"{layer.activation}'(z_{unit})",
+                    rf"\mathrm{{{layer.activation.replace('_', '')}}}'({_tex_name('z_' + unit)})"))
         for j, unit in enumerate(units):
             for k in range(layer.in_features):
                 self.parameter_line(index, j, unit, names.weights[index][j, k], inputs[k],
@@ -737,12 +742,22 @@ class _Writer:
 
 # --------------------------------------------------------------------------- loss formulas
 def _scale(trace, terms_per_sample):
-    """The mean's denominator as a Fraction: 1 for "sum", else samples (x outputs)."""
+    """The mean's denominator as a Fraction: 1 for "sum", else samples (x outputs);
+    None with sample weights (see _weighting)."""
+    if trace.sample_weight is not None:
+        return None
     if trace.loss.reduction == "sum":
         return Fraction(1)
-    if trace.sample_weight is not None:
-        return None  # a weighted mean: no simple fraction
     return Fraction(trace.X.shape[0] * terms_per_sample)
+
+
+def _weighting(trace, terms_per_sample):
+    """With sample weights: (factor, divisor) texts, "w " and "" for a sum, "w " and
+    " / (m sum w)" for the weighted mean."""
+    if trace.loss.reduction == "sum":
+        return "w ", ""
+    per = "" if terms_per_sample == 1 else f"{terms_per_sample} "
+    return "w ", f" / ({per}sum w)"
 
 
 def _fraction_text(value):
@@ -768,7 +783,14 @@ def _loss_formula(trace, writer):
     sum_text = "" if per_sample * trace.X.shape[0] == 1 else "sum "
     sum_tex = "" if per_sample * trace.X.shape[0] == 1 else r"\sum "
     if coefficient is None:
-        lead_text, lead_tex = "weighted mean of ", r"\overline{\textstyle\sum}_w "
+        half = "1/2 " if name == "MSE" and loss.half else ""
+        if loss.reduction == "sum":
+            lead_text, lead_tex = f"{half}sum w ", f"{half}\\sum w "
+        else:
+            divisor = "sum w" if per_sample == 1 else f"({per_sample} sum w)"
+            lead_text = f"sum w l / {divisor}, l = {half}"
+            lead_tex = rf"\textstyle\sum w\,l / \sum w,\ l = {half}"
+        lead_tex = lead_tex.replace("1/2 ", r"\frac{1}{2}")
     else:
         lead_text, lead_tex = _fraction_text(coefficient) + sum_text, \
             _fraction_tex(coefficient) + sum_tex
@@ -814,7 +836,11 @@ def _output_gradient(trace, j, writer):
     y, t = trace.names.units[-1][j], trace.names.targets[j]
     per_sample = 1 if isinstance(loss, CrossEntropy) else trace.network.n_outputs
     scale = _scale(trace, per_sample)
-    if type(loss).__name__ == "MSE" and scale is not None:
+    if type(loss).__name__ == "MSE" and scale is None:
+        factor, divisor = _weighting(trace, per_sample)
+        constant = "" if loss.half else "2 "
+        return [_Expr(f"{constant}{factor}({y} - {t}){divisor}")]
+    if type(loss).__name__ == "MSE":
         coefficient = Fraction(1 if loss.half else 2) / scale
         symbolic = _Expr(f"{_fraction_text(coefficient)}({y} - {t})",
                          f"{_fraction_tex(coefficient)}({_tex_name(y)} - {_tex_name(t)})")
@@ -829,8 +855,11 @@ def _output_gradient(trace, j, writer):
             else f"-{t} / {y} / n",
             "BinaryCrossEntropy": f"(sigmoid({y}) - {t}) / N" if loss_from_logits(loss)
             else f"({y} - {t}) / ({y} (1 - {y})) / N"}.get(type(loss).__name__, f"dL/d{y}")
-    if loss.reduction == "sum":
+    if loss.reduction == "sum" or scale is None:
         text = text.replace(" / N", "").replace(" / n", "")
+    if scale is None:
+        factor, divisor = _weighting(trace, per_sample)
+        text = f"{factor}{text}{divisor}"
     return [_Expr(text)]
 
 
@@ -856,8 +885,12 @@ def _fused_delta(trace, j, writer):
     scale = _scale(trace, 1 if isinstance(trace.loss, CrossEntropy)
                    else trace.network.n_outputs)
     coefficient = Fraction(1) / scale if scale is not None else None
-    lead_text = "" if coefficient is None else _fraction_text(coefficient)
-    lead_tex = "" if coefficient is None else _fraction_tex(coefficient)
+    if coefficient is None:
+        factor, divisor = _weighting(trace, 1 if isinstance(trace.loss, CrossEntropy)
+                                     else trace.network.n_outputs)
+        return [_Expr(f"{factor}({y} - {t}){divisor}")]
+    lead_text = _fraction_text(coefficient)
+    lead_tex = _fraction_tex(coefficient)
     sides = [_Expr(f"{lead_text}({y} - {t})", f"{lead_tex}({_tex_name(y)} - {_tex_name(t)})")]
     if writer.single and coefficient is not None:
         target = (float(trace.labels[0] == j) if trace.labels is not None
@@ -877,7 +910,7 @@ def _derivative_formula(layer, unit, writer, a, z):
     symbolic, numbers = {
         "identity": (_Expr("1"), None),
         "sigmoid": (_Expr(f"{u} (1 - {u})", f"{tu}(1 - {tu})"),
-                    _Expr(f"{a_text} * (1 - {a_text})")),
+                    _Expr(f"{a_text} * (1 - {a_text})", rf"{a_text} \cdot (1 - {a_text})")),
         "tanh": (_Expr(f"(1 - {u}^2)", f"(1 - {tu}^2)"), _Expr(f"1 - {a_text}^2")),
         "relu": (_Expr(f"1 if z_{u} > 0 else 0", rf"[{zu} > 0]"), None),
         "leaky_relu": (_Expr(f"1 if z_{u} > 0 else {layer.activation_param:g}",
