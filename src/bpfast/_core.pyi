@@ -27,6 +27,10 @@ class Loss(IntEnum):
     LOSS_BINARY_CROSS_ENTROPY = 5
     LOSS_BINARY_CROSS_ENTROPY_PROBS = 6
 
+class Reduction(IntEnum):
+    REDUCTION_MEAN = 0
+    REDUCTION_SUM = 1
+
 class Optimizer(IntEnum):
     OPT_SGD = 0
     OPT_ADAM = 1
@@ -38,6 +42,7 @@ class LayerKind(IntEnum):
 
 ACTIVATIONS: tuple[str, ...]
 LOSSES: tuple[str, ...]
+REDUCTIONS: tuple[str, ...]
 OPTIMIZERS: tuple[str, ...]
 LAYER_KINDS: tuple[str, ...]
 PARALLEL_MIN_WORK: int
@@ -60,9 +65,11 @@ BUSY_MESSAGE: str
 FITTING_MESSAGE: str
 
 class LossConfig:
-    def __init__(self, name: str, param: float = ...) -> None: ...
+    def __init__(self, name: str, param: float = ..., reduction: str = ...) -> None: ...
     @property
     def name(self) -> str: ...
+    @property
+    def reduction(self) -> str: ...
     def evaluate(self, out: NDArray[np.floating], target: NDArray[np.floating] | None,
                  labels: NDArray[np.intp] | None,
                  grad: NDArray[np.floating] | None,

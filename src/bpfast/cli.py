@@ -523,6 +523,69 @@ def command_export(args):
     return 0
 
 
+def command_explain(args):
+    """One training step explained (bpfast.explain): an example, or a saved model on a
+    row of a data file."""
+    from .explain import example, explain
+    from .optimizers import SGD
+    if args.model is None:
+        if args.data is not None:
+            raise CommandError("--data needs --model")
+        case = example(args.example)
+        net, X, y, loss = case["net"], case["X"], case["y"], case["loss"]
+        optimizer = case["optimizer"] if args.lr is None else SGD(lr=args.lr)
+        digits, note = case["digits"], case["note"]
+    else:
+        if args.data is None:
+            raise CommandError("--model needs --data (a file with the row to explain)")
+        net, X, y, loss = _explain_inputs(args)
+        optimizer, digits, note = SGD(lr=0.01 if args.lr is None else args.lr), 6, None
+    trace = explain(net, X, y, loss, optimizer, max_terms=args.max_terms)
+    trace.note = note
+    print(trace.format(args.digits if args.digits is not None else digits), end="")
+    if args.dot:
+        with open(args.dot, "w", encoding="utf-8") as file:
+            file.write(trace.to_dot())
+        print(f"wrote the graph to {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as file:
+            file.write(trace.to_markdown(args.digits if args.digits is not None else digits))
+        print(f"wrote the walk-through with LaTeX formulas to {args.markdown}")
+    return 0
+
+
+def _explain_inputs(args):
+    """(network, x, y, loss) for one row of a data file and a saved model: features
+    scaled and targets encoded as `bpfast train` did."""
+    try:
+        header = read_header(args.model)
+        network = load(args.model)
+    except (ValueError, OSError) as error:
+        raise CommandError(str(error)) from None
+    info = _model_metadata(args.model, header["metadata"], network)
+    data = read_data(args.data, args.target or info.get("target"))
+    X = _select_features(args.data, data, info, network.n_inputs)
+    if not -len(X) <= args.row < len(X):
+        raise CommandError(f"{args.data}: --row {args.row} is out of range for {len(X)} rows")
+    x = X[args.row:args.row + 1 or None]
+    if "x_mean" in info:
+        x = (x - np.asarray(info["x_mean"])) / np.asarray(info["x_scale"])
+    value = data.y[args.row]
+    if info.get("task") == "classification":
+        classes = info["classes"]
+        if _json_value(value) not in classes:
+            raise CommandError(f"{args.data}: row {args.row}'s class {value!r} is not one of "
+                               f"the model's classes {classes}")
+        return network, x, np.array([classes.index(_json_value(value))]), CrossEntropy()
+    try:
+        y = np.asarray(value, dtype=np.float64).reshape(1, -1)
+    except ValueError:
+        raise CommandError(f"{args.data}: the target {value!r} is not a number") from None
+    if info.get("task") == "regression":
+        y = (y - np.asarray(info["y_mean"])) / np.asarray(info["y_scale"])
+    return network, x, y, MSE()
+
+
 def command_info(args):
     show_config()
     return 0
@@ -641,6 +704,36 @@ def build_parser():
                         help="ONNX: the network alone, without the feature scaling and the "
                              "class labels of a `bpfast train` model")
     export.set_defaults(handler=command_export)
+
+    explain = commands.add_parser(
+        "explain", help="one training step explained with the chain rule",
+        description="Print one training step (forward pass, loss, backward pass, update) "
+                    "in the textbook's notation, every number from bpfast's kernels (see "
+                    "bpfast.explain). With no arguments: the textbook's worked example "
+                    "(x = 1, t = 0, w1 = w2 = 0.5, lr 0.1). --model and --data explain a "
+                    "saved model on one row of a data file (scaled as `bpfast train` did; "
+                    "cross-entropy for a classifier, squared error otherwise; SGD).")
+    explain.add_argument("--example", default="textbook",
+                         choices=("textbook", "mazur", "softmax"),
+                         help="textbook (default); mazur: Matt Mazur's 2-2-2 sigmoid "
+                              "network; softmax: a small softmax classifier")
+    explain.add_argument("--model", metavar="MODEL", help="a .npz model file to explain")
+    explain.add_argument("--data", metavar="DATA", help="CSV, .npz or .npy file (with --model)")
+    explain.add_argument("--row", type=int, default=0, help="the row of DATA (default 0)")
+    explain.add_argument("--target", metavar="COLUMN",
+                         help="target column (default: the model's)")
+    explain.add_argument("--lr", type=_positive_float,
+                         help="SGD learning rate (default: the example's; 0.01 for a model)")
+    explain.add_argument("--digits", type=_non_negative_int,
+                         help="decimals (default: the example's, 6 for a model)")
+    explain.add_argument("--max-terms", type=_non_negative_int, default=50, metavar="N",
+                         help="write every value for networks of at most N parameters "
+                              "(default 50), else per-layer matrix formulas")
+    explain.add_argument("--dot", metavar="FILE",
+                         help="also write the graph of values and gradients as Graphviz DOT")
+    explain.add_argument("--markdown", metavar="FILE",
+                         help="also write the walk-through as Markdown with LaTeX formulas")
+    explain.set_defaults(handler=command_explain)
 
     info = commands.add_parser("info", help="print the version, OpenMP, threads and BLAS")
     info.set_defaults(handler=command_info)

@@ -417,7 +417,8 @@ class Network:
         History
             ``history.history["loss"]`` is the mean over the epoch's batches of each
             batch's loss before its update (with the l2 term), weighted by batch
-            weight; "val_loss" (data loss only) and metrics when asked for; "lr".
+            weight (for a loss with ``reduction="sum"``: the sum of the batch losses);
+            "val_loss" (data loss only) and metrics when asked for; "lr".
 
         Notes
         -----
