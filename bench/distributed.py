@@ -19,8 +19,8 @@ per-machine compute from the measured 1 x 2 step, ring all-reduce
 ``2 (N-1)/N * bytes / bandwidth + 2 (N-1) * latency`` at 10, 25 and 100 Gbit/s.
 
 Each configuration runs in its own process (`--worker`), started by this driver;
-mpiexec gets ``--oversubscribe`` (and ``--allow-run-as-root`` as root) when it is
-Open MPI's. Steps run in fixed counts (every rank must make the same calls).
+Open MPI's mpiexec gets ``--bind-to core`` (``--oversubscribe`` when there are fewer
+cores than ranks) and ``--allow-run-as-root`` as root. Steps run in fixed counts (every rank must make the same calls).
 """
 import argparse
 import json
@@ -119,10 +119,11 @@ def launch(kind, shape, threads, quick, ranks):
                                  text=True).stdout
         flags = []
         if "Open MPI" in version or "OpenRTE" in version:
-            flags.append("--oversubscribe")
             if os.geteuid() == 0:
                 flags.append("--allow-run-as-root")
-            flags += ["--bind-to", "core"] if ranks <= (os.cpu_count() or 1) else []
+            # one core per rank where there are enough, else let them share
+            flags += (["--bind-to", "core"] if ranks <= len(common.available_cpus())
+                      else ["--oversubscribe"])
         command = [mpiexec, "-n", str(ranks), *flags, sys.executable, "-m", "mpi4py",
                    *command[1:]]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
