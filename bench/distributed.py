@@ -20,7 +20,8 @@ per-machine compute from the measured 1 x 2 step, ring all-reduce
 
 Each configuration runs in its own process (`--worker`), started by this driver;
 Open MPI's mpiexec gets ``--bind-to core`` (``--oversubscribe`` when there are fewer
-cores than ranks) and ``--allow-run-as-root`` as root. Steps run in fixed counts (every rank must make the same calls).
+cores than ranks) and ``--allow-run-as-root`` as root. Steps run in fixed counts
+(every rank must make the same calls).
 """
 import argparse
 import json

@@ -9,12 +9,14 @@ job with a non-zero exit status.
 import os
 import signal
 import sys
+import types
 from importlib import resources
 
 import numpy as np
 from mpi4py import MPI
 
 import bpfast as bp
+from bpfast.distributed import average_buffers
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -85,6 +87,10 @@ def steps():
         ref32.train_step(X, targets, "mse", ref_opt32)
         net32.train_step(X[rows], targets[rows], "mse", opt32, comm=comm)
     assert relative_error(net32.parameters, ref32.parameters) <= 1e-5
+    # running statistics (net.buffers, where layers have them): averaged over the ranks
+    holder = types.SimpleNamespace(buffers=np.array([rank + 1.0, 4.0 * rank]))
+    average_buffers(holder, comm)
+    assert holder.buffers.tolist() == [1.5, 2.0], holder.buffers
     print(f"rank {rank}: ok", flush=True)
 
 
