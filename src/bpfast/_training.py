@@ -155,6 +155,7 @@ class FitConfig:
     patience: int = 10
     verbose: int = 0
     on_divergence: str = "raise"
+    comm: Any = None  # an mpi4py communicator: data-parallel (bpfast.distributed)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -4,6 +4,7 @@ Run ``bpfast --help`` (or ``python -m bpfast --help``) for the usage; plain
 ``python -m bpfast`` runs the demo.
 """
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -227,21 +228,26 @@ def split_indices(n_samples, fraction, seed):
 
 
 # --------------------------------------------------------------------------- training
-def train_loop(network, X, y, loss, optimizer, *, epochs, batch_size, evaluate, quiet):
+def train_loop(network, X, y, loss, optimizer, *, epochs, batch_size, evaluate, quiet,
+               comm=None):
     """Train one epoch at a time, printing a progress line per epoch; the samples/s.
 
     ``evaluate()`` returns the (name, value) of the held-out score, or None. One
     ``fit(validation_data=..., metrics=..., verbose=2)`` call could replace this loop,
     but its metrics also score the whole training set every epoch, inside the time
     that its speed reports; here only the training is timed. The data are checked
-    once (``fit``'s trainer), then each epoch is one compiled call.
+    once (``fit``'s trainer), then each epoch is one compiled call. With ``comm``
+    (``--distributed``), X and y are this rank's shard, and the speed is the job's.
     """
     n_samples = X.shape[0]
     steps_per_epoch = math.ceil(n_samples / batch_size)
+    if comm is not None:  # every rank runs the steps of the largest shard
+        steps_per_epoch = math.ceil(comm.allreduce(n_samples, op=_mpi().MAX) / batch_size)
+        n_samples = comm.allreduce(n_samples)
     elapsed = 0.0
     width = len(str(epochs))
     trainer = network.trainer(X, y, loss=loss, optimizer=optimizer, batch_size=batch_size,
-                              shuffle=True)
+                              shuffle=True, comm=comm)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         history = trainer.run(1)
@@ -278,7 +284,26 @@ def _parse_hidden(text):
     return sizes
 
 
+def _mpi():
+    """mpi4py's MPI module (``--distributed``), or a CommandError saying how to get it."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise CommandError("--distributed needs mpi4py (pip install 'bpfast[mpi]') and an "
+                           "MPI launcher: mpiexec -n 4 bpfast train ... --distributed") from None
+    return MPI
+
+
 def command_train(args):
+    comm = _mpi().COMM_WORLD if getattr(args, "distributed", False) else None
+    if comm is not None and comm.Get_rank() != 0:
+        # every rank trains; rank 0 alone prints and saves
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return _command_train(args, comm)
+    return _command_train(args, comm)
+
+
+def _command_train(args, comm):
     data = read_data(args.data, args.target)
     if len(data.y) != len(data.X):
         raise CommandError(f"{args.data}: {len(data.X)} samples but {len(data.y)} targets")
@@ -311,6 +336,8 @@ def command_train(args):
         target, n_outputs, loss = ((y - y_mean) / y_scale).astype(args.dtype), y.shape[1], MSE()
     if args.threads is not None:
         set_num_threads(args.threads)
+    if comm is not None:  # this rank's rows of the training part (statistics: all of it)
+        train = train[comm.Get_rank()::comm.Get_size()]
     network = build_network(X.shape[1], args.hidden, n_outputs, args.activation, args.dtype,
                             args.seed)
     optimizer = get_optimizer(args.optimizer)
@@ -332,13 +359,14 @@ def command_train(args):
 
     samples_per_second, steps_per_second = train_loop(
         network, X[train], target[train], loss, optimizer, epochs=args.epochs,
-        batch_size=batch_size, evaluate=evaluate, quiet=args.quiet)
+        batch_size=batch_size, evaluate=evaluate, quiet=args.quiet, comm=comm)
     score = evaluate()
     if score is not None:
         print(f"validation {score[0][4:]}: {score[1]:.4f}")
     print(f"speed: {samples_per_second:,.0f} samples/s, {steps_per_second:,.0f} steps/s "
           f"(batch size {batch_size})")
-    save(network, args.out, optimizer=optimizer, metadata=metadata)
+    if comm is None or comm.Get_rank() == 0:
+        save(network, args.out, optimizer=optimizer, metadata=metadata)
     print(f"saved the model to {args.out}")
     return 0
 
@@ -674,6 +702,10 @@ def build_parser():
     train.add_argument("--out", default="model.npz", metavar="MODEL",
                        help="where to save the model (default model.npz)")
     train.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel over MPI: `mpiexec -n 4 bpfast train ... "
+                            "--distributed`; each rank trains on its share of the rows "
+                            "(--batch-size per rank), rank 0 prints and saves (needs mpi4py)")
     train.set_defaults(handler=command_train)
 
     predict = commands.add_parser(
