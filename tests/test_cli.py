@@ -142,7 +142,7 @@ def test_predict_with_a_model_saved_from_python(tmp_path, capsys):
     (["train", "{csv}", "--target", "nope"], "no column 'nope'"),
     (["train", "{csv}"], "--target"),
     (["train", "{missing}", "--target", "x"], "no such file"),
-    (["predict", "{missing}", "{csv}"], "No such file"),
+    (["predict", "{missing}", "{csv}"], "missing.csv: no such file"),
     (["predict", "{csv}", "{csv}"], "not an .npz"),
 ])
 def test_errors_are_one_line(tmp_path, classification_csv, capsys, argv, message):
@@ -156,7 +156,7 @@ def test_errors_are_one_line(tmp_path, classification_csv, capsys, argv, message
 def test_bad_values_in_a_csv(tmp_path, capsys):
     write_csv(tmp_path / "bad.csv", ["x", "y"], [[1, 2], ["", 3]])
     assert cli.main(["train", str(tmp_path / "bad.csv"), "--target", "y"]) == 1
-    assert "line 3, column 'x'" in capsys.readouterr().err
+    assert "column 'x' has 1 missing value(s), the first on line 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", [["--hidden", "64,x"], ["--epochs", "0"],
@@ -278,7 +278,7 @@ def test_load_errors_are_one_line(tmp_path, capsys, classification_csv):
     os.mkfifo(fifo)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"PK\x03\x04" + bytes(100))
-    for model, message in ((fifo, "not a regular file"), (tmp_path, "not a regular file"),
+    for model, message in ((fifo, "not a regular file"), (tmp_path, "is a directory"),
                            (garbage, "not a bpfast model file")):
         assert cli.main(["predict", str(model), str(path)]) == 1
         assert message in one_line_error(capsys, "predict")
