@@ -238,6 +238,7 @@ def _read_csv(path, target, need_target, header, delimiter, allow_missing, targe
     if not lines:
         raise CommandError(f"{path}: no data rows")
     rows = [row for _, row in lines]
+    no_header_given = header is False
     if header is None:
         header = _first_row_is_header(rows)
     if header:
@@ -260,10 +261,12 @@ def _read_csv(path, target, need_target, header, delimiter, allow_missing, targe
         raise CommandError(f"{path}: no column {target!r}: the file has no header row (its "
                            "first row looks like data), so give --target as a column index "
                            "(0 is the first), or --header if the first row is the header")
-    if target is not None and (need_target or target in names):
+    if target is not None and need_target:
         index = _column_index(path, target, len(names), names if header else None)
     elif need_target:
         raise CommandError("which column is the target? give --target NAME_OR_INDEX")
+    elif target is not None and target in names:
+        index = names.index(target)  # the target column, which predict does not use
     elif n_features is not None and len(names) == n_features + 1 and target_index is not None \
             and 0 <= target_index < len(names):
         index = target_index  # the model's target column, in a file that does not name it
@@ -275,13 +278,14 @@ def _read_csv(path, target, need_target, header, delimiter, allow_missing, targe
         raise CommandError(f"{path}: needs at least one feature column besides the target")
     X = np.empty((len(lines), len(columns)))
     for j, column in enumerate(columns):
-        X[:, j] = _feature_column(path, lines, column, describe(column), allow_missing)
+        X[:, j] = _feature_column(path, lines, column, describe(column), allow_missing,
+                                  no_header_given)
     y = None if index is None else _target_column(path, lines, index, describe(index))
     return Dataset(X, y, [names[i] for i in columns], names[index] if index is not None
                    else None, index, named=bool(header))
 
 
-def _feature_column(path, lines, column, column_name, allow_missing):
+def _feature_column(path, lines, column, column_name, allow_missing, no_header_given):
     """One feature column as numbers, or a one-line error naming the column
     (column_name: "column 'price'", or "column 3" in a file without a header row)."""
     values, text_at = _parse_numbers([row[column] for _, row in lines])
@@ -292,8 +296,10 @@ def _feature_column(path, lines, column, column_name, allow_missing):
                 f"{path}: {column_name} holds text ({cell!r} on line {lines[text_at][0]}); "
                 "features must be numbers: encode the column as numbers (one-hot for "
                 "categories) or remove it, or name it with --target if it is the target")
+        hint = " (is the first row a header? then drop --no-header)" \
+            if no_header_given and text_at == 0 else ""
         raise CommandError(f"{path}: line {lines[text_at][0]}, {column_name}: {cell!r} is "
-                           "not a number (features must be numbers)")
+                           f"not a number (features must be numbers){hint}")
     if np.isinf(values).any():
         line = lines[int(np.argmax(np.isinf(values)))][0]
         raise CommandError(f"{path}: line {line}, {column_name}: an infinite value")
