@@ -326,23 +326,33 @@ def test_unexpected_metadata_in_a_child_process(python_model, tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a POSIX pipe and head(1)")
-def test_a_closed_pipe_ends_quietly(tmp_path):
+@pytest.mark.parametrize("data, options, first", [
+    ("x.npy", [], b"prediction_0,prediction_1\n"),
+    ("x.csv", ["--proba"], b"cat,dog\n")])
+def test_a_closed_pipe_ends_quietly(tmp_path, data, options, first):
     # `bpfast predict model data | head -1`: far more output than a pipe holds, so the
     # writer meets the closed pipe; it stops with status 141 and says nothing
     net = bp.Network([bp.Dense(3, 2)], seed=0)
-    bp.save(net, tmp_path / "model.npz")
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(50_000, 3)))
+    X = np.random.default_rng(0).normal(size=(50_000, 3))
+    if data.endswith(".csv"):
+        bp.save(net, tmp_path / "model.npz", metadata={"task": "classification",
+                                                      "classes": ["cat", "dog"]})
+        np.savetxt(tmp_path / data, X, delimiter=",", header="a,b,c", comments="")
+    else:
+        bp.save(net, tmp_path / "model.npz")
+        np.save(tmp_path / data, X)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bp.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
     producer = subprocess.Popen(
         [sys.executable, "-m", "bpfast", "predict", str(tmp_path / "model.npz"),
-         str(tmp_path / "x.npy")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+         str(tmp_path / data), *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env)
     head = subprocess.Popen(["head", "-1"], stdin=producer.stdout, stdout=subprocess.PIPE)
     producer.stdout.close()  # only head reads the pipe now
     first_line, _ = head.communicate(timeout=120)
     stderr = producer.communicate(timeout=120)[1].decode()
-    assert first_line == b"prediction_0,prediction_1\n"
+    assert first_line == first
     assert stderr == "" and producer.returncode == cli.EXIT_CLOSED_PIPE
 
 
