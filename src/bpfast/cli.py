@@ -950,10 +950,11 @@ last column (or --target INDEX) is the target. Features must be numbers; they ar
 standardised (mean 0, standard deviation 1) with the training part's statistics,
 which the model file keeps for `bpfast predict`.
 
-CSV files: the first row is the header unless it looks like data: it is taken as
-data when none of its cells is text above a column of numbers and one of them is
-a number (so a first row of numbers is data); --header or --no-header decides
-instead. Without a header the columns are numbered from 0. The delimiter is the
+CSV files: the first row is the header when one of its cells is text above a
+column of numbers (a name over values); otherwise it is data if it holds a number
+(so a first row of numbers is always data) and the header if it is all text.
+--header or --no-header overrides this rule; without a header row the columns
+are numbered from 0 (--target 3), and a row is never dropped. The delimiter is the
 one of , tab ; | that splits the first lines into the same number of fields,
 else ","; --delimiter sets it. Empty cells and NA, N/A, NaN, null, none, ? are
 missing values: an error naming the column, unless --impute mean fills them with
@@ -975,8 +976,9 @@ row (Keras' count) and puts back the best epoch's weights; --save-best writes
 MODEL at every epoch that improves val_loss, so it holds the best model even if
 training is interrupted. --resume MODEL continues training a saved model (its
 network, feature scaling, classes, optimizer state, epoch count, and the seed and
-validation split of its first run, so the same samples stay held out); --lr and
---optimizer (a fresh state) may change, the network may not.
+validation split of its first run, so the same samples stay held out, and its
+target column); --lr and --optimizer (a fresh state) may change, the network may
+not.
 """
 
 
@@ -988,9 +990,9 @@ def _delimiter(text):
     return text
 
 
-def _add_data_options(parser):
+def _add_data_options(parser, rules, impute_default):
     """The options of reading DATA, the same for train and predict."""
-    group = parser.add_argument_group("reading a CSV file (see the rules above)")
+    group = parser.add_argument_group(f"reading a CSV file (the rules: {rules})")
     header = group.add_mutually_exclusive_group()
     header.add_argument("--header", dest="header", action="store_const", const=True,
                         help="the first row is the header (default: detected)")
@@ -999,8 +1001,8 @@ def _add_data_options(parser):
     group.add_argument("--delimiter", type=_delimiter, metavar="CHAR",
                        help="the field separator, e.g. ';' or tab (default: detected)")
     group.add_argument("--impute", choices=("mean",),
-                       help="fill missing feature values with the training mean (default: "
-                            "a missing value is an error)")
+                       help="fill missing feature values with the training part's mean "
+                            f"(default: {impute_default})")
 
 
 def build_parser():
@@ -1038,10 +1040,10 @@ def build_parser():
                        help="default float32")
     train.add_argument("--seed", type=_non_negative_int,
                        help="seeds the weights, the shuffling and the validation split "
-                            "(default 0)")
+                            "(default 0; with --resume, the first run's)")
     train.add_argument("--validation-split", type=_fraction, metavar="FRACTION",
-                       help="part of the samples held out for validation (default 0.1; "
-                            "0 for none)")
+                       help="part of the samples held out for validation (default 0.1, "
+                            "with --resume the first run's; 0 for none)")
     train.add_argument("--threads", type=_positive_int, help="threads (default: all cores)")
     train.add_argument("--out", metavar="MODEL",
                        help="where to save the model (default model.npz; with --resume, "
@@ -1056,7 +1058,7 @@ def build_parser():
     train.add_argument("--resume", metavar="MODEL",
                        help="continue training this model (saved by `bpfast train`)")
     train.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    _add_data_options(train)
+    _add_data_options(train, "above", "a missing value is an error")
     train.set_defaults(handler=command_train)
 
     predict = commands.add_parser(
@@ -1073,7 +1075,8 @@ def build_parser():
     predict.add_argument("--out", metavar="FILE", help="CSV file to write (default: stdout)")
     predict.add_argument("--proba", action="store_true",
                          help="write class probabilities instead of labels")
-    _add_data_options(predict)
+    _add_data_options(predict, "bpfast train --help",
+                      "as the model was trained, else a missing value is an error")
     predict.set_defaults(handler=command_predict)
 
     export = commands.add_parser(
