@@ -554,17 +554,67 @@ def _standardise(path, data, train, resumed):
     return X, x_mean, x_scale
 
 
-def command_train(args):
-    resumed = Resumed(args) if args.resume else None
+def _train_options(args, resumed):
+    """The TRAIN_DEFAULTS options as given, else as the resumed model's first run had
+    them (its seed and validation split: the same validation samples), else the default."""
     options = {name: getattr(args, name) for name in TRAIN_DEFAULTS}
     for name, value in TRAIN_DEFAULTS.items():
         if options[name] is None:
-            # a resumed run keeps the first run's validation samples
             kept = resumed.metadata.get(name) if resumed and name in (
                 "seed", "validation_split") else None
             options[name] = value if kept is None else kept
-    out = args.out or args.resume or "model.npz"
-    args.out = out
+    return options
+
+
+def _training_target(args, data, task, train, resumed, metadata):
+    """(target, n_outputs, loss) for the network; the classes or the target's scaling go
+    into metadata (a resumed model's are kept)."""
+    if task == "classification":
+        if resumed:
+            labels = resumed.labels(args.data, data.y)
+            n_outputs = len(metadata["classes"])
+        else:
+            classes, labels = np.unique(data.y, return_inverse=True)
+            if len(classes) < 2:
+                raise CommandError("the target has a single class; nothing to learn")
+            metadata["classes"] = [_json_value(value) for value in classes]
+            n_outputs = len(classes)
+        return labels.astype(np.intp).reshape(-1), n_outputs, CrossEntropy()
+    y = data.y.astype(np.float64).reshape(len(data.y), -1)
+    if resumed:
+        y_mean, y_scale = (np.asarray(metadata[key]) for key in ("y_mean", "y_scale"))
+    else:
+        y_mean = y[train].mean(axis=0)
+        y_scale = y[train].std(axis=0)
+        y_scale[y_scale == 0] = 1.0
+        metadata.update(y_mean=y_mean.tolist(), y_scale=y_scale.tolist())
+    return (y - y_mean) / y_scale, y.shape[1], MSE()
+
+
+def _network_and_optimizer(args, options, resumed, n_inputs, n_outputs):
+    """A new network and optimizer, or the resumed ones (--optimizer: a fresh one)."""
+    if resumed is None:
+        network = build_network(n_inputs, options["hidden"], n_outputs,
+                                options["activation"], options["dtype"], options["seed"])
+        optimizer = get_optimizer(options["optimizer"])
+        optimizer.lr = options["lr"]
+        return network, optimizer
+    network, optimizer = resumed.network, resumed.optimizer
+    if n_outputs != network.n_outputs:
+        raise CommandError(f"{args.data}: the target has {n_outputs} columns, the model "
+                           f"{network.n_outputs} outputs")
+    if args.optimizer is not None or optimizer is None:
+        optimizer = get_optimizer(options["optimizer"])  # a fresh state
+        optimizer.lr = options["lr"]
+    elif args.lr is not None:
+        optimizer.lr = args.lr
+    return network, optimizer
+
+
+def command_train(args):
+    resumed = Resumed(args) if args.resume else None
+    options = _train_options(args, resumed)
+    out = args.out = args.out or args.resume or "model.npz"
     if args.lr is not None:
         check_learning_rate(args, args.lr)
     impute = args.impute or (resumed.metadata.get("impute") if resumed else None)
@@ -577,8 +627,8 @@ def command_train(args):
     if data.y.dtype.kind in "biuf" and not np.isfinite(data.y).all():
         raise CommandError(f"{args.data}: the target has missing or infinite values")
     if resumed is not None:
-        data.X = _select_features(args.data, data, resumed.metadata,
-                                  resumed.network.n_inputs, lambda m: warn(args, m))
+        data.X = _select_features(args.data, data, resumed.metadata, resumed.network.n_inputs,
+                                  lambda m: warn(args, m), may_hold_target=False)
     task = resumed.task if resumed else infer_task(data.y, args.task)
     train, validation = split_indices(len(data.X), options["validation_split"],
                                       options["seed"])
@@ -590,51 +640,16 @@ def command_train(args):
     metadata = dict(resumed.metadata) if resumed else {
         "task": task, "target": data.target_name, "target_index": data.target_index,
         "features": data.feature_names if data.named else None,
-        "x_mean": x_mean.tolist(), "x_scale": x_scale.tolist(),
-        "seed": options["seed"], "validation_split": options["validation_split"]}
-    metadata["tool"] = f"bpfast {__version__} train"
+        "x_mean": x_mean.tolist(), "x_scale": x_scale.tolist()}
+    metadata.update(tool=f"bpfast {__version__} train", seed=options["seed"],
+                    validation_split=options["validation_split"])
     if impute:
         metadata["impute"] = impute
-    if task == "classification":
-        if resumed:
-            labels = resumed.labels(args.data, data.y)
-            n_outputs = len(metadata["classes"])
-        else:
-            classes, labels = np.unique(data.y, return_inverse=True)
-            if len(classes) < 2:
-                raise CommandError("the target has a single class; nothing to learn")
-            metadata["classes"] = [_json_value(value) for value in classes]
-            n_outputs = len(classes)
-        target, loss = labels.astype(np.intp).reshape(-1), CrossEntropy()
-    else:
-        y = data.y.astype(np.float64).reshape(len(data.y), -1)
-        if resumed:
-            y_mean, y_scale = (np.asarray(metadata[key]) for key in ("y_mean", "y_scale"))
-        else:
-            y_mean = y[train].mean(axis=0)
-            y_scale = y[train].std(axis=0)
-            y_scale[y_scale == 0] = 1.0
-            metadata.update(y_mean=y_mean.tolist(), y_scale=y_scale.tolist())
-        target, n_outputs, loss = (y - y_mean) / y_scale, y.shape[1], MSE()
+    target, n_outputs, loss = _training_target(args, data, task, train, resumed, metadata)
     if args.threads is not None:
         set_num_threads(args.threads)
-    if resumed:
-        network = resumed.network
-        if n_outputs != network.n_outputs:
-            raise CommandError(f"{args.data}: the target has {n_outputs} columns, the model "
-                               f"{network.n_outputs} outputs")
-        optimizer = resumed.optimizer
-        if args.optimizer is not None or optimizer is None:
-            optimizer = get_optimizer(options["optimizer"])  # a fresh state
-            if args.lr is None:
-                optimizer.lr = options["lr"]
-    else:
-        network = build_network(X.shape[1], options["hidden"], n_outputs,
-                                options["activation"], options["dtype"], options["seed"])
-        optimizer = get_optimizer(options["optimizer"])
-        optimizer.lr = options["lr"]
-    if args.lr is not None:
-        optimizer.lr = args.lr
+    network, optimizer = _network_and_optimizer(args, options, resumed, X.shape[1],
+                                                n_outputs)
     X = X.astype(network.dtype)
     if task == "regression":
         target = target.astype(network.dtype)
@@ -816,14 +831,15 @@ def _brief(value, limit=60):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _select_features(path, data, info, n_inputs, warn):
+def _select_features(path, data, info, n_inputs, warn, *, may_hold_target=True):
     """The model's input columns of data: by name where both name them, else by position
-    (with a warning, through warn(message), when the names differ)."""
+    (with a warning, through warn(message), when the names differ). With may_hold_target,
+    one column too many is the model's target column (at its target_index)."""
     names = info.get("features")
     if names and data.feature_names != names and all(n in data.feature_names for n in names):
         return data.X[:, [data.feature_names.index(name) for name in names]]
     mismatch = bool(names) and data.named and data.feature_names != names
-    index = info.get("target_index")
+    index = info.get("target_index") if may_hold_target else None
     if data.X.shape[1] == n_inputs:
         X = data.X
     elif data.X.shape[1] == n_inputs + 1 and isinstance(index, int):
