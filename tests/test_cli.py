@@ -683,6 +683,10 @@ def test_divergence_names_the_epoch_and_a_flag_that_exists(tmp_path, classificat
     err = bpfast_fails("train", str(path), "--resume", model, "--optimizer", "sgd",
                        "--lr", "1e30", "--epochs", "3", child=True)
     assert "training diverged in epoch 3" in err and "--clip-norm 1.0" in err
+    # weights that stay finite but give infinite outputs (was: "output contains -inf")
+    err = bpfast_fails("train", str(path), "--target", "species", "--optimizer", "sgd",
+                       "--lr", "1e30", "--batch-size", "200")
+    assert "training diverged in epoch 1" in err
     # which train accepts, and which bounds each step: SGD moves the weights by lr * 1e-3
     rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
     X = np.array([[float(r[0]), float(r[2]), float(r[3])] for r in rows])

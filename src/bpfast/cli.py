@@ -527,8 +527,8 @@ def divergence_message(args, epoch, lr, saved_best):
     advice = f"try a smaller --lr (now {lr:g}; say {lr / 10:g})"
     advice += (" or --clip-norm 1.0" if args.clip_norm is None
                else f" or a smaller --clip-norm (now {args.clip_norm:g})")
-    message = (f"training diverged in epoch {epoch}: the loss or the weights became NaN or "
-               f"infinite; {advice}")
+    message = (f"training diverged in epoch {epoch}: the loss, the weights or the outputs "
+               f"became NaN or infinite; {advice}")
     if saved_best is not None:
         message += f"; {args.out} holds the best model so far (epoch {saved_best})"
     return message
@@ -665,10 +665,16 @@ def command_train(args):
                   f"{type(optimizer).__name__} (lr {optimizer.lr:g}) with {state}")
         print(repr(network))
 
+    def diverged(epoch):
+        return CommandError(divergence_message(args, epoch, optimizer.lr,
+                                               best.best_epoch if args.save_best else None))
+
     def evaluate():
         if len(validation) == 0:
             return {}
         output = network.predict(X[validation])
+        if not np.isfinite(output).all():  # weights finite, but too large to use
+            raise diverged(network.epochs_trained)
         scores = {"val_loss": loss(output, target[validation])}
         if task == "classification":
             scores["val_accuracy"] = accuracy(output.argmax(axis=1), target[validation])
@@ -690,9 +696,7 @@ def command_train(args):
             batch_size=batch_size, evaluate=evaluate, quiet=args.quiet,
             clip_norm=args.clip_norm, after_epoch=None if best is None else after_epoch)
     except DivergenceError:
-        raise CommandError(divergence_message(
-            args, network.epochs_trained + 1, optimizer.lr,
-            best.best_epoch if args.save_best else None)) from None
+        raise diverged(network.epochs_trained + 1) from None  # that epoch does not count
     if best is not None:
         best.on_train_end({})  # --early-stopping: back to the best epoch's weights
         _report_best_epoch(args, best, network.epochs_trained)
