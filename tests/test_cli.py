@@ -1,8 +1,11 @@
 """The command line: train, predict, info and demo, in-process and as `python -m bpfast`."""
 import contextlib
 import csv
+import importlib.util
 import io
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -731,3 +734,84 @@ def test_file_errors_have_one_style(tmp_path, classification_csv):
         f"bpfast train: error: {folder}: is a directory, not a file\n"
     assert bpfast_fails("train", str(path), "--resume", missing) == \
         f"bpfast train: error: {missing}: no such file\n"
+
+
+# --------------------------------------------------------------------------- docs/cli.rst
+CLI_PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                        "cli.rst")
+
+
+def code_blocks(text):
+    """(language, caption or None, body lines) of each ``.. code-block::`` of a page."""
+    lines, blocks, i = text.splitlines(), [], 0
+    while i < len(lines):
+        match = re.match(r"\.\. code-block:: (\w+)\s*$", lines[i])
+        i += 1
+        if not match:
+            continue
+        caption = None
+        while i < len(lines) and lines[i].strip().startswith(":"):
+            if lines[i].strip().startswith(":caption:"):
+                caption = lines[i].split(":caption:")[1].strip()
+            i += 1
+        body = []
+        while i < len(lines) and (not lines[i].strip() or lines[i].startswith("   ")):
+            body.append(lines[i][3:])
+            i += 1
+        blocks.append((match.group(1), caption, "\n".join(body).strip("\n").splitlines()))
+    return blocks
+
+
+def up_to_numbers(line):
+    """A line with every number as #: the page shows one run's numbers."""
+    return re.sub(r"\d[\d,]*(\.\d+)?(e[+-]?\d+)?", "#", line.rstrip())
+
+
+def shows(shown, actual):
+    """Whether the shown lines appear in the actual ones, in order, up to the numbers;
+    "..." stands for any lines, and without it nothing may be left out."""
+    actual = [up_to_numbers(line) for line in actual]
+    wanted = [up_to_numbers(line) for line in shown if line != "..."]
+    if "..." not in shown and len(wanted) != len(actual):
+        return False
+    position = 0
+    for line in wanted:
+        try:
+            position = actual.index(line, position) + 1
+        except ValueError:
+            return False
+    return True
+
+
+def test_the_cli_page_runs(tmp_path, monkeypatch):
+    """Every command of docs/cli.rst, in order, in a folder holding the page's files:
+    its exit status, and its output as the page shows it (up to the numbers)."""
+    with open(CLI_PAGE, encoding="utf-8") as file:
+        blocks = code_blocks(file.read())
+    monkeypatch.chdir(tmp_path)
+    commands = 0
+    for language, caption, body in blocks:
+        if caption:
+            (tmp_path / caption).write_text("\n".join(body) + "\n")
+        if language != "console":
+            continue
+        starts = [i for i, line in enumerate(body) if line.startswith("$ ")] + [len(body)]
+        for start, end in zip(starts[:-1], starts[1:], strict=True):
+            command, shown = body[start][2:], body[start + 1:end]
+            words = shlex.split(command.split("|")[0])
+            assert words[0] == "bpfast", command
+            if words[1] == "export" and importlib.util.find_spec("onnx") is None:
+                continue
+            result = bpfast(*words[1:])
+            expected_status = 1 if any(": error: " in line for line in shown) else 0
+            assert result.returncode == expected_status, (command, result.stderr)
+            out = result.stdout.splitlines()
+            if "| head -" in command:
+                out = out[:int(command.rsplit("-", 1)[1])]
+            prefix = f"bpfast {words[1]}: "
+            assert shows([line for line in shown if line.startswith(prefix)],
+                         result.stderr.splitlines()), (command, result.stderr)
+            assert shows([line for line in shown if not line.startswith(prefix)], out), \
+                (command, result.stdout)
+            commands += 1
+    assert commands >= 15
