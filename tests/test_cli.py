@@ -538,6 +538,22 @@ def test_impute_mean(tmp_path):
     np.testing.assert_allclose(np.loadtxt(with_gaps.splitlines()[1:], delimiter=","),
                                np.loadtxt(complete.splitlines()[1:], delimiter=","),
                                rtol=1e-6)
+    # a model trained on complete data: predict fills gaps only when asked to
+    np.savez(tmp_path / "complete.npz", X=X, y=labels)
+    bpfast_ok("train", str(tmp_path / "complete.npz"), "--epochs", "2", "--out", model,
+              "--quiet")
+    features = write_lines(tmp_path / "features.csv",
+                           ["a,b"] + [",".join(c[:2]) for c in cells])
+    assert "column 'a' has 3 missing value(s)" in bpfast_fails("predict", model, features)
+    with_gaps = bpfast_ok("predict", model, features, "--proba", "--impute", "mean").stdout
+    complete = bpfast_ok("predict", model, str(tmp_path / "filled.npz"), "--proba").stdout
+    assert with_gaps != complete  # other means: those of this model's training part
+    x_mean = np.asarray(bp.io.read_header(model)["metadata"]["x_mean"])
+    np.savez(tmp_path / "filled.npz", X=np.where(holes, x_mean, X))
+    complete = bpfast_ok("predict", model, str(tmp_path / "filled.npz"), "--proba").stdout
+    np.testing.assert_allclose(np.loadtxt(with_gaps.splitlines()[1:], delimiter=","),
+                               np.loadtxt(complete.splitlines()[1:], delimiter=","),
+                               rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- training options

@@ -195,8 +195,9 @@ def _split_lines(path, delimiter):
                 delimiter = _detect_delimiter(file.read(65536))
                 file.seek(0)
             reader = csv.reader(file, delimiter=delimiter)
+            # only blank lines are skipped: "," is a row of missing values
             return [(reader.line_num, row) for row in reader
-                    if row and any(cell.strip() for cell in row)]
+                    if len(row) > 1 or (row and row[0].strip())]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise CommandError(f"{path}: cannot read as CSV: {error}") from None
 
