@@ -514,6 +514,7 @@ class Resumed:
 
 
 def check_learning_rate(args, lr):
+    """Warn about a learning rate outside USUAL_LEARNING_RATES (argparse refuses <= 0)."""
     low, high = USUAL_LEARNING_RATES
     if lr > high:
         warn(args, f"--lr {lr:g} is unusually large (most training uses 1e-5 to 0.1); "
