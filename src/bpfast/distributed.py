@@ -132,14 +132,22 @@ def reduced_step(network, comm, X, target, labels, weights, loss, optimizer, opt
     engine = network._engine
     local = engine.train_step(X, target, labels, weights, loss, None)
     weight = float(X.shape[0]) if weights is None else math.fsum(weights)
+    # a summed loss (reduction="sum") over the union is the sum of the ranks' sums:
+    # its gradients add up as they are; a mean needs each rank's share of the weight
+    summed = loss.reduction == "sum"
     totals = _totals(network)
     totals[0] = weight
-    totals[1] = weight * local  # a NaN loss stays NaN: every rank sees the divergence
+    # a NaN loss stays NaN: every rank sees the divergence
+    totals[1] = local if summed else weight * local
     allreduce_sum(comm, totals)
     total_weight = float(totals[0])
-    engine.scale_gradients(weight / total_weight if total_weight > 0 else 0.0)
+    if not summed:
+        engine.scale_gradients(weight / total_weight if total_weight > 0 else 0.0)
     allreduce_sum(comm, network.gradients)
-    value = float(totals[1]) / total_weight if total_weight > 0 else 0.0
+    if summed:
+        value = float(totals[1])
+    else:
+        value = float(totals[1]) / total_weight if total_weight > 0 else 0.0
     return engine.apply_gradients(value, optimizer, *options), total_weight
 
 
@@ -334,6 +342,7 @@ class DistributedTrainer(Trainer):
         self._save_snapshot()
         batch_callbacks = [c for c in self.callbacks if c.wants_batches or c.wants_progress]
         loss_config, config = self.loss._config, optimizer._config
+        summed = loss_config.reduction == "sum"
         epoch_lr = config.lr
         loss_sum = weight_sum = 0.0
         rows_done = 0
@@ -351,12 +360,13 @@ class DistributedTrainer(Trainer):
                     if weight_sum == 0 and rows_done == 0:
                         return None
                     break
-                loss_sum += batch_weight * value
+                loss_sum += value if summed else batch_weight * value
                 weight_sum += batch_weight
                 rows_done += rows.shape[0]
                 self._epoch_totals[:] = (loss_sum, weight_sum, rows_done)
                 if batch_callbacks:
-                    logs = {"loss": loss_sum / weight_sum if weight_sum else 0.0,
+                    mean = loss_sum / weight_sum if weight_sum else 0.0
+                    logs = {"loss": loss_sum if summed else mean,
                             "samples": rows_done}
                     for callback in batch_callbacks:
                         callback.on_batch_end(batch, logs)
@@ -374,6 +384,8 @@ class DistributedTrainer(Trainer):
         if lrs is not None:
             optimizer.lr = float(self.schedule(config.step_count, optimizer.initial_lr))
         average_buffers(network, comm)
+        if summed:  # as fit without comm: the epoch's total
+            return loss_sum
         return loss_sum / weight_sum if weight_sum else 0.0
 
     def _evaluate(self):
