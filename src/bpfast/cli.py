@@ -1008,7 +1008,7 @@ def _explain_inputs(args):
         raise CommandError(str(error)) from None
     info = _model_metadata(args.model, header["metadata"], network)
     data = read_data(args.data, args.target or info.get("target"))
-    X = _select_features(args.data, data, info, network.n_inputs)
+    X = _select_features(args.data, data, info, network.n_inputs, lambda m: warn(args, m))
     if not -len(X) <= args.row < len(X):
         raise CommandError(f"{args.data}: --row {args.row} is out of range for {len(X)} rows")
     x = X[args.row:args.row + 1 or None]
