@@ -93,21 +93,28 @@ class Network:
 
     def __init__(self, layers: Sequence[Layer], *,
                  dtype: DTypeLike = "float32", seed: int | None = None) -> None:
-        layers = list(layers) if isinstance(layers, (list, tuple)) else None
-        if not layers or not all(isinstance(layer, Layer) for layer in layers):
+        layer_list = list(layers) if isinstance(layers, (list, tuple)) else None
+        if not layer_list or not all(isinstance(layer, Layer) for layer in layer_list):
             raise TypeError("layers must be a non-empty list of bpfast layers (Dense, "
                             "Dropout, BatchNorm1d, LayerNorm, Activation)")
         self.dtype = check_dtype(dtype)
         if seed is not None:
             seed = check_int("seed", seed, minimum=0)
+        layers = layer_list
         widths = _layer_widths(layers)  # checks everything before a layer changes
         self.layers = layers
         self.seed = seed
+        before = [(layer.in_features, layer.out_features) for layer in layers]
         for layer, (n_in, n_out) in zip(layers, widths):
             layer.in_features, layer.out_features = n_in, n_out
         n_parameters = sum(layer.n_parameters for layer in layers)
         n_buffers = sum(layer.n_buffers for layer in layers)
-        self._check_size(n_parameters)
+        try:
+            self._check_size(n_parameters)
+        except BaseException:
+            for layer, (n_in, n_out) in zip(layers, before):
+                layer.in_features, layer.out_features = n_in, n_out
+            raise
         self._rng = np.random.default_rng(seed)
         # Dropout's counter-based stream: its key (from the seed, any size, or fresh
         # entropy) and the number of training passes so far, both kept by the engine
@@ -122,7 +129,7 @@ class Network:
                 buffer_offset if layer.n_buffers else -1)
             if isinstance(layer, Dense):
                 weight, bias = layer.initial_values(self._rng)
-                layer.weight[...] = weight
+                self._parameters[offset:offset + weight.size] = weight.ravel()
                 if layer.bias is not None:  # set above exactly when use_bias
                     layer.bias[...] = bias
             table.append(layer.engine_row(weight_offset, bias_offset,
