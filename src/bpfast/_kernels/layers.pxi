@@ -133,18 +133,28 @@ cdef inline uint64_t dropout_key(const LayerSpec* layer, const PassMode* mode) n
                  + <uint64_t>(layer.index + 1) * golden)
 
 
-cdef void dropout_mask_pairs(floating* mask, Py_ssize_t n, uint64_t key, uint64_t threshold,
-                             floating scale, Py_ssize_t pair_begin,
-                             Py_ssize_t pair_end) noexcept nogil:
-    """mask[e] = 0 (dropped) or scale for the elements of pairs [pair_begin, pair_end)."""
+cdef void dropout_pairs(const floating* x, floating* mask, floating* a, Py_ssize_t n,
+                        uint64_t key, uint64_t threshold, floating scale,
+                        Py_ssize_t pair_begin, Py_ssize_t pair_end) noexcept nogil:
+    """For the elements of pairs [pair_begin, pair_end) (of n elements): mask = 0
+    (dropped) or scale, a = x * mask. Branch-free: the draws are random, so branches
+    on them would be mispredicted half the time."""
     cdef Py_ssize_t k, e
     cdef uint64_t bits
+    cdef floating low, high
     for k in range(pair_begin, pair_end):
         bits = mix64(key + <uint64_t>(k + 1) * <uint64_t>0x9E3779B97F4A7C15ULL)
+        low = scale * <floating>((bits & 0xFFFFFFFFULL) >= threshold)
+        high = scale * <floating>((bits >> 32) >= threshold)
         e = 2 * k
-        mask[e] = 0 if (bits & 0xFFFFFFFFULL) < threshold else scale
         if e + 1 < n:
-            mask[e + 1] = 0 if (bits >> 32) < threshold else scale
+            mask[e] = low
+            mask[e + 1] = high
+            a[e] = x[e] * low
+            a[e + 1] = x[e + 1] * high
+        else:  # the last of an odd number of elements
+            mask[e] = low
+            a[e] = x[e] * low
 
 
 cdef void multiply_rows(const floating* x, const floating* factor, floating* out,
@@ -173,15 +183,11 @@ cdef void dropout_forward(const LayerSpec* layer, const PassMode* mode, const fl
     n_threads = _threads_for(n)
     n_blocks = (n_pairs + STREAM_BLOCK - 1) // STREAM_BLOCK
     if n_threads == 1 or n_blocks < 2:
-        dropout_mask_pairs(mask, n, key, threshold, scale, 0, n_pairs)
-        multiply_rows(x, mask, a, n)
+        dropout_pairs(x, mask, a, n, key, threshold, scale, 0, n_pairs)
         return
     for b in prange(n_blocks, num_threads=n_threads, schedule="static"):
-        dropout_mask_pairs(mask, n, key, threshold, scale, b * STREAM_BLOCK,
-                           min(n_pairs, (b + 1) * STREAM_BLOCK))
-        multiply_rows(x + 2 * b * STREAM_BLOCK, mask + 2 * b * STREAM_BLOCK,
-                      a + 2 * b * STREAM_BLOCK,
-                      min(n, 2 * (b + 1) * STREAM_BLOCK) - 2 * b * STREAM_BLOCK)
+        dropout_pairs(x, mask, a, n, key, threshold, scale, b * STREAM_BLOCK,
+                      min(n_pairs, (b + 1) * STREAM_BLOCK))
 
 
 cdef void dropout_backward(const LayerSpec* layer, const PassMode* mode,
