@@ -56,13 +56,17 @@ class Network:
 
     Parameters
     ----------
-    layers : list of Dense
-        Consecutive layers; each one's in_features must equal the previous
-        out_features. ``"softmax"`` may only be the last activation.
+    layers : list of Dense, Dropout, BatchNorm1d, LayerNorm, Activation
+        Consecutive layers; each one's input width (``in_features``,
+        ``num_features``, ``normalized_shape``) must equal the previous one's
+        output width (Dropout and Activation take it). At least one Dense; a
+        normalisation layer may come first (normalising the raw input).
+        ``"softmax"`` may only be the last activation.
     dtype : {"float32", "float64"}
         The dtype of parameters and of all computation; never changed later.
     seed : int or None
-        Seeds the weight initialisation and the shuffling in ``fit``.
+        Seeds the weight initialisation, the shuffling in ``fit`` and Dropout's
+        masks (a counter-based stream, see docs/layers.rst).
 
     Attributes
     ----------
@@ -71,6 +75,9 @@ class Network:
         ``weight``/``bias`` are views of it.
     gradients : ndarray (n_parameters,)
         The gradient of the last backward pass, same layout.
+    buffers : ndarray (n_buffers,)
+        The non-trainable values (BatchNorm1d's running statistics), layer by
+        layer; never changed by optimizers (see docs/layers.rst).
     epochs_trained : int
         Epochs run by ``fit`` and ``partial_fit`` so far; epoch numbers, schedules
         and callbacks continue from it across calls.
@@ -328,7 +335,8 @@ class Network:
         """Forward, loss and backward in one compiled call; fills ``gradients``; the loss.
 
         ``sample_weight`` (n,) weights the mean loss; ``l2`` adds
-        ``l2 / 2 * sum(W**2)`` over the weights (not biases) to the loss and
+        ``l2 / 2 * sum(W**2)`` over the weights (Dense and normalisation layers'
+        ``weight``, not biases) to the loss and
         ``l2 * W`` to their gradients.
         """
         loss = self._check_loss(loss)
@@ -419,7 +427,8 @@ class Network:
             A weight per class index (multiplies sample_weight); "balanced" gives
             ``n_samples / (n_classes * count)``. Classification losses only.
         l2 : float
-            Adds ``l2 / 2 * sum(W**2)`` over all weights (not biases) to the loss,
+            Adds ``l2 / 2 * sum(W**2)`` over all weights (Dense and normalisation
+            layers' ``weight``; not biases) to the loss,
             unlike the optimizers' PyTorch-style ``weight_decay``.
         clip_norm, clip_value : float, optional
             Clip each gradient element to [-clip_value, clip_value], then scale the
