@@ -888,8 +888,9 @@ def _layer_widths(layers):
             previous = layers[index - 1]
             what = ("num_features" if isinstance(layer, BatchNorm1d) else "normalized_shape"
                     if isinstance(layer, LayerNorm) else "in_features")
-            raise ValueError(f"layer {index} ({layer!r}) takes {n_in} inputs ({what}) but "
-                             f"layer {index - 1} ({previous!r}) gives {result[-1][1]} outputs")
+            raise ValueError(f"layer {index} takes {n_in} inputs but layer {index - 1} gives "
+                             f"{result[-1][1]} outputs ({layer!r}'s {what} must be the "
+                             f"output width of {previous!r})")
         if layer.activation == "softmax" and index != len(layers) - 1:
             raise ValueError(f"softmax is only allowed on the last layer (layer {index} "
                              "is hidden)")
