@@ -801,6 +801,7 @@ def test_batch_norm_views():
 
 # --------------------------------------------------------------------------- real data
 def test_digits_with_dropout_and_batch_norm_reaches_the_plain_accuracy():
+    pytest.importorskip("sklearn")  # the digits data
     X, y = digits()
     order = np.random.default_rng(0).permutation(len(X))
     train, test = order[:1200], order[1200:]
