@@ -34,7 +34,14 @@ from ._validation import (
     format_bytes,
 )
 from .callbacks import Callback, EarlyStopping, History
-from .layers import Dense, from_description
+from .layers import (
+    WIDTH_FROM_NETWORK,
+    BatchNorm1d,
+    Dense,
+    Layer,
+    LayerNorm,
+    from_description,
+)
 from .losses import Loss, get_loss
 from .optimizers import Optimizer, get_optimizer
 from .schedules import Schedule
@@ -50,13 +57,17 @@ class Network:
 
     Parameters
     ----------
-    layers : list of Dense
-        Consecutive layers; each one's in_features must equal the previous
-        out_features. ``"softmax"`` may only be the last activation.
+    layers : list of Dense, Dropout, BatchNorm1d, LayerNorm, Activation
+        Consecutive layers; each one's input width (``in_features``,
+        ``num_features``, ``normalized_shape``) must equal the previous one's
+        output width (Dropout and Activation take it). At least one Dense; a
+        normalisation layer may come first (normalising the raw input).
+        ``"softmax"`` may only be the last activation.
     dtype : {"float32", "float64"}
         The dtype of parameters and of all computation; never changed later.
     seed : int or None
-        Seeds the weight initialisation and the shuffling in ``fit``.
+        Seeds the weight initialisation, the shuffling in ``fit`` and Dropout's
+        masks (a counter-based stream, see docs/layers.rst).
 
     Attributes
     ----------
@@ -65,6 +76,9 @@ class Network:
         ``weight``/``bias`` are views of it.
     gradients : ndarray (n_parameters,)
         The gradient of the last backward pass, same layout.
+    buffers : ndarray (n_buffers,)
+        The non-trainable values (BatchNorm1d's running statistics), layer by
+        layer; never changed by optimizers (see docs/layers.rst).
     epochs_trained : int
         Epochs run by ``fit`` and ``partial_fit`` so far; epoch numbers, schedules
         and callbacks continue from it across calls.
@@ -85,51 +99,55 @@ class Network:
     while another thread trains, use ``bpfast.save`` or ``copy.deepcopy``.
     """
 
-    def __init__(self, layers: list[Dense] | tuple[Dense, ...], *,
+    def __init__(self, layers: Sequence[Layer], *,
                  dtype: DTypeLike = "float32", seed: int | None = None) -> None:
-        layers = list(layers) if isinstance(layers, (list, tuple)) else None
-        if not layers or not all(isinstance(layer, Dense) for layer in layers):
-            raise TypeError("layers must be a non-empty list of bpfast.Dense")
+        layer_list = list(layers) if isinstance(layers, (list, tuple)) else None
+        if not layer_list or not all(isinstance(layer, Layer) for layer in layer_list):
+            raise TypeError("layers must be a non-empty list of bpfast layers (Dense, "
+                            "Dropout, BatchNorm1d, LayerNorm, Activation)")
         self.dtype = check_dtype(dtype)
         if seed is not None:
             seed = check_int("seed", seed, minimum=0)
-        for index, layer in enumerate(layers):
-            if layer._network is not None or layers.index(layer) != index:
-                raise ValueError(f"layer {index} ({layer!r}) already belongs to a Network; "
-                                 "create a new Dense for each network")
-            if index and layer.in_features != layers[index - 1].out_features:
-                raise ValueError(
-                    f"layer {index} takes {layer.in_features} inputs but layer {index - 1} "
-                    f"gives {layers[index - 1].out_features} outputs")
-            if layer.activation == "softmax" and index != len(layers) - 1:
-                raise ValueError(f"softmax is only allowed on the last layer (layer {index} "
-                                 "is hidden)")
+        layers = layer_list
+        widths = _layer_widths(layers)  # checks everything before a layer changes
         self.layers = layers
         self.seed = seed
+        before = [(layer.in_features, layer.out_features) for layer in layers]
+        for layer, (n_in, n_out) in zip(layers, widths):
+            layer.in_features, layer.out_features = n_in, n_out
         n_parameters = sum(layer.n_parameters for layer in layers)
-        self._check_size(n_parameters)
+        n_buffers = sum(layer.n_buffers for layer in layers)
+        try:
+            self._check_size(n_parameters)
+        except BaseException:
+            for layer, (n_in, n_out) in zip(layers, before):
+                layer.in_features, layer.out_features = n_in, n_out
+            raise
         self._rng = np.random.default_rng(seed)
+        # Dropout's counter-based stream: its key (from the seed, any size, or fresh
+        # entropy) and the number of training passes so far, both kept by the engine
+        stream_key = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
         self._parameters = np.zeros(n_parameters, dtype=self.dtype)
         self._gradients = np.zeros(n_parameters, dtype=self.dtype)
-        table, offset = [], 0
+        self._buffers = np.zeros(n_buffers, dtype=self.dtype)
+        table, offset, buffer_offset = [], 0, 0
         for layer in layers:
-            n_weights = layer.out_features * layer.in_features
-            weight_shape = (layer.out_features, layer.in_features)
-            bias_offset = offset + n_weights if layer.use_bias else -1
-            layer.weight = self._parameters[offset:offset + n_weights].reshape(weight_shape)
-            layer.grad_weight = self._gradients[offset:offset + n_weights].reshape(weight_shape)
-            if layer.use_bias:
-                layer.bias = self._parameters[bias_offset:bias_offset + layer.out_features]
-                layer.grad_bias = self._gradients[bias_offset:bias_offset + layer.out_features]
-            weight, bias = layer.initial_values(self._rng)
-            layer.weight[...] = weight
-            if layer.bias is not None:  # set above exactly when use_bias
-                layer.bias[...] = bias
-            table.append(layer.engine_row(offset, bias_offset))
+            weight_offset, bias_offset = layer._attach_views(
+                self._parameters, self._gradients, self._buffers, offset,
+                buffer_offset if layer.n_buffers else -1)
+            if isinstance(layer, Dense):
+                weight, bias = layer.initial_values(self._rng)
+                self._parameters[offset:offset + weight.size] = weight.ravel()
+                if layer.bias is not None:  # set above exactly when use_bias
+                    layer.bias[...] = bias
+            table.append(layer.engine_row(weight_offset, bias_offset,
+                                          buffer_offset if layer.n_buffers else -1))
             offset += layer.n_parameters
+            buffer_offset += layer.n_buffers
             layer._network = self
-        self._engine = _core.ENGINES[self._parameters.dtype](table, self._parameters,
-                                                            self._gradients)
+        self._engine = _core.ENGINES[self._parameters.dtype](
+            table, self._parameters, self._gradients, self._buffers)
+        self._engine.stream = (stream_key, 0)
         self.epochs_trained = 0
         self.history = None
         self.stop_training = False
@@ -151,6 +169,24 @@ class Network:
     @property
     def gradients(self) -> NDArray[np.floating]:
         return self._gradients
+
+    @property
+    def buffers(self) -> NDArray[np.floating]:
+        """Every non-trainable value (BatchNorm1d's running statistics), layer by layer:
+        running_mean, running_var, num_batches_tracked. Optimizers never change it;
+        training-mode passes update it. Empty without such layers."""
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, values: ArrayLike) -> None:
+        values = np.asarray(values)
+        if values.shape != self._buffers.shape:
+            raise ValueError(f"buffers must have shape {self._buffers.shape}, "
+                             f"got {values.shape}")
+        if values.shape[0] == 0:
+            return
+        values = as_float_array("buffers", values, self.dtype, 1, "index")
+        self._engine.assign_buffers(values)  # checked there, under the lock
 
     @property
     def n_parameters(self) -> int:
@@ -201,6 +237,17 @@ class Network:
         if rows > self._engine.capacity:
             self._check_workspace(rows)
 
+    def _check_batch_norm_batches(self, n_samples, batch_size):
+        """A BatchNorm1d cannot train on a batch of one row: refuse a fit that would."""
+        if n_samples == 0 or not any(isinstance(layer, BatchNorm1d) for layer in self.layers):
+            return
+        rows = n_samples if batch_size is None else min(batch_size, n_samples)
+        if rows == 1 or (batch_size is not None and n_samples % batch_size == 1):
+            raise ValueError(
+                f"with {n_samples} training samples and batch_size={batch_size} a batch has "
+                f"one row, which BatchNorm1d cannot train on (the variance of one value is "
+                f"0; PyTorch refuses it too); choose another batch_size")
+
     def _check_input(self, X, name="X", batch=True) -> NDArray[np.floating]:
         """X converted (as_float_array); with batch, also one batch of an engine step
         (rows and workspaces checked where the engine must grow: its capacity is never
@@ -246,12 +293,17 @@ class Network:
         return X, target, labels
 
     # ------------------------------------------------------------------ step by step
-    def forward(self, X: ArrayLike) -> NDArray[np.floating]:
+    def forward(self, X: ArrayLike, training: bool = True) -> NDArray[np.floating]:
         """The network's output for X (n, n_inputs); keeps what ``backward`` needs.
 
-        Returns a new array of shape (n, n_outputs) that the caller owns.
+        ``training=True`` (the default) is training mode: Dropout draws its masks,
+        BatchNorm1d normalises by the batch's statistics and updates its running ones
+        (a batch of one row is a ValueError). ``training=False`` is inference mode,
+        as in ``predict``. Returns a new array of shape (n, n_outputs) that the
+        caller owns.
         """
-        return self._engine.forward(self._check_input(X))
+        training = check_bool("training", training)
+        return self._engine.forward(self._check_input(X), training)
 
     def backward(self, grad_output: ArrayLike) -> NDArray[np.floating]:
         """Back-propagate dL/d(output) of the last ``forward``.
@@ -285,10 +337,11 @@ class Network:
         """Forward, loss and backward in one compiled call; fills ``gradients``; the loss.
 
         ``sample_weight`` (n,) weights the mean loss; ``l2`` adds
-        ``l2 / 2 * sum(W**2)`` over the weights (not biases) to the loss and
-        ``l2 * W`` to their gradients. With ``comm`` (an mpi4py communicator), each
-        rank passes its shard of the batch and every rank gets the gradient and loss
-        of the whole batch (one in-place all-reduce; see :mod:`bpfast.distributed`).
+        ``l2 / 2 * sum(W**2)`` over the weights (Dense and normalisation layers'
+        ``weight``, not biases) to the loss and ``l2 * W`` to their gradients. With
+        ``comm`` (an mpi4py communicator), each rank passes its shard of the batch and
+        every rank gets the gradient and loss of the whole batch (one in-place
+        all-reduce; see :mod:`bpfast.distributed`).
         """
         if comm is not None:
             return distributed.step(self, comm, X, y, loss, None, sample_weight, l2, None,
@@ -386,7 +439,8 @@ class Network:
             A weight per class index (multiplies sample_weight); "balanced" gives
             ``n_samples / (n_classes * count)``. Classification losses only.
         l2 : float
-            Adds ``l2 / 2 * sum(W**2)`` over all weights (not biases) to the loss,
+            Adds ``l2 / 2 * sum(W**2)`` over all weights (Dense and normalisation
+            layers' ``weight``; not biases) to the loss,
             unlike the optimizers' PyTorch-style ``weight_decay``.
         clip_norm, clip_value : float, optional
             Clip each gradient element to [-clip_value, clip_value], then scale the
@@ -564,6 +618,7 @@ class Network:
                 train_rows, validation_rows = split_validation(
                     data.n_samples, validation_split, classes, rng)
                 data, validation = data.take(train_rows), data.take(validation_rows)
+            self._check_batch_norm_batches(data.n_samples, batch_size)
             trainer_class = Trainer if config.comm is None else distributed.DistributedTrainer
             trainer = trainer_class(self, data, validation, config, options=options,
                                     metrics=metrics)
@@ -579,7 +634,11 @@ class Network:
         if X.shape[0] * self.n_outputs > _PREDICT_CHUNK_ELEMENTS:
             check_memory(f"the predictions for {X.shape[0]} rows",
                          X.shape[0] * self.n_outputs * self.dtype.itemsize)
-        return self._engine.predict(X, max(1, _PREDICT_CHUNK_ELEMENTS // widest))
+        chunk_rows = max(1, _PREDICT_CHUNK_ELEMENTS // widest)
+        if any(isinstance(layer, BatchNorm1d) and not layer.track_running_stats
+               for layer in self.layers):
+            chunk_rows = max(1, X.shape[0])  # batch statistics: of all rows at once
+        return self._engine.predict(X, chunk_rows)
 
     def __call__(self, X: ArrayLike) -> NDArray[np.floating]:
         """``net(X)`` is ``net.predict(X)`` (inference mode; keeps nothing for backward)."""
@@ -666,20 +725,25 @@ class Network:
         One consistent snapshot under the engine's lock: a step running in another
         thread is waited for, never half-read; RuntimeError while another thread's fit
         owns the network. Returns a dict: "layers" (a dict of constructor values per
-        layer), "dtype", "seed", "rng_state", "epochs_trained" and "optimizer"
-        (optimizer._get_state's record, or None), all JSON-able; "parameters" and
-        "optimizer_state" (None before the optimizer's first step), new arrays.
+        layer, ``describe()``), "dtype", "seed", "rng_state", "epochs_trained",
+        "stream" ([key, training passes so far] of Dropout's stream) and "optimizer"
+        (optimizer._get_state's record, or None), all JSON-able; "parameters",
+        "buffers" and "optimizer_state" (None before the optimizer's first step), new
+        arrays.
         """
         record = None if optimizer is None else optimizer._get_state(self)
-        parameters, state, step_count, (rng_state, epochs_trained) = self._engine.snapshot(
+        parameters, state, step_count, extra = self._engine.snapshot(
             None if optimizer is None else optimizer._config,
-            lambda: (self._rng_state(), getattr(self, "epochs_trained", None)))
+            lambda: (self._rng_state(), getattr(self, "epochs_trained", None),
+                     self._buffers.copy(), list(self._engine.stream)))
+        rng_state, epochs_trained, buffers, stream = extra
         if record is not None:  # the step count and state of the snapshot
             record = {**record, "step_count": int(step_count), "has_state": state is not None}
         layers = [layer.describe() for layer in self.layers]
         return {"layers": layers, "dtype": self.dtype.name, "seed": self.seed,
-                "rng_state": rng_state, "epochs_trained": epochs_trained,
-                "optimizer": record, "parameters": parameters, "optimizer_state": state}
+                "rng_state": rng_state, "epochs_trained": epochs_trained, "stream": stream,
+                "optimizer": record, "parameters": parameters, "buffers": buffers,
+                "optimizer_state": state}
 
     @classmethod
     def _from_state(cls, state):
@@ -688,6 +752,11 @@ class Network:
         layers = [from_description(spec) for spec in state["layers"]]
         network = cls(layers, dtype=state["dtype"], seed=state["seed"])
         network.parameters = state["parameters"]
+        if state.get("buffers") is not None and len(state["buffers"]):
+            network.buffers = state["buffers"]
+        if state.get("stream") is not None:
+            key, counter = state["stream"]
+            network._engine.stream = (key, counter)
         network._restore_rng(state.get("rng_state"))
         if state.get("epochs_trained") is not None:
             try:
@@ -727,7 +796,8 @@ class Network:
         """
         rows = [("Layer (type)", "Output Shape", "Activation", "Param #")]
         for index, layer in enumerate(self.layers):
-            rows.append((f"dense_{index} (Dense)", f"(None, {layer.out_features})",
+            name = type(layer).__name__
+            rows.append((f"{layer.kind}_{index} ({name})", f"(None, {layer.out_features})",
                          layer.activation, f"{layer.n_parameters:,}"))
         widths = [max(len(row[column]) for row in rows) + 3 for column in range(4)]
         rule = "=" * sum(widths)
@@ -739,7 +809,8 @@ class Network:
         text = [f'Network ({self.n_inputs} inputs, {self.dtype.name})', rule, line(rows[0]),
                 rule, *(line(row) for row in rows[1:]), rule,
                 f"Total params: {self.n_parameters:,} ({format_bytes(n_bytes)})",
-                f"Trainable params: {self.n_parameters:,}", "Non-trainable params: 0"]
+                f"Trainable params: {self.n_parameters:,}",
+                f"Non-trainable params: {self._buffers.shape[0]:,}"]
         print("\n".join(text), file=sys.stdout if file is None else file)
 
     def save(self, path: str | PathLike[str], *, optimizer: Optimizer | None = None,
@@ -815,6 +886,44 @@ class Network:
         """
         from .export import network_from_torch
         return network_from_torch(module)
+
+
+def _layer_widths(layers):
+    """(in_features, out_features) of each layer, checked: a layer may join one network
+    only; widths must chain (a Dropout takes the width around it); softmax only last.
+    Nothing is changed: ValueError naming the layer."""
+    for index, layer in enumerate(layers):
+        if layer._network is not None or layers.index(layer) != index:
+            raise ValueError(f"layer {index} ({layer!r}) already belongs to a Network; "
+                             "create a new layer for each network")
+    if not any(isinstance(layer, Dense) for layer in layers):
+        raise ValueError("a network needs at least one Dense layer")
+    widths: list[int | None] = [None if isinstance(layer, WIDTH_FROM_NETWORK)
+                                else layer.in_features for layer in layers]
+    # a Dropout passes its input width on: take it from the layer before, or, first in
+    # the network, from the first layer after it with a width of its own
+    known = next(width for width in widths if width is not None)
+    for index, layer in enumerate(layers):
+        if widths[index] is None:
+            widths[index] = known
+        else:
+            known = layer.out_features
+    result = []
+    for index, layer in enumerate(layers):
+        n_in = widths[index]
+        n_out = n_in if isinstance(layer, WIDTH_FROM_NETWORK) else layer.out_features
+        if index and n_in != result[-1][1]:
+            previous = layers[index - 1]
+            what = ("num_features" if isinstance(layer, BatchNorm1d) else "normalized_shape"
+                    if isinstance(layer, LayerNorm) else "in_features")
+            raise ValueError(f"layer {index} takes {n_in} inputs but layer {index - 1} gives "
+                             f"{result[-1][1]} outputs ({layer!r}'s {what} must be the "
+                             f"output width of {previous!r})")
+        if layer.activation == "softmax" and index != len(layers) - 1:
+            raise ValueError(f"softmax is only allowed on the last layer (layer {index} "
+                             "is hidden)")
+        result.append((n_in, n_out))
+    return result
 
 
 def _rebuild_network(layers, dtype, seed, parameters, rng_state, epochs_trained):
