@@ -7,14 +7,15 @@ from . import callbacks, metrics, schedules
 from ._training import DivergenceError
 from .callbacks import History
 from .io import load, save
-from .layers import ACTIVATIONS, Dense
+from .layers import ACTIVATIONS, BatchNorm1d, Dense, Dropout, LayerNorm
 from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, Huber, Loss
 from .network import Network
 from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __all__ = [
-    "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy", "CrossEntropy", "Dense",
-    "DivergenceError", "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer",
+    "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BatchNorm1d", "BinaryCrossEntropy",
+    "CrossEntropy", "Dense", "DivergenceError", "Dropout", "History", "Huber", "L1",
+    "LayerNorm", "Loss", "MSE", "Network", "Optimizer",
     "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "metrics", "save", "schedules",
     "set_num_threads", "show_config", "threads",
 ]

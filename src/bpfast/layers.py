@@ -1,4 +1,5 @@
-"""Dense layers and the activation names."""
+"""The layers: Dense, Dropout, BatchNorm1d and LayerNorm, and the activation names."""
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +20,58 @@ INITS = ("he", "glorot", "normal", "pytorch")
 _RELU_FAMILY = ("relu", "leaky_relu", "elu")
 
 
-class Dense:
+class Layer:
+    """What every layer kind has: sizes, parameter and buffer counts, a description.
+
+    ``in_features`` and ``out_features`` are the widths of the layer's input and
+    output; ``activation`` is applied last (``"identity"`` for the kinds without
+    one). ``n_parameters`` trainable values live in the network's ``parameters``,
+    ``n_buffers`` non-trainable ones (running statistics) in its ``buffers``.
+    """
+
+    kind: str = ""
+    in_features: int
+    out_features: int
+    activation: str = "identity"
+    activation_param: float = 0.0
+    _network: "Network | None"
+
+    @property
+    def n_parameters(self) -> int:
+        return 0
+
+    @property
+    def n_buffers(self) -> int:
+        return 0
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def arguments(self) -> dict[str, Any]:
+        """The constructor's arguments that make an equal, unattached layer."""
+        arguments = self.describe()
+        del arguments["kind"]
+        return arguments
+
+    def _attach_views(self, parameters, gradients, buffers, offset, buffer_offset):
+        """Take this layer's views of the network's flat arrays, from these offsets."""
+        raise NotImplementedError
+
+    def engine_row(self, weight_offset: int, bias_offset: int, buffer_offset: int = -1,
+                   ) -> tuple:
+        """This layer's row of the engine's layer table: (n_in, n_out, activation code,
+        activation parameter, weight offset, bias offset, kind code, eps, momentum
+        (-1: cumulative average), dropout p, buffer offset (-1: none))."""
+        return (self.in_features, self.out_features,
+                _core.ACTIVATIONS.index(self.activation), self.activation_param,
+                weight_offset, bias_offset, _core.LAYER_KINDS.index(self.kind),
+                *self._engine_fields(), buffer_offset)
+
+    def _engine_fields(self) -> tuple:
+        return (0.0, 0.0, 0.0)
+
+
+class Dense(Layer):
     """A fully connected layer: ``y = g(x @ weight.T + bias)``.
 
     Parameters
@@ -53,17 +105,13 @@ class Dense:
     layer belongs to one network.
     """
 
-    in_features: int
-    out_features: int
-    activation: str
+    kind = "dense"
     use_bias: bool
     init: str | None
-    activation_param: float
     weight: NDArray[np.floating] | None
     bias: NDArray[np.floating] | None
     grad_weight: NDArray[np.floating] | None
     grad_bias: NDArray[np.floating] | None
-    _network: "Network | None"
 
     def __init__(self, in_features: int, out_features: int, activation: str | None = None, *,
                  bias: bool = True, init: str | None = None, negative_slope: float | None = None,
@@ -108,11 +156,16 @@ class Dense:
         """The constructor's arguments that make an equal, unattached Dense."""
         return _dense_arguments(self.describe())
 
-    def engine_row(self, weight_offset: int, bias_offset: int) -> tuple:
-        """This layer's row of the engine's layer table (kind code last)."""
-        return (self.in_features, self.out_features,
-                _core.ACTIVATIONS.index(self.activation), self.activation_param,
-                weight_offset, bias_offset, _core.LAYER_KINDS.index("dense"))
+    def _attach_views(self, parameters, gradients, buffers, offset, buffer_offset):
+        n_weights = self.out_features * self.in_features
+        shape = (self.out_features, self.in_features)
+        self.weight = parameters[offset:offset + n_weights].reshape(shape)
+        self.grad_weight = gradients[offset:offset + n_weights].reshape(shape)
+        bias_offset = offset + n_weights if self.use_bias else -1
+        if self.use_bias:
+            self.bias = parameters[bias_offset:bias_offset + self.out_features]
+            self.grad_bias = gradients[bias_offset:bias_offset + self.out_features]
+        return offset, bias_offset
 
     def initial_values(self, rng):
         """Fresh float64 (weight, bias) drawn from rng by this layer's init scheme."""
@@ -145,6 +198,254 @@ class Dense:
                 f"activation={self.activation!r}{extra})")
 
 
+class Dropout(Layer):
+    """Inverted dropout, as ``torch.nn.Dropout``: in training mode each element is
+    zeroed with probability ``p`` and the survivors are scaled by ``1 / (1 - p)``;
+    in inference mode (``predict``, ``forward(training=False)``) the identity.
+
+    Parameters
+    ----------
+    p : float in [0, 1)
+        The probability of zeroing an element (0: the identity in both modes).
+
+    Notes
+    -----
+    The width is the previous layer's output width (the next layer's input width
+    when the dropout comes first), set when the layer joins a network.
+    The masks come from a counter-based random stream seeded by the network's
+    ``seed``: the element in row i, column j of the k-th training pass is kept or
+    dropped by a hash of (seed, k, layer, i, j), so the masks do not depend on
+    the thread count, and the stream's position is saved with the network.
+    """
+
+    kind = "dropout"
+    p: float
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = check_real("p", p, minimum=0.0, maximum=1.0, max_inclusive=False)
+        self.in_features = self.out_features = 0  # set by the network
+        self._network = None
+
+    def describe(self) -> dict[str, Any]:
+        """The layer as plain JSON-able values (see :func:`from_description`)."""
+        return {"kind": "dropout", "p": self.p}
+
+    def _attach_views(self, parameters, gradients, buffers, offset, buffer_offset):
+        return -1, -1
+
+    def _engine_fields(self) -> tuple:
+        return (0.0, 0.0, self.p)
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
+
+
+class BatchNorm1d(Layer):
+    """Batch normalisation over the features of (batch, num_features) inputs, as
+    ``torch.nn.BatchNorm1d``: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    In training mode, mean and var are the batch's (var biased, divided by n), and
+    the running statistics are updated:
+    ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased*
+    batch variance (divided by n - 1); ``momentum=None`` makes them the cumulative
+    average of every batch so far (``momentum = 1 / num_batches_tracked``). In
+    inference mode the running statistics are used. With
+    ``track_running_stats=False`` there are none, and both modes use the batch's.
+
+    Parameters
+    ----------
+    num_features : int
+        The width of the input (the previous layer's output width).
+    eps : float > 0
+        Added to the variance inside the square root.
+    momentum : float in [0, 1] or None
+    affine : bool
+        Whether the layer has the trainable ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool
+
+    Attributes
+    ----------
+    weight, bias : ndarray (num_features,) or None
+        Views into the network's ``parameters`` (None without affine).
+    grad_weight, grad_bias : ndarray or None
+        Views into the network's ``gradients``.
+    running_mean, running_var : ndarray (num_features,) or None
+        Views into the network's ``buffers`` (None without track_running_stats).
+    num_batches_tracked : ndarray of shape () or None
+        A view into ``buffers``: the training batches seen (exact up to 2**24 in
+        float32).
+
+    A training batch of one row is a ValueError, as in PyTorch (its variance is 0).
+    """
+
+    kind = "batch_norm1d"
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    weight: NDArray[np.floating] | None
+    bias: NDArray[np.floating] | None
+    grad_weight: NDArray[np.floating] | None
+    grad_bias: NDArray[np.floating] | None
+    running_mean: NDArray[np.floating] | None
+    running_var: NDArray[np.floating] | None
+    num_batches_tracked: NDArray[np.floating] | None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True) -> None:
+        self.num_features = check_int("num_features", num_features, minimum=1)
+        self.eps = check_real("eps", eps, minimum=0.0, min_inclusive=False)
+        self.momentum = None if momentum is None else check_real(
+            "momentum", momentum, minimum=0.0, maximum=1.0)
+        self.affine = check_bool("affine", affine)
+        self.track_running_stats = check_bool("track_running_stats", track_running_stats)
+        self.in_features = self.out_features = self.num_features
+        self.weight = self.bias = self.grad_weight = self.grad_bias = None
+        self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._network = None
+
+    @property
+    def n_parameters(self) -> int:
+        return 2 * self.num_features if self.affine else 0
+
+    @property
+    def n_buffers(self) -> int:
+        return 2 * self.num_features + 1 if self.track_running_stats else 0
+
+    def describe(self) -> dict[str, Any]:
+        """The layer as plain JSON-able values (see :func:`from_description`)."""
+        return {"kind": "batch_norm1d", "num_features": self.num_features, "eps": self.eps,
+                "momentum": self.momentum, "affine": self.affine,
+                "track_running_stats": self.track_running_stats}
+
+    def _attach_views(self, parameters, gradients, buffers, offset, buffer_offset):
+        n = self.num_features
+        weight_offset = bias_offset = -1
+        if self.affine:
+            weight_offset, bias_offset = offset, offset + n
+            self.weight = parameters[offset:offset + n]
+            self.bias = parameters[offset + n:offset + 2 * n]
+            self.grad_weight = gradients[offset:offset + n]
+            self.grad_bias = gradients[offset + n:offset + 2 * n]
+            self.weight[...] = 1
+            self.bias[...] = 0
+        if self.track_running_stats:
+            self.running_mean = buffers[buffer_offset:buffer_offset + n]
+            self.running_var = buffers[buffer_offset + n:buffer_offset + 2 * n]
+            self.num_batches_tracked = buffers[buffer_offset + 2 * n:
+                                               buffer_offset + 2 * n + 1].reshape(())
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+        return weight_offset, bias_offset
+
+    def _engine_fields(self) -> tuple:
+        return (self.eps, -1.0 if self.momentum is None else self.momentum, 0.0)
+
+    def __repr__(self):
+        extra = "".join(
+            f", {name}={getattr(self, name)!r}" for name, default in (
+                ("eps", 1e-5), ("momentum", 0.1), ("affine", True),
+                ("track_running_stats", True)) if getattr(self, name) != default
+            or (name == "momentum" and self.momentum is None))
+        return f"BatchNorm1d({self.num_features}{extra})"
+
+
+class LayerNorm(Layer):
+    """Layer normalisation over each row's features, as ``torch.nn.LayerNorm`` on
+    (batch, features) inputs: ``y = (x - mean) / sqrt(var + eps) * weight + bias``
+    with the row's mean and biased variance, the same in training and inference.
+
+    Parameters
+    ----------
+    normalized_shape : int or a tuple of one int
+        The width of the input (only the last axis is normalised: inputs are 2-D).
+    eps : float > 0
+    elementwise_affine : bool
+        Whether the layer has the trainable ``weight`` (ones) and ``bias`` (zeros).
+    bias : bool
+        Whether the affine part has the ``bias`` (with ``elementwise_affine``).
+
+    Attributes
+    ----------
+    weight, bias : ndarray (features,) or None
+        Views into the network's ``parameters``.
+    grad_weight, grad_bias : ndarray or None
+    """
+
+    kind = "layer_norm"
+    normalized_shape: tuple[int]
+    eps: float
+    elementwise_affine: bool
+    use_bias: bool
+    weight: NDArray[np.floating] | None
+    bias: NDArray[np.floating] | None
+    grad_weight: NDArray[np.floating] | None
+    grad_bias: NDArray[np.floating] | None
+
+    def __init__(self, normalized_shape: int | tuple[int] | list[int], eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True) -> None:
+        if isinstance(normalized_shape, (tuple, list)):
+            if len(normalized_shape) != 1:
+                raise ValueError(f"normalized_shape must be one width (inputs are 2-D: "
+                                 f"(batch, features)), got {tuple(normalized_shape)!r}")
+            width = normalized_shape[0]
+        else:
+            width = normalized_shape
+        if not isinstance(width, numbers.Integral) or isinstance(width, (bool, np.bool_)):
+            raise TypeError(f"normalized_shape must be an integer or a tuple of one, got "
+                            f"{normalized_shape!r}")
+        self.normalized_shape = (check_int("normalized_shape", width, minimum=1),)
+        self.eps = check_real("eps", eps, minimum=0.0, min_inclusive=False)
+        self.elementwise_affine = check_bool("elementwise_affine", elementwise_affine)
+        self.use_bias = check_bool("bias", bias)
+        self.in_features = self.out_features = self.normalized_shape[0]
+        self.weight = self.bias = self.grad_weight = self.grad_bias = None
+        self._network = None
+
+    @property
+    def n_parameters(self) -> int:
+        return self.out_features * (self.elementwise_affine * (1 + self.use_bias))
+
+    def describe(self) -> dict[str, Any]:
+        """The layer as plain JSON-able values (see :func:`from_description`);
+        ``normalized_shape`` is a list of one int."""
+        return {"kind": "layer_norm", "normalized_shape": list(self.normalized_shape),
+                "eps": self.eps, "elementwise_affine": self.elementwise_affine,
+                "bias": self.use_bias}
+
+    def _attach_views(self, parameters, gradients, buffers, offset, buffer_offset):
+        n = self.out_features
+        weight_offset = bias_offset = -1
+        if self.elementwise_affine:
+            weight_offset = offset
+            self.weight = parameters[offset:offset + n]
+            self.grad_weight = gradients[offset:offset + n]
+            self.weight[...] = 1
+            if self.use_bias:
+                bias_offset = offset + n
+                self.bias = parameters[offset + n:offset + 2 * n]
+                self.grad_bias = gradients[offset + n:offset + 2 * n]
+                self.bias[...] = 0
+        return weight_offset, bias_offset
+
+    def _engine_fields(self) -> tuple:
+        return (self.eps, 0.0, 0.0)
+
+    def __repr__(self):
+        extra = "".join(
+            f", {name}={value!r}" for name, value, default in (
+                ("eps", self.eps, 1e-5), ("elementwise_affine", self.elementwise_affine, True),
+                ("bias", self.use_bias, True)) if value != default)
+        return f"LayerNorm({self.out_features}{extra})"
+
+
+#: The layer classes by their ``describe()["kind"]``.
+LAYER_CLASSES: dict[str, type[Layer]] = {
+    "dense": Dense, "dropout": Dropout, "batch_norm1d": BatchNorm1d, "layer_norm": LayerNorm}
+
+
 def _dense_arguments(spec):
     arguments = {key: spec[key] for key in ("in_features", "out_features", "activation",
                                             "bias")}
@@ -156,15 +457,19 @@ def _dense_arguments(spec):
     return arguments
 
 
-def from_description(spec: dict[str, Any]) -> Dense:
+def from_description(spec: dict[str, Any]) -> Layer:
     """The unattached layer that ``spec`` (from a layer's ``describe()``) describes.
 
     A description without ``"kind"`` (files written before layer kinds) is a Dense.
     TypeError or ValueError for one the constructor refuses.
     """
     kind = spec.get("kind", "dense")
-    if kind != "dense":
-        raise ValueError(f"unknown layer kind {kind!r}; valid: 'dense'")
-    arguments = _dense_arguments(spec)
-    return Dense(arguments.pop("in_features"), arguments.pop("out_features"),
-                 arguments.pop("activation"), **arguments)
+    if kind not in LAYER_CLASSES:
+        raise ValueError(f"unknown layer kind {kind!r}; valid: "
+                         f"{', '.join(map(repr, LAYER_CLASSES))}")
+    if kind == "dense":
+        arguments = _dense_arguments(spec)
+        return Dense(arguments.pop("in_features"), arguments.pop("out_features"),
+                     arguments.pop("activation"), **arguments)
+    arguments = {key: value for key, value in spec.items() if key != "kind"}
+    return LAYER_CLASSES[kind](**arguments)

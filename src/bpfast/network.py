@@ -33,7 +33,7 @@ from ._validation import (
     format_bytes,
 )
 from .callbacks import Callback, EarlyStopping, History
-from .layers import Dense, from_description
+from .layers import BatchNorm1d, Dense, Dropout, Layer, LayerNorm, from_description
 from .losses import Loss, get_loss
 from .optimizers import Optimizer, get_optimizer
 from .schedules import Schedule
@@ -84,48 +84,45 @@ class Network:
     while another thread trains, use ``bpfast.save`` or ``copy.deepcopy``.
     """
 
-    def __init__(self, layers: list[Dense] | tuple[Dense, ...], *,
+    def __init__(self, layers: Sequence[Layer], *,
                  dtype: DTypeLike = "float32", seed: int | None = None) -> None:
         layers = list(layers) if isinstance(layers, (list, tuple)) else None
-        if not layers or not all(isinstance(layer, Dense) for layer in layers):
-            raise TypeError("layers must be a non-empty list of bpfast.Dense")
+        if not layers or not all(isinstance(layer, Layer) for layer in layers):
+            raise TypeError("layers must be a non-empty list of bpfast layers (Dense, "
+                            "Dropout, BatchNorm1d, LayerNorm)")
         self.dtype = check_dtype(dtype)
         if seed is not None:
             seed = check_int("seed", seed, minimum=0)
-        for index, layer in enumerate(layers):
-            if layer._network is not None or layers.index(layer) != index:
-                raise ValueError(f"layer {index} ({layer!r}) already belongs to a Network; "
-                                 "create a new Dense for each network")
-            if index and layer.in_features != layers[index - 1].out_features:
-                raise ValueError(
-                    f"layer {index} takes {layer.in_features} inputs but layer {index - 1} "
-                    f"gives {layers[index - 1].out_features} outputs")
-            if layer.activation == "softmax" and index != len(layers) - 1:
-                raise ValueError(f"softmax is only allowed on the last layer (layer {index} "
-                                 "is hidden)")
+        widths = _layer_widths(layers)  # checks everything before a layer changes
         self.layers = layers
         self.seed = seed
+        for layer, (n_in, n_out) in zip(layers, widths):
+            layer.in_features, layer.out_features = n_in, n_out
         n_parameters = sum(layer.n_parameters for layer in layers)
+        n_buffers = sum(layer.n_buffers for layer in layers)
         self._check_size(n_parameters)
         self._rng = np.random.default_rng(seed)
+        # Dropout's counter-based stream: its key (the seed, or fresh entropy) and the
+        # number of training passes so far; the engine keeps both from here on
+        self._stream_key = seed if seed is not None else \
+            int(np.random.SeedSequence().entropy) % 2**63
         self._parameters = np.zeros(n_parameters, dtype=self.dtype)
         self._gradients = np.zeros(n_parameters, dtype=self.dtype)
-        table, offset = [], 0
+        self._buffers = np.zeros(n_buffers, dtype=self.dtype)
+        table, offset, buffer_offset = [], 0, 0
         for layer in layers:
-            n_weights = layer.out_features * layer.in_features
-            weight_shape = (layer.out_features, layer.in_features)
-            bias_offset = offset + n_weights if layer.use_bias else -1
-            layer.weight = self._parameters[offset:offset + n_weights].reshape(weight_shape)
-            layer.grad_weight = self._gradients[offset:offset + n_weights].reshape(weight_shape)
-            if layer.use_bias:
-                layer.bias = self._parameters[bias_offset:bias_offset + layer.out_features]
-                layer.grad_bias = self._gradients[bias_offset:bias_offset + layer.out_features]
-            weight, bias = layer.initial_values(self._rng)
-            layer.weight[...] = weight
-            if layer.bias is not None:  # set above exactly when use_bias
-                layer.bias[...] = bias
-            table.append(layer.engine_row(offset, bias_offset))
+            weight_offset, bias_offset = layer._attach_views(
+                self._parameters, self._gradients, self._buffers, offset,
+                buffer_offset if layer.n_buffers else -1)
+            if isinstance(layer, Dense):
+                weight, bias = layer.initial_values(self._rng)
+                layer.weight[...] = weight
+                if layer.bias is not None:  # set above exactly when use_bias
+                    layer.bias[...] = bias
+            table.append(layer.engine_row(weight_offset, bias_offset,
+                                          buffer_offset if layer.n_buffers else -1))
             offset += layer.n_parameters
+            buffer_offset += layer.n_buffers
             layer._network = self
         self._engine = _core.ENGINES[self._parameters.dtype](table, self._parameters,
                                                             self._gradients)
@@ -150,6 +147,22 @@ class Network:
     @property
     def gradients(self) -> NDArray[np.floating]:
         return self._gradients
+
+    @property
+    def buffers(self) -> NDArray[np.floating]:
+        """Every non-trainable value (BatchNorm1d's running statistics), layer by layer:
+        running_mean, running_var, num_batches_tracked. Optimizers never change it;
+        training-mode passes update it. Empty without such layers."""
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, values: ArrayLike) -> None:
+        values = np.asarray(values)
+        if values.shape != self._buffers.shape:
+            raise ValueError(f"buffers must have shape {self._buffers.shape}, "
+                             f"got {values.shape}")
+        values = as_float_array("buffers", values, self.dtype, 1, "index")
+        self._engine.assign_buffers(values)  # checked there, under the lock
 
     @property
     def n_parameters(self) -> int:
@@ -699,7 +712,8 @@ class Network:
         """
         rows = [("Layer (type)", "Output Shape", "Activation", "Param #")]
         for index, layer in enumerate(self.layers):
-            rows.append((f"dense_{index} (Dense)", f"(None, {layer.out_features})",
+            name = type(layer).__name__
+            rows.append((f"{layer.kind}_{index} ({name})", f"(None, {layer.out_features})",
                          layer.activation, f"{layer.n_parameters:,}"))
         widths = [max(len(row[column]) for row in rows) + 3 for column in range(4)]
         rule = "=" * sum(widths)
@@ -711,7 +725,8 @@ class Network:
         text = [f'Network ({self.n_inputs} inputs, {self.dtype.name})', rule, line(rows[0]),
                 rule, *(line(row) for row in rows[1:]), rule,
                 f"Total params: {self.n_parameters:,} ({format_bytes(n_bytes)})",
-                f"Trainable params: {self.n_parameters:,}", "Non-trainable params: 0"]
+                f"Trainable params: {self.n_parameters:,}",
+                f"Non-trainable params: {self._buffers.shape[0]:,}"]
         print("\n".join(text), file=sys.stdout if file is None else file)
 
     def save(self, path: str | PathLike[str], *, optimizer: Optimizer | None = None,
@@ -787,6 +802,43 @@ class Network:
         """
         from .export import network_from_torch
         return network_from_torch(module)
+
+
+def _layer_widths(layers):
+    """(in_features, out_features) of each layer, checked: a layer may join one network
+    only; widths must chain (a Dropout takes the width around it); softmax only last.
+    Nothing is changed: ValueError naming the layer."""
+    for index, layer in enumerate(layers):
+        if layer._network is not None or layers.index(layer) != index:
+            raise ValueError(f"layer {index} ({layer!r}) already belongs to a Network; "
+                             "create a new layer for each network")
+    if not any(isinstance(layer, Dense) for layer in layers):
+        raise ValueError("a network needs at least one Dense layer")
+    widths: list[int | None] = [None if isinstance(layer, Dropout) else layer.in_features
+                                for layer in layers]
+    # a Dropout passes its input width on: take it from the layer before, or, first in
+    # the network, from the first layer after it with a width of its own
+    known = next(width for width in widths if width is not None)
+    for index, layer in enumerate(layers):
+        if widths[index] is None:
+            widths[index] = known
+        else:
+            known = layer.out_features
+    result = []
+    for index, layer in enumerate(layers):
+        n_in = widths[index]
+        n_out = n_in if isinstance(layer, Dropout) else layer.out_features
+        if index and n_in != result[-1][1]:
+            previous = layers[index - 1]
+            what = ("num_features" if isinstance(layer, BatchNorm1d) else "normalized_shape"
+                    if isinstance(layer, LayerNorm) else "in_features")
+            raise ValueError(f"layer {index} ({layer!r}) takes {n_in} inputs ({what}) but "
+                             f"layer {index - 1} ({previous!r}) gives {result[-1][1]} outputs")
+        if layer.activation == "softmax" and index != len(layers) - 1:
+            raise ValueError(f"softmax is only allowed on the last layer (layer {index} "
+                             "is hidden)")
+        result.append((n_in, n_out))
+    return result
 
 
 def _rebuild_network(layers, dtype, seed, parameters, rng_state, epochs_trained):
