@@ -7,13 +7,13 @@ from . import callbacks, metrics, schedules
 from ._training import DivergenceError
 from .callbacks import History
 from .io import load, save
-from .layers import ACTIVATIONS, BatchNorm1d, Dense, Dropout, LayerNorm
+from .layers import ACTIVATIONS, Activation, BatchNorm1d, Dense, Dropout, LayerNorm
 from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, Huber, Loss
 from .network import Network
 from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __all__ = [
-    "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BatchNorm1d", "BinaryCrossEntropy",
+    "ACTIVATIONS", "Activation", "Adagrad", "Adam", "AdamW", "BatchNorm1d", "BinaryCrossEntropy",
     "CrossEntropy", "Dense", "DivergenceError", "Dropout", "History", "Huber", "L1",
     "LayerNorm", "Loss", "MSE", "Network", "Optimizer",
     "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "metrics", "save", "schedules",

@@ -103,7 +103,7 @@ cpdef enum Optimizer:
 
 cpdef enum LayerKind:
     # the kinds of layer the engine's layer table runs (_kernels/layers.pxi)
-    KIND_DENSE, KIND_DROPOUT, KIND_BATCH_NORM1D, KIND_LAYER_NORM
+    KIND_DENSE, KIND_DROPOUT, KIND_BATCH_NORM1D, KIND_LAYER_NORM, KIND_ACTIVATION
 
 
 def _names(enum, str prefix):

@@ -1,4 +1,4 @@
-"""The layers: Dense, Dropout, BatchNorm1d and LayerNorm, and the activation names."""
+"""The layers: Dense, Dropout, BatchNorm1d, LayerNorm, Activation; the activation names."""
 import numbers
 from typing import TYPE_CHECKING, Any
 
@@ -441,9 +441,65 @@ class LayerNorm(Layer):
         return f"LayerNorm({self.out_features}{extra})"
 
 
+class Activation(Layer):
+    """An activation function as a layer of its own, as ``torch.nn.ReLU`` and Keras'
+    ``Activation`` are: for the "Dense(activation=None), BatchNorm1d, activation"
+    recipe (normalisation layers take no activation).
+
+    Parameters
+    ----------
+    activation : str
+        One of :data:`ACTIVATIONS`; ``"softmax"`` only as a network's last layer.
+    negative_slope, alpha : float, optional
+        As for :class:`Dense`.
+
+    Notes
+    -----
+    The width is the previous layer's output width (the next layer's input width
+    when it comes first), set when the layer joins a network.
+    """
+
+    kind = "activation"
+
+    def __init__(self, activation: str, *, negative_slope: float | None = None,
+                 alpha: float | None = None) -> None:
+        probe = Dense(1, 1, activation, negative_slope=negative_slope, alpha=alpha)
+        self.activation, self.activation_param = probe.activation, probe.activation_param
+        self.in_features = self.out_features = 0  # set by the network
+        self._network = None
+
+    def describe(self) -> dict[str, Any]:
+        """The layer as plain JSON-able values (see :func:`from_description`)."""
+        return {"kind": "activation", "activation": self.activation,
+                "activation_param": self.activation_param}
+
+    def arguments(self) -> dict[str, Any]:
+        arguments: dict[str, Any] = {"activation": self.activation}
+        if self.activation == "leaky_relu":
+            arguments["negative_slope"] = self.activation_param
+        elif self.activation == "elu":
+            arguments["alpha"] = self.activation_param
+        return arguments
+
+    def _attach_views(self, parameters, gradients, buffers, offset, buffer_offset):
+        return -1, -1
+
+    def __repr__(self):
+        extra = ""
+        if self.activation == "leaky_relu":
+            extra = f", negative_slope={self.activation_param}"
+        elif self.activation == "elu":
+            extra = f", alpha={self.activation_param}"
+        return f"Activation({self.activation!r}{extra})"
+
+
 #: The layer classes by their ``describe()["kind"]``.
 LAYER_CLASSES: dict[str, type[Layer]] = {
-    "dense": Dense, "dropout": Dropout, "batch_norm1d": BatchNorm1d, "layer_norm": LayerNorm}
+    "dense": Dense, "dropout": Dropout, "batch_norm1d": BatchNorm1d, "layer_norm": LayerNorm,
+    "activation": Activation}
+
+#: The kinds whose width is the layer's input width, taken from the network.
+WIDTH_FROM_NETWORK = (Dropout, Activation)
 
 
 def _dense_arguments(spec):
@@ -455,6 +511,14 @@ def _dense_arguments(spec):
     elif spec["activation"] == "elu":
         arguments["alpha"] = spec["activation_param"]
     return arguments
+
+
+class _Described:
+    """A description read as an Activation's attributes (for its ``arguments``)."""
+
+    def __init__(self, spec):
+        self.activation = spec["activation"]
+        self.activation_param = spec.get("activation_param", 0.0)
 
 
 def from_description(spec: dict[str, Any]) -> Layer:
@@ -471,5 +535,7 @@ def from_description(spec: dict[str, Any]) -> Layer:
         arguments = _dense_arguments(spec)
         return Dense(arguments.pop("in_features"), arguments.pop("out_features"),
                      arguments.pop("activation"), **arguments)
+    if kind == "activation":
+        return Activation(**Activation.arguments(_Described(spec)))
     arguments = {key: value for key, value in spec.items() if key != "kind"}
     return LAYER_CLASSES[kind](**arguments)

@@ -33,7 +33,14 @@ from ._validation import (
     format_bytes,
 )
 from .callbacks import Callback, EarlyStopping, History
-from .layers import BatchNorm1d, Dense, Dropout, Layer, LayerNorm, from_description
+from .layers import (
+    WIDTH_FROM_NETWORK,
+    BatchNorm1d,
+    Dense,
+    Layer,
+    LayerNorm,
+    from_description,
+)
 from .losses import Loss, get_loss
 from .optimizers import Optimizer, get_optimizer
 from .schedules import Schedule
@@ -89,7 +96,7 @@ class Network:
         layers = list(layers) if isinstance(layers, (list, tuple)) else None
         if not layers or not all(isinstance(layer, Layer) for layer in layers):
             raise TypeError("layers must be a non-empty list of bpfast layers (Dense, "
-                            "Dropout, BatchNorm1d, LayerNorm)")
+                            "Dropout, BatchNorm1d, LayerNorm, Activation)")
         self.dtype = check_dtype(dtype)
         if seed is not None:
             seed = check_int("seed", seed, minimum=0)
@@ -124,8 +131,9 @@ class Network:
             offset += layer.n_parameters
             buffer_offset += layer.n_buffers
             layer._network = self
-        self._engine = _core.ENGINES[self._parameters.dtype](table, self._parameters,
-                                                            self._gradients)
+        self._engine = _core.ENGINES[self._parameters.dtype](
+            table, self._parameters, self._gradients, self._buffers)
+        self._engine.stream = (self._stream_key, 0)
         self.epochs_trained = 0
         self.history = None
         self.stop_training = False
@@ -258,12 +266,17 @@ class Network:
         return X, target, labels
 
     # ------------------------------------------------------------------ step by step
-    def forward(self, X: ArrayLike) -> NDArray[np.floating]:
+    def forward(self, X: ArrayLike, training: bool = True) -> NDArray[np.floating]:
         """The network's output for X (n, n_inputs); keeps what ``backward`` needs.
 
-        Returns a new array of shape (n, n_outputs) that the caller owns.
+        ``training=True`` (the default) is training mode: Dropout draws its masks,
+        BatchNorm1d normalises by the batch's statistics and updates its running ones
+        (a batch of one row is a ValueError). ``training=False`` is inference mode,
+        as in ``predict``. Returns a new array of shape (n, n_outputs) that the
+        caller owns.
         """
-        return self._engine.forward(self._check_input(X))
+        training = check_bool("training", training)
+        return self._engine.forward(self._check_input(X), training)
 
     def backward(self, grad_output: ArrayLike) -> NDArray[np.floating]:
         """Back-propagate dL/d(output) of the last ``forward``.
@@ -564,7 +577,11 @@ class Network:
         if X.shape[0] * self.n_outputs > _PREDICT_CHUNK_ELEMENTS:
             check_memory(f"the predictions for {X.shape[0]} rows",
                          X.shape[0] * self.n_outputs * self.dtype.itemsize)
-        return self._engine.predict(X, max(1, _PREDICT_CHUNK_ELEMENTS // widest))
+        chunk_rows = max(1, _PREDICT_CHUNK_ELEMENTS // widest)
+        if any(isinstance(layer, BatchNorm1d) and not layer.track_running_stats
+               for layer in self.layers):
+            chunk_rows = max(1, X.shape[0])  # batch statistics: of all rows at once
+        return self._engine.predict(X, chunk_rows)
 
     def __call__(self, X: ArrayLike) -> NDArray[np.floating]:
         """``net(X)`` is ``net.predict(X)`` (inference mode; keeps nothing for backward)."""
@@ -814,8 +831,8 @@ def _layer_widths(layers):
                              "create a new layer for each network")
     if not any(isinstance(layer, Dense) for layer in layers):
         raise ValueError("a network needs at least one Dense layer")
-    widths: list[int | None] = [None if isinstance(layer, Dropout) else layer.in_features
-                                for layer in layers]
+    widths: list[int | None] = [None if isinstance(layer, WIDTH_FROM_NETWORK)
+                                else layer.in_features for layer in layers]
     # a Dropout passes its input width on: take it from the layer before, or, first in
     # the network, from the first layer after it with a width of its own
     known = next(width for width in widths if width is not None)
@@ -827,7 +844,7 @@ def _layer_widths(layers):
     result = []
     for index, layer in enumerate(layers):
         n_in = widths[index]
-        n_out = n_in if isinstance(layer, Dropout) else layer.out_features
+        n_out = n_in if isinstance(layer, WIDTH_FROM_NETWORK) else layer.out_features
         if index and n_in != result[-1][1]:
             previous = layers[index - 1]
             what = ("num_features" if isinstance(layer, BatchNorm1d) else "normalized_shape"

@@ -3,24 +3,30 @@
 
 cdef void network_forward(const LayerSpec* layers, int n_layers, const Workspace* ws,
                           floating* acts, floating* zs, const floating* params,
+                          floating* buffers, double* stats, PassMode* mode,
                           const floating* x, Py_ssize_t n_rows) noexcept nogil:
+    """Every layer's output (and what its backward pass needs) into the workspaces, in
+    mode; a training pass moves Dropout's stream on by one."""
     cdef int l
     cdef const floating* inp = x
     for l in range(n_layers):
-        layer_forward(&layers[l], params, inp, n_rows, _layer_z(&layers[l], ws, acts, zs),
-                      _layer_output(&layers[l], ws, acts))
+        layer_forward(&layers[l], params, buffers, stats, mode, ws, inp, n_rows,
+                      _layer_z(&layers[l], ws, acts, zs), _layer_output(&layers[l], ws, acts))
         inp = _layer_output(&layers[l], ws, acts)
+    if mode.training:
+        mode.stream_counter += 1
 
 
 cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspace* ws,
                            floating* acts, floating* zs, floating* delta,
-                           const floating* params, floating* grads, const floating* x,
-                           Py_ssize_t n_rows, bint output_is_dz,
-                           floating* grad_x) noexcept nogil:
+                           const floating* params, floating* grads, double* stats,
+                           const PassMode* mode, const floating* x, Py_ssize_t n_rows,
+                           bint output_is_dz, floating* grad_x) noexcept nogil:
     """Back-propagate delta buffer 0 through every layer: dL/d(the network's output), or
     dL/dz of the last layer where output_is_dz (the loss fused its activation).
 
     Fills every weight and bias gradient, and dL/dx into grad_x unless it is NULL.
+    mode: the mode of the forward pass.
     """
     cdef int l
     cdef floating* dz = delta
@@ -35,7 +41,8 @@ cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspac
         else:
             inp = _layer_output(&layers[l - 1], ws, acts)
             grad_input = spare
-        layer_backward(&layers[l], params, grads, inp, _layer_output(&layers[l], ws, acts),
+        layer_backward(&layers[l], params, grads, stats, mode, ws, inp,
+                       _layer_output(&layers[l], ws, acts),
                        _layer_z(&layers[l], ws, acts, zs), n_rows, dz,
                        output_is_dz and l == n_layers - 1, grad_input)
         swap = dz
@@ -75,7 +82,8 @@ cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Wo
 
 cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace* ws,
                           floating* acts, floating* zs, floating* delta, floating* params,
-                          floating* grads, const floating* x,
+                          floating* grads, floating* buffers, double* stats, PassMode* mode,
+                          const floating* x,
                           const floating* target, const intp* labels, const double* weights,
                           Py_ssize_t n_rows, const LossParams* loss,
                           const StepOptions* options, const OptimizerParams* optimizer,
@@ -89,11 +97,11 @@ cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace
     """
     cdef double value
     cdef bint output_is_dz
-    network_forward(layers, n_layers, ws, acts, zs, params, x, n_rows)
+    network_forward(layers, n_layers, ws, acts, zs, params, buffers, stats, mode, x, n_rows)
     value = output_loss_gradient(layers, n_layers, ws, acts, zs, delta, loss, target, labels,
                                  weights, n_rows, &output_is_dz)
-    network_backward(layers, n_layers, ws, acts, zs, delta, params, grads, x, n_rows,
-                     output_is_dz, <floating*>NULL)
+    network_backward(layers, n_layers, ws, acts, zs, delta, params, grads, stats, mode, x,
+                     n_rows, output_is_dz, <floating*>NULL)
     if options != NULL:
         value += regularize_and_clip(layers, n_layers, options, params, grads, n_params)
     if optimizer != NULL and isfinite(value):
@@ -131,7 +139,8 @@ cdef struct EpochResult:
 
 cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* ws,
                         floating* acts, floating* zs, floating* delta, floating* params,
-                        floating* grads, const floating* x,
+                        floating* grads, floating* buffers, double* stats, PassMode* mode,
+                        const floating* x,
                         const floating* target, const intp* labels, const double* weights,
                         Py_ssize_t n_samples, const intp* order, Py_ssize_t batch_size,
                         floating* x_batch, floating* target_batch, intp* label_batch,
@@ -189,8 +198,9 @@ cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* 
         if batch_lrs != NULL:
             scheduled.lr = batch_lrs[batch]
         step[0] += 1
-        value = training_step(layers, n_layers, ws, acts, zs, delta, params, grads, xb, tb, lb,
-                              wb, n_rows, loss, options, &scheduled, step[0], state, n_params)
+        value = training_step(layers, n_layers, ws, acts, zs, delta, params, grads, buffers,
+                              stats, mode, xb, tb, lb, wb, n_rows, loss, options, &scheduled,
+                              step[0], state, n_params)
         if not isfinite(value):
             step[0] -= 1   # the update was skipped
             result.diverged = True
@@ -205,9 +215,15 @@ cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* 
 
 
 cdef void predict_chunk(const LayerSpec* layers, int n_layers, const floating* params,
-                        const floating* x, Py_ssize_t n_rows, floating* scratch,
-                        Py_ssize_t scratch_width, floating* out) noexcept nogil:
-    """Inference on n_rows rows: hidden layers ping-pong in scratch, the last into out."""
+                        floating* buffers, double* stats, const floating* x,
+                        Py_ssize_t n_rows, floating* scratch, Py_ssize_t scratch_width,
+                        floating* out) noexcept nogil:
+    """Inference on n_rows rows: hidden layers ping-pong in scratch, the last into out.
+    buffers are only read; stats is the caller's own scratch."""
+    cdef PassMode inference
+    inference.training = False
+    inference.stream_key = 0
+    inference.stream_counter = 0
     cdef int l
     cdef const floating* inp = x
     cdef floating* dest
@@ -216,5 +232,6 @@ cdef void predict_chunk(const LayerSpec* layers, int n_layers, const floating* p
             dest = out
         else:
             dest = scratch + (l % 2) * n_rows * scratch_width
-        layer_forward(&layers[l], params, inp, n_rows, dest, dest)
+        layer_forward(&layers[l], params, buffers, stats, &inference, <const Workspace*>NULL,
+                      inp, n_rows, dest, dest)
         inp = dest

@@ -2,7 +2,8 @@
 # Included by _core.pyx.
 
 cdef struct StepOptions:
-    double l2            # loss += l2 / 2 * sum of squared weights (not biases); 0: off
+    double l2            # loss += l2 / 2 * sum of squared weights (Dense and normalisation
+    #                      weights, not biases); 0: off
     double clip_value    # clamp each gradient to [-clip_value, clip_value]; <= 0: off
     double clip_norm     # rescale the gradient to this global L2 norm at most; <= 0: off
     double* partials     # scratch of one double per REDUCTION_BLOCK parameters
@@ -86,7 +87,9 @@ cdef double regularize_and_clip(const LayerSpec* layers, int n_layers,
     cdef Py_ssize_t n_weights
     if options.l2 > 0:
         for l in range(n_layers):
-            n_weights = <Py_ssize_t>layers[l].n_in * layers[l].n_out
+            n_weights = layers[l].n_weights
+            if n_weights == 0:
+                continue
             penalty += sum_squares(params + layers[l].weight_offset,
                                    grads + layers[l].weight_offset, options.l2, n_weights,
                                    options.partials)
