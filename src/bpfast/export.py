@@ -862,12 +862,13 @@ def _templates(onnx, dtype, opset):
                                   running_var=one["running_var"],
                                   weight=one["weight"] if affine else None,
                                   bias=one["bias"] if affine else None)))
-        for affine, bias in ((True, True), (True, False), (False, False)):
+        # (without elementwise_affine, bias keeps its default: it has no effect)
+        for affine, bias in ((True, True), (True, False), (False, True)):
             stand_ins.append((_normalization_result(LayerNorm, affine, bias),
                               _layer_norm_onnx, _fake_layer(
                                   LayerNorm, eps=_SENTINEL["eps"],
                                   weight=one["weight"] if affine else None,
-                                  bias=one["bias"] if bias else None)))
+                                  bias=one["bias"] if affine and bias else None)))
     templates = []
     for make, write, layer in stand_ins:
         graph = _Graph(onnx, dtype, opset)
@@ -1223,6 +1224,9 @@ def network_from_torch(module):
             p = float(child.p)
             specs.append(_LayerSpec(lambda width, p=p: Dropout(p), {}, where))
         elif type(child) is torch.nn.BatchNorm1d:
+            if child.affine and getattr(child, "bias", None) is None:
+                raise ValueError(f"{where}: an affine BatchNorm1d without bias; bpfast's "
+                                 "affine BatchNorm1d has both weight and bias")
             tensors = arrays(child, where, ("weight", "bias", "running_mean", "running_var",
                                             "num_batches_tracked"))
             arguments = {"eps": child.eps, "momentum": child.momentum, "affine": child.affine,
