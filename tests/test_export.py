@@ -233,9 +233,10 @@ def corrupt_cases():
     yield "tanh Gelu", graph_model([make("Gemm", ["x", "W"], ["z"]),
                                     make("Gelu", ["z"], ["y"], approximate="tanh")],
                                    {"W": W}, opset=20), "approximate='tanh'"
-    yield "two activations", graph_model([make("MatMul", ["x", "W"], ["z"]),
-                                          make("Relu", ["z"], ["r"]),
-                                          make("Tanh", ["r"], ["y"])], {"W": W}), "one activation"
+    yield "hidden softmax", graph_model([make("MatMul", ["x", "W"], ["z"]),
+                                         make("Softmax", ["z"], ["r"]),
+                                         make("MatMul", ["r", "W2"], ["y"])],
+                                        {"W": W, "W2": np.ones((2, 2))}), "softmax is only"
     yield "alpha", graph_model([make("Gemm", ["x", "W"], ["y"], alpha=2.0)], {"W": W}), "alpha=1"
     yield "branch", graph_model([make("MatMul", ["x", "W"], ["z"]), make("Relu", ["z"], ["r"]),
                                  make("Add", ["z", "r"], ["y"])], {"W": W}), "feeds 2 nodes"
@@ -344,18 +345,17 @@ def test_from_torch_refuses_what_bpfast_cannot_represent():
     cases = [
         (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm2d(4)), "BatchNorm2d"),
         (nn.Sequential(nn.Linear(3, 4), nn.AlphaDropout(0.1)), "AlphaDropout"),
-        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU()), "must follow a Linear"),
         (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, bias=False)), "without bias"),
         (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm((2, 2))), "normalized_shape"),
         (nn.Sequential(nn.Linear(3, 4), nn.Dropout(1.0)), r"module 1 \(Dropout\).*p"),
         (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(5)), "takes 5 inputs"),
         (nn.Sequential(nn.Linear(3, 4), nn.Softplus(beta=2)), "beta=1, threshold=20"),
         (nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh")), "approximate"),
-        (nn.Sequential(nn.ReLU(), nn.Linear(3, 4)), "must follow a Linear"),
-        (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Tanh()), "must follow a Linear"),
         (nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=0)), "dim=0"),
         (nn.Sequential(nn.Linear(3, 4).double(), nn.Linear(4, 2)), "one dtype"),
         (nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=-1), nn.Linear(4, 2)), "softmax"),
+        (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Softmax(dim=-1), nn.Linear(4, 2)),
+         "softmax"),
         (nn.Sequential(), "no Linear"),
     ]
     for module, message in cases:
@@ -541,6 +541,7 @@ LAYER_CASES = {
     "layer_norm": lambda: bp.LayerNorm(8),
     "layer_norm_no_bias": lambda: bp.LayerNorm(8, bias=False),
     "layer_norm_plain": lambda: bp.LayerNorm(8, elementwise_affine=False),
+    "activation": lambda: bp.Activation("leaky_relu", negative_slope=0.2),
 }
 
 
@@ -605,8 +606,8 @@ def test_layer_kinds_through_onnx_runtime(case, dtype):
 @needs_onnx
 def test_layer_norm_float64_at_opset_18_and_every_kind_in_one_graph():
     # ReduceMean takes its axes as an input from opset 18
-    network = bp.Network([bp.Dropout(0.1), bp.Dense(5, 8, "relu"), bp.BatchNorm1d(8),
-                          bp.LayerNorm(8), bp.Dense(8, 6, "elu", alpha=0.5),
+    network = bp.Network([bp.Dropout(0.1), bp.Dense(5, 8), bp.BatchNorm1d(8),
+                          bp.Activation("relu"), bp.LayerNorm(8), bp.Dense(8, 6, "elu", alpha=0.5),
                           bp.LayerNorm(6, bias=False), bp.Dropout(0.2), bp.Dense(6, 3)],
                          dtype="float64", seed=2)
     for opset in (13, 18):
@@ -615,7 +616,7 @@ def test_layer_norm_float64_at_opset_18_and_every_kind_in_one_graph():
         assert_close(run_onnx(model, X)[0], network.predict(X), "float64")
         again = bp.Network.from_onnx(model)
         assert [type(layer).__name__ for layer in again.layers] == [
-            "Dense", "BatchNorm1d", "LayerNorm", "Dense", "LayerNorm", "Dense"]
+            "Dense", "BatchNorm1d", "Activation", "LayerNorm", "Dense", "LayerNorm", "Dense"]
         assert np.array_equal(again.predict(X), network.predict(X))
 
 
@@ -670,6 +671,22 @@ def test_onnx_normalization_and_dropout_nodes_from_elsewhere():
                        {"W": W, "s": stats["s"]}, n_out=4, opset=17, element=element)
     with pytest.raises(ValueError, match="axis 0"):
         bp.Network.from_onnx(axis)
+
+
+def test_activations_that_no_linear_takes_become_activation_layers():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    module = nn.Sequential(nn.ReLU(), nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ELU(0.5),
+                           nn.Linear(4, 2), nn.Tanh(), nn.Sigmoid()).double().eval()
+    network = bp.Network.from_torch(module)
+    assert repr(network.layers) == repr([
+        bp.Activation("relu"), bp.Dense(3, 4), bp.BatchNorm1d(4), bp.Activation("elu", alpha=0.5),
+        bp.Dense(4, 2, "tanh"), bp.Activation("sigmoid")])
+    X = inputs(6, 3, "float64")
+    with torch.no_grad():
+        np.testing.assert_allclose(network.predict(X), module(torch.from_numpy(X)).numpy(),
+                                   rtol=1e-12)
+    assert list(network.state_dict()) == list(module.state_dict())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .layers import BatchNorm1d, Dense, Dropout, LayerNorm
+from .layers import Activation, BatchNorm1d, Dense, Dropout, LayerNorm
 
 __all__ = ["LAYER_KINDS", "MIN_OPSET", "LayerKind", "network_to_onnx", "network_from_onnx",
            "state_dict", "load_state_dict", "network_to_torch", "network_from_torch",
@@ -343,6 +343,13 @@ def _min_opset(layer):
     return MIN_OPSET
 
 
+def _activation_torch_modules(layer):
+    if layer.activation == "identity":
+        return [("Identity", {}, {})]
+    class_name, arguments = _TORCH_MODULES[layer.activation]
+    return [(class_name, arguments(layer), {})]
+
+
 #: layer class -> its conversions; a new layer kind is one more entry
 LAYER_KINDS = {
     Dense: LayerKind("dense", _dense_opset, _dense_onnx, _dense_torch_modules),
@@ -351,6 +358,8 @@ LAYER_KINDS = {
                            _batch_norm_torch_modules),
     LayerNorm: LayerKind("layer_norm", _layer_norm_opset, _layer_norm_onnx,
                          _layer_norm_torch_modules),
+    Activation: LayerKind("activation", _min_opset, _activation_onnx,
+                          _activation_torch_modules),
 }
 
 
@@ -470,6 +479,18 @@ class _LayerSpec:
 def _is_dense(spec):
     """Whether a read layer is a Dense: (weight, bias, activation, parameter)."""
     return isinstance(spec, tuple)
+
+
+def _add_activation(specs, activation, parameter, where):
+    """An activation read: the Dense before it applies it, when it has none yet;
+    otherwise (after a normalisation layer, a Dropout, another activation, or first)
+    it is an Activation layer."""
+    if specs and _is_dense(specs[-1]) and specs[-1][2] is None:
+        specs[-1] = (*specs[-1][:2], activation, parameter)
+        return
+    keyword = {"leaky_relu": "negative_slope", "elu": "alpha"}.get(activation)
+    arguments = {} if keyword is None else {keyword: float(parameter)}
+    specs.append(_LayerSpec(lambda width: Activation(activation, **arguments), {}, where))
 
 
 class _OnnxReader:
@@ -673,11 +694,7 @@ class _OnnxReader:
         layers.append((weight, bias, None, None))
 
     def _set_activation(self, layers, activation, parameter, node):
-        if not layers or not _is_dense(layers[-1]) or layers[-1][2] is not None:
-            raise ValueError(f"{_describe(node)}: an activation must follow a Gemm/MatMul "
-                             "(a bpfast Dense applies one activation)")
-        weight, bias = layers[-1][:2]
-        layers[-1] = (weight, bias, activation, parameter)
+        _add_activation(layers, activation, parameter, _describe(node))
 
     # ------------------------------------------------------------- multi-node patterns
     def _template(self, z, users):
@@ -1245,11 +1262,7 @@ def network_from_torch(module):
             specs.append(_LayerSpec(lambda _, width=width, arguments=arguments: LayerNorm(
                 width, **arguments), tensors, where))
         elif kind in _TORCH_ACTIVATIONS and type(child).__module__.startswith("torch.nn"):
-            activation, parameter = _TORCH_ACTIVATIONS[kind](child, where)
-            if not specs or not _is_dense(specs[-1]) or specs[-1][2] is not None:
-                raise ValueError(f"{where}: an activation must follow a Linear (a bpfast "
-                                 "Dense applies one activation)")
-            specs[-1] = (*specs[-1][:2], activation, parameter)
+            _add_activation(specs, *_TORCH_ACTIVATIONS[kind](child, where), where)
         elif isinstance(child, torch.nn.Identity) or (
                 isinstance(child, torch.nn.Flatten) and child.start_dim in (1, -1)
                 and child.end_dim == -1):
