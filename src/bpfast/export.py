@@ -24,19 +24,49 @@ kind, and only there:
   list and ``state_dict`` enumerates it, so both agree on the indices.
 
 The way back is op-driven: ``_ONNX_ACTIVATIONS`` / ``_TORCH_ACTIVATIONS`` map an
-ONNX operator / a torch module class to a bpfast activation, and
-``_ONNX_LINEAR`` / ``"Linear"`` start a new Dense. A future Dropout, BatchNorm1d
-or LayerNorm adds one ``LayerKind`` to ``LAYER_KINDS`` (BatchNormalization,
-LayerNormalization at opset 17 raising its ``opset``) and one entry to each way
-back; nothing else changes.
+ONNX operator / a torch module class to a bpfast activation (applied by the Dense
+before it when that one has none yet, else an :class:`~bpfast.Activation` layer),
+Gemm / MatMul(+Add) / ``Linear`` start a new Dense, ``_ONNX_LAYERS`` maps
+Dropout, BatchNormalization and LayerNormalization nodes to layers, and
+``network_from_torch`` reads Dropout, BatchNorm1d and LayerNorm modules.
+
+Dropout, BatchNorm1d, LayerNorm, Activation
+-------------------------------------------
+* ``Dropout`` is the identity at inference: the graph has no node for it (as
+  ``torch.onnx.export`` writes an ``eval()`` module), so ``from_onnx(to_onnx(net))``
+  has no Dropout layers and predicts exactly the same. An ONNX ``Dropout`` node
+  (training_mode off) reads back as ``Dropout(ratio)``; torch's ``nn.Dropout(p)``
+  both ways.
+* ``BatchNorm1d`` is *not* folded into the Gemm before it (folding would round the
+  weights and lose the layer: no exact round trip). float32: a
+  ``BatchNormalization`` node with the running statistics (``epsilon`` the layer's
+  eps, ``momentum`` ONNX's ``1 - momentum``); a non-affine layer writes a Scale of
+  ones and a B of zeros, so it reads back affine (the same outputs). float64:
+  ``(x - running_mean) * Reciprocal(Sqrt(running_var + eps)) [* weight] [+ bias]``
+  with float64 constants (the operator's ``epsilon`` is a float32 attribute), which
+  is bpfast's order of operations. ``track_running_stats=False`` (batch statistics at
+  inference) is a ValueError naming the layer.
+* ``LayerNorm`` float32: ``LayerNormalization`` (opset 17, so such a network's
+  default opset is 17; the others keep 13); without elementwise_affine the Scale is
+  ones (reads back affine). float64: ReduceMean, Sub, Mul, ReduceMean, then as
+  BatchNorm1d's float64 form (bpfast's two passes; opset 13).
+* float32 operators take eps as a float32 attribute, read back as its shortest
+  decimal: an eps that would not read back the same (``1.2345678912e-5``) is a
+  ValueError naming the layer; float64 graphs keep any eps exactly.
+* ``Activation`` is its activation's nodes (or torch module; ``nn.Identity`` for
+  the identity).
 
 State-dict indices
 ------------------
 ``state_dict`` uses the keys of the ``torch.nn.Sequential`` that ``to_torch``
 builds: each Dense is a ``Linear`` at the next index, followed, unless its
-activation is the identity, by the activation module at the index after it. So
-``[Dense(4, 8, "relu"), Dense(8, 3)]`` is ``Sequential(Linear, ReLU, Linear)``
-with keys ``"0.weight", "0.bias", "2.weight", "2.bias"``.
+activation is the identity, by the activation module at the index after it; every
+other layer is one module. So ``[Dense(4, 8, "relu"), BatchNorm1d(8), Dense(8, 3)]``
+is ``Sequential(Linear, ReLU, BatchNorm1d, Linear)`` with keys ``"0.weight",
+"0.bias", "2.weight", "2.bias", "2.running_mean", "2.running_var",
+"2.num_batches_tracked", "3.weight", "3.bias"`` (``num_batches_tracked`` an int64
+of shape (), as in PyTorch; ``load_state_dict`` takes it as any integer-valued
+count).
 
 Exactness
 ---------
