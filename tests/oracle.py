@@ -26,6 +26,10 @@ Optimizers
 Network
     ``network_forward(weights, biases, activations, X)`` and
     ``network_backward(weights, cache, activations, grad_out, X)``.
+Dropout, BatchNorm1d, LayerNorm
+    ``dropout_scale`` (bpfast's counter-based masks), ``batch_norm_forward/backward``,
+    ``layer_norm_forward/backward``; ``sequential_forward/backward`` run a list of
+    layers of every kind.
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ __all__ = [
     "Adagrad",
     "network_forward",
     "network_backward",
+    "dropout_scale",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "sequential_forward",
+    "sequential_backward",
 ]
 
 ACTIVATIONS = (
@@ -855,3 +866,193 @@ def network_backward(weights, cache, activations, grad_out, X, biases=None):
             grad_biases[l] = dz.sum(axis=0)
         da = dz @ _f64(weights[l])
     return grad_weights, grad_biases, da
+
+
+# ---------------------------------------------------------------------------
+# Dropout, BatchNorm1d, LayerNorm (PyTorch's nn.Dropout, nn.BatchNorm1d, nn.LayerNorm)
+# ---------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(z):
+    """SplitMix64's output function on uint64 values (wrapping arithmetic)."""
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_scale(key, counter, layer_index, shape, p, dtype=np.float64):
+    """The mask bpfast's Dropout draws, as factors: 0 (dropped) or 1/(1-p) in dtype.
+
+    The stream of training pass ``counter`` for the layer at ``layer_index`` is
+    SplitMix64 started at ``mix(mix(mix(key + G) + counter) + (layer_index + 1) G)``
+    (G the golden-ratio constant); its k-th output (k from 1) decides elements
+    2(k-1) (low 32 bits) and 2(k-1)+1 (high 32 bits) of the row-major (n, width)
+    mask: dropped when the 32 bits are below ``floor(p * 2**32)``.
+    """
+    n = int(np.prod(shape))
+    start = int(_mix64((int(_mix64((int(_mix64((key + _GOLDEN) & _MASK64)) + counter)
+                                   & _MASK64)) + (layer_index + 1) * _GOLDEN) & _MASK64))
+    pairs = np.arange(1, (n + 1) // 2 + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        bits = _mix64(np.uint64(start) + pairs * np.uint64(_GOLDEN))
+    draws = np.empty(2 * pairs.size, dtype=np.uint64)
+    draws[0::2] = bits & np.uint64(0xFFFFFFFF)
+    draws[1::2] = bits >> np.uint64(32)
+    threshold = np.uint64(int(p * 4294967296.0))
+    scale = np.asarray(1, dtype) / np.asarray(1 - p, dtype)  # PyTorch's 1/(1-p) in dtype
+    return np.where(draws[:n] < threshold, np.asarray(0, dtype), scale).reshape(shape)
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, *,
+                       training, momentum=0.1, eps=1e-5):
+    """BatchNorm1d on x (n, c), as PyTorch computes it.
+
+    Training mode (or no running statistics, ``running_mean=None``): the batch's mean
+    and biased variance; in training with running statistics, ``num_batches_tracked``
+    is incremented and ``running = (1 - m) * running + m * batch`` with the unbiased
+    variance, ``m = momentum`` or ``1 / num_batches_tracked`` for ``momentum=None``.
+    Inference with running statistics: those. ``weight``/``bias`` None: no affine.
+
+    Returns (out, cache, (running_mean, running_var, num_batches_tracked)): new arrays.
+    """
+    x = _f64(x)
+    n = x.shape[0]
+    tracking = running_mean is not None
+    if tracking:
+        running_mean, running_var = _f64(running_mean).copy(), _f64(running_var).copy()
+    use_batch = training or not tracking
+    if use_batch:
+        mean = x.mean(axis=0)
+        var_sum = ((x - mean) ** 2).sum(axis=0)
+        var = var_sum / n
+        if training and tracking:
+            num_batches_tracked = num_batches_tracked + 1
+            factor = 1.0 / num_batches_tracked if momentum is None else momentum
+            running_mean = factor * mean + (1 - factor) * running_mean
+            running_var = factor * (var_sum / (n - 1)) + (1 - factor) * running_var
+    else:
+        mean, var = running_mean, running_var
+    invstd = 1 / np.sqrt(var + eps)
+    xhat = (x - mean) * invstd
+    out = xhat * (1 if weight is None else _f64(weight)) + (0 if bias is None else _f64(bias))
+    cache = (xhat, invstd, weight, use_batch)
+    return out, cache, (running_mean, running_var, num_batches_tracked)
+
+
+def batch_norm_backward(grad_out, cache):
+    """(dL/dx, dL/dweight, dL/dbias) of :func:`batch_norm_forward`. With batch
+    statistics: ``dx = (dy - mean(dy) - x_hat mean(dy x_hat)) / std * weight``."""
+    xhat, invstd, weight, use_batch = cache
+    dy = _f64(grad_out)
+    grad_weight = (dy * xhat).sum(axis=0)
+    grad_bias = dy.sum(axis=0)
+    scale = invstd * (1 if weight is None else _f64(weight))
+    if use_batch:
+        dx = (dy - dy.mean(axis=0) - xhat * (dy * xhat).mean(axis=0)) * scale
+    else:
+        dx = dy * scale
+    return dx, grad_weight, grad_bias
+
+
+def layer_norm_forward(x, weight, bias, eps=1e-5):
+    """LayerNorm over each row of x (n, c): the row's mean and biased variance."""
+    x = _f64(x)
+    mean = x.mean(axis=1, keepdims=True)
+    rstd = 1 / np.sqrt(((x - mean) ** 2).mean(axis=1, keepdims=True) + eps)
+    xhat = (x - mean) * rstd
+    out = xhat * (1 if weight is None else _f64(weight)) + (0 if bias is None else _f64(bias))
+    return out, (xhat, rstd, weight)
+
+
+def layer_norm_backward(grad_out, cache):
+    """(dL/dx, dL/dweight, dL/dbias) of :func:`layer_norm_forward`:
+    ``dx = (g - mean(g) - x_hat mean(g x_hat)) / std`` per row, ``g = dy * weight``."""
+    xhat, rstd, weight = cache
+    dy = _f64(grad_out)
+    g = dy * (1 if weight is None else _f64(weight))
+    dx = (g - g.mean(axis=1, keepdims=True)
+          - xhat * (g * xhat).mean(axis=1, keepdims=True)) * rstd
+    return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
+
+
+def sequential_forward(layers, X, training):
+    """Forward pass of a list of layers, each a dict: ``{"kind": "dense", "weight",
+    "bias", "activation"}``, ``{"kind": "activation", "activation"}`` (a name or
+    (name, param)), ``{"kind": "dropout", "scale"}`` (the mask's factors, or None
+    for the identity), ``{"kind": "batch_norm1d", "weight", "bias", "running_mean",
+    "running_var", "num_batches_tracked", "momentum", "eps"}`` and ``{"kind":
+    "layer_norm", "weight", "bias", "eps"}`` (weight/bias None when off).
+
+    Returns (output, caches); batch-norm layers get their new running statistics
+    written back into their dict.
+    """
+    a = _f64(X)
+    caches = []
+    for layer in layers:
+        kind = layer["kind"]
+        x = a
+        if kind == "dense":
+            z = x @ _f64(layer["weight"]).T
+            if layer.get("bias") is not None:
+                z = z + _f64(layer["bias"])
+            name, param = _activation_spec(layer.get("activation"))
+            a = activation_forward(name, z, param)
+            cache = (x, z, a)
+        elif kind == "activation":
+            name, param = _activation_spec(layer["activation"])
+            a = activation_forward(name, x, param)
+            cache = (x, x, a)
+        elif kind == "dropout":
+            scale = layer.get("scale") if training else None
+            a = x if scale is None else x * scale
+            cache = (x, scale)
+        elif kind == "batch_norm1d":
+            a, cache, stats = batch_norm_forward(
+                x, layer["weight"], layer["bias"], layer["running_mean"],
+                layer["running_var"], layer["num_batches_tracked"], training=training,
+                momentum=layer["momentum"], eps=layer["eps"])
+            layer["running_mean"], layer["running_var"], layer["num_batches_tracked"] = stats
+        elif kind == "layer_norm":
+            a, cache = layer_norm_forward(x, layer["weight"], layer["bias"], layer["eps"])
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        caches.append(cache)
+    return a, caches
+
+
+def sequential_backward(layers, caches, grad_out):
+    """(gradients, dL/dX): per layer a dict {"weight": ..., "bias": ...} (None where
+    the layer has no such parameter), from dL/d(output) of :func:`sequential_forward`."""
+    da = _f64(grad_out)
+    grads = [None] * len(layers)
+    for index in range(len(layers) - 1, -1, -1):
+        layer, cache = layers[index], caches[index]
+        kind = layer["kind"]
+        weight = layer.get("weight")
+        bias = layer.get("bias")
+        if kind in ("dense", "activation"):
+            x, z, a = cache
+            name, param = _activation_spec(layer.get("activation"))
+            dz = activation_backward(name, da, z, a, param)
+            if kind == "dense":
+                grads[index] = {"weight": dz.T @ x,
+                                "bias": None if bias is None else dz.sum(axis=0)}
+                da = dz @ _f64(weight)
+            else:
+                grads[index] = {"weight": None, "bias": None}
+                da = dz
+        elif kind == "dropout":
+            scale = cache[1]
+            grads[index] = {"weight": None, "bias": None}
+            da = da if scale is None else da * scale
+        else:
+            backward = batch_norm_backward if kind == "batch_norm1d" else layer_norm_backward
+            da, grad_weight, grad_bias = backward(da, cache)
+            grads[index] = {"weight": None if weight is None else grad_weight,
+                            "bias": None if bias is None else grad_bias}
+    return grads, da

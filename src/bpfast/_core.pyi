@@ -35,6 +35,10 @@ class Optimizer(IntEnum):
 
 class LayerKind(IntEnum):
     KIND_DENSE = 0
+    KIND_DROPOUT = 1
+    KIND_BATCH_NORM1D = 2
+    KIND_LAYER_NORM = 3
+    KIND_ACTIVATION = 4
 
 ACTIVATIONS: tuple[str, ...]
 LOSSES: tuple[str, ...]
@@ -91,11 +95,17 @@ class Engine:
     n_outputs: int
     capacity: int
     forward_rows: int
+    forward_training: bool
+    has_batch_norm: bool
+    n_buffers: int
     dtype: np.dtype
     parameters: NDArray[np.floating]
     gradients: NDArray[np.floating]
-    def __init__(self, layer_table: list[tuple[int, int, int, float, int, int]],
-                 parameters: NDArray[np.floating], gradients: NDArray[np.floating]) -> None: ...
+    buffers: NDArray[np.floating]
+    stream: tuple[int, int]
+    def __init__(self, layer_table: list[tuple[Any, ...]],
+                 parameters: NDArray[np.floating], gradients: NDArray[np.floating],
+                 buffers: NDArray[np.floating] | None = ...) -> None: ...
     _after_release: Callable[[], object] | None
     lock_state: dict[str, int | bool]
     def reserve(self, n_rows: int) -> None: ...
@@ -106,6 +116,7 @@ class Engine:
                  read: Callable[[], Any] | None = ...
                  ) -> tuple[NDArray[np.floating], NDArray[np.floating] | None, int, Any]: ...
     def assign_parameters(self, values: NDArray[np.floating]) -> None: ...
+    def assign_buffers(self, values: NDArray[np.floating]) -> None: ...
     def layer_output(self, layer: int) -> NDArray[np.floating]: ...
 
 _F = TypeVar("_F", np.float32, np.float64)
@@ -123,7 +134,7 @@ class _TypedEngine(Engine, Generic[_F]):
                     clip_norm: float = ..., batch_lrs: NDArray[np.float64] | None = ...,
                     check_signals: bool = ..., totals: NDArray[np.float64] | None = ...
                     ) -> tuple[float, float, int, bool]: ...
-    def forward(self, x: NDArray[_F]) -> NDArray[_F]: ...
+    def forward(self, x: NDArray[_F], training: bool = ...) -> NDArray[_F]: ...
     @overload
     def backward(self, grad_output: NDArray[_F],
                  want_grad_input: Literal[True]) -> NDArray[_F]: ...

@@ -361,9 +361,11 @@ class Trainer:
         if not self._all_finite():
             return
         if self._snapshot is None:
-            self._snapshot = [parameters.copy(), None if state is None else state.copy(), 0]
+            self._snapshot = [parameters.copy(), None if state is None else state.copy(), 0,
+                              self.network.buffers.copy()]
         else:
             np.copyto(self._snapshot[0], parameters)
+            np.copyto(self._snapshot[3], self.network.buffers)
             if state is not None:
                 if self._snapshot[1] is None:
                     self._snapshot[1] = state.copy()
@@ -372,10 +374,12 @@ class Trainer:
         self._snapshot[2] = self.optimizer._config.step_count
 
     def _all_finite(self):
-        """Whether the parameters and the optimizer state are all finite."""
+        """Whether the parameters, buffers and the optimizer state are all finite."""
         state = self.optimizer._config.state
+        buffers = self.network.buffers
         return _core.first_nonfinite(self.network.parameters) < 0 and (
-            state is None or _core.first_nonfinite(state.reshape(-1)) < 0)
+            state is None or _core.first_nonfinite(state.reshape(-1)) < 0) and (
+            not buffers.shape[0] or _core.first_nonfinite(buffers) < 0)
 
     def _restore_after_divergence(self):
         """Keep the current parameters if finite (the diverging update was skipped), else
@@ -385,8 +389,9 @@ class Trainer:
             return "the network keeps the parameters from before that update"
         if self._snapshot is None:
             return "the parameters are no longer finite (they were not at the start either)"
-        parameters, state, step_count = self._snapshot
+        parameters, state, step_count, buffers = self._snapshot
         self.network.parameters = parameters
+        self.network.buffers = buffers
         if state is not None and config.state is not None:
             config.state[...] = state
         config.step_count = step_count

@@ -203,8 +203,8 @@ class EarlyStopping(_Monitor):
     mode : {"auto", "min", "max"}
         "auto" minimises names ending in "loss" and maximises the rest.
     restore_best : bool
-        At the end of training, set the network's parameters to those of the best
-        epoch (copied when it happened).
+        At the end of training, set the network's parameters (and buffers: running
+        statistics) to those of the best epoch (copied when it happened).
     restore_best_weights : bool, optional
         Keras' name for ``restore_best`` (give one or the other).
 
@@ -243,8 +243,10 @@ class EarlyStopping(_Monitor):
             if self.restore_best:
                 if self._best_parameters is None:
                     self._best_parameters = self.network.parameters.copy()
+                    self._best_buffers = self.network.buffers.copy()
                 else:
                     np.copyto(self._best_parameters, self.network.parameters)
+                    np.copyto(self._best_buffers, self.network.buffers)
             return
         self._wait += 1
         if self._wait >= self.patience:
@@ -254,6 +256,7 @@ class EarlyStopping(_Monitor):
     def on_train_end(self, logs):
         if self.restore_best and self._best_parameters is not None:
             self.network.parameters = self._best_parameters
+            self.network.buffers = self._best_buffers  # BatchNorm1d's running statistics
 
 
 class ReduceLROnPlateau(_Monitor):

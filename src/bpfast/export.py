@@ -1377,8 +1377,13 @@ def estimator_to_sklearn(estimator):
     fitted = cls(**{name: value for name, value in estimator.get_params(deep=False).items()
                     if name in theirs})
     network = estimator.network_
-    fitted.coefs_ = [layer.weight.T.copy() for layer in network.layers]
-    fitted.intercepts_ = [layer.bias.copy() for layer in network.layers]
+    if any(not isinstance(layer, (Dense, Dropout)) for layer in network.layers):
+        raise ValueError("this estimator's network has layers that scikit-learn's MLP does "
+                         "not have (batch_norm=True); it cannot be converted")
+    # Dropout is the identity in inference: scikit-learn's MLP predicts the same
+    dense = [layer for layer in network.layers if isinstance(layer, Dense)]
+    fitted.coefs_ = [layer.weight.T.copy() for layer in dense]
+    fitted.intercepts_ = [layer.bias.copy() for layer in dense]
     for name in _FITTED:
         if name in estimator.__dict__:
             setattr(fitted, name, estimator.__dict__[name])

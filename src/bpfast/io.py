@@ -6,16 +6,23 @@ The file is a NumPy ``.npz`` archive (uncompressed) with these members:
     A 1-D uint8 array: the UTF-8 bytes of a JSON object (fields below).
 ``parameters``
     The network's flat parameter array, 1-D, of the header's dtype.
+``buffers``
+    Only for a network with running statistics (BatchNorm1d): its flat buffer
+    array, 1-D, of the header's dtype.
 ``optimizer_state``
     Only when an optimizer that has stepped the network was saved with it: its
     state, one row per name in ``header["optimizer"]["state_names"]``, shape
     (n_states, n_parameters).
 
-The header's fields: ``format`` ("bpfast-model"), ``format_version`` (an int,
-currently 1), ``bpfast_version``, ``dtype`` ("float32" or "float64"),
-``n_parameters``, ``layers`` (a list of objects with ``in_features``,
+The header's fields: ``format`` ("bpfast-model"), ``format_version`` (an int: 1
+for networks of Dense layers only, 2 when other layer kinds are present),
+``bpfast_version``, ``dtype`` ("float32" or "float64"),
+``n_parameters``, ``layers`` (a list of objects: a Dense is ``in_features``,
 ``out_features``, ``activation``, ``bias`` and ``activation_param``, the
-leaky_relu slope or elu alpha), ``seed``, ``rng_state`` (the state of the
+leaky_relu slope or elu alpha; any other layer is its ``describe()``, with its
+``kind``), ``stream`` (version 2: ``[key, counter]`` of Dropout's random stream,
+so a loaded network draws the masks the saved one would have), ``seed``,
+``rng_state`` (the state of the
 network's random generator, so shuffling continues as it would have),
 ``epochs_trained`` (when the network counts them), ``optimizer`` (null, or an
 object with ``name``, ``hyperparameters`` in the constructor's names,
@@ -49,7 +56,7 @@ from typing import Any, Literal, NamedTuple, overload
 import numpy as np
 
 from . import __version__
-from .layers import ACTIVATIONS, Dense
+from .layers import ACTIVATIONS, Dense, from_description
 from .network import Network
 from .optimizers import _BY_CLASS_NAME as _OPTIMIZER_CLASSES
 from .optimizers import Optimizer
@@ -58,8 +65,9 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "save", "load", "read_header"]
 
 #: The ``format`` field of every bpfast model file.
 FORMAT_NAME = "bpfast-model"
-#: The newest format version this bpfast writes and reads.
-FORMAT_VERSION = 1
+#: The newest format version this bpfast writes and reads (1 is still written for
+#: networks of Dense layers only, so that older bpfast versions read them).
+FORMAT_VERSION = 2
 
 # A header past this size is not one bpfast wrote (metadata of a very wide
 # dataset stays far below it); refused before it is read.
@@ -115,13 +123,15 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a bpfast Optimizer, got {type(optimizer).__name__}")
     state = network._get_state(optimizer)  # one consistent snapshot, see Network._get_state
+    dense_only = all(spec["kind"] == "dense" for spec in state["layers"])
     header = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if dense_only else FORMAT_VERSION,
         "bpfast_version": __version__,
         "dtype": state["dtype"],
         "n_parameters": int(network.n_parameters),
-        "layers": [{field: spec[field] for field in _LAYER_FIELDS} for spec in state["layers"]],
+        "layers": [{field: spec[field] for field in _LAYER_FIELDS}
+                   if spec["kind"] == "dense" else spec for spec in state["layers"]],
         "seed": state["seed"],
         "rng_state": state["rng_state"],
         "optimizer": None,
@@ -129,7 +139,11 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
     }
     if state["epochs_trained"] is not None:
         header["epochs_trained"] = int(state["epochs_trained"])
+    if not dense_only:
+        header["stream"] = [int(value) for value in state["stream"]]
     arrays = {"parameters": state["parameters"]}
+    if state["buffers"].shape[0]:
+        arrays["buffers"] = state["buffers"]
     if state["optimizer"] is not None:
         header["optimizer"] = state["optimizer"]
         if state["optimizer_state"] is not None:
@@ -287,7 +301,8 @@ def load(path: PathType, *,
     try:
         network = Network._from_state({
             "layers": header["layers"], "dtype": header["dtype"], "seed": header["seed"],
-            "parameters": arrays["parameters"], "rng_state": header.get("rng_state"),
+            "parameters": arrays["parameters"], "buffers": arrays.get("buffers"),
+            "stream": header.get("stream"), "rng_state": header.get("rng_state"),
             "epochs_trained": header.get("epochs_trained")})
     except (TypeError, ValueError, OverflowError) as error:
         raise _FileError(path, f"invalid network description: {error}") from None
@@ -513,6 +528,12 @@ def _check_fields(path, header):
     if not isinstance(layers, list) or not layers:
         fail("layers must be a non-empty list")
     for index, spec in enumerate(layers):
+        if isinstance(spec, dict) and spec.get("kind", "dense") != "dense":
+            try:  # an unattached layer: its constructor checks every value
+                from_description(spec)
+            except (TypeError, ValueError, OverflowError) as error:
+                fail(f"layer {index}: {error}")
+            continue
         if not isinstance(spec, dict) or any(field not in spec for field in _LAYER_FIELDS):
             fail(f"layer {index} must have the fields {', '.join(_LAYER_FIELDS)}")
         for field in ("in_features", "out_features"):
@@ -535,6 +556,10 @@ def _check_fields(path, header):
         fail(f"epochs_trained must be an integer in [0, 2**63), got "
              f"{_short(header['epochs_trained'])}")
     _check_rng_state(fail, header.get("rng_state"))
+    stream = header.get("stream")
+    if stream is not None and not (isinstance(stream, list) and len(stream) == 2 and all(
+            _is_int(value) and 0 <= value < 2**64 for value in stream)):
+        fail(f"stream must be [key, counter], integers in [0, 2**64), got {_short(stream)}")
     if not isinstance(header.get("metadata", {}), dict):
         fail("metadata must be an object")
     header.setdefault("metadata", {})
@@ -620,12 +645,20 @@ def _check_rng_state(fail, state):
 
 def _expected_shapes(path, header):
     """The shape each array must have for the header's layers."""
-    n_parameters = sum(spec["out_features"] * (spec["in_features"] + spec["bias"])
-                       for spec in header["layers"])
+    n_parameters = n_buffers = 0
+    for spec in header["layers"]:
+        if spec.get("kind", "dense") == "dense":
+            n_parameters += spec["out_features"] * (spec["in_features"] + spec["bias"])
+        else:  # checked by _check_fields: the constructor accepts it
+            layer = from_description(spec)
+            n_parameters += layer.n_parameters
+            n_buffers += layer.n_buffers
     if header.get("n_parameters", n_parameters) != n_parameters:
         raise _FileError(path, f"header says {_short(header['n_parameters'])} parameters, but its "
                          f"layers have {n_parameters}")
     shapes = {"parameters": (n_parameters,)}
+    if n_buffers:
+        shapes["buffers"] = (n_buffers,)
     record = header["optimizer"]
     if record is not None and record["has_state"]:
         shapes["optimizer_state"] = (len(record["state_names"]), n_parameters)

@@ -513,14 +513,6 @@ def _dense_arguments(spec):
     return arguments
 
 
-class _Described:
-    """A description read as an Activation's attributes (for its ``arguments``)."""
-
-    def __init__(self, spec):
-        self.activation = spec["activation"]
-        self.activation_param = spec.get("activation_param", 0.0)
-
-
 def from_description(spec: dict[str, Any]) -> Layer:
     """The unattached layer that ``spec`` (from a layer's ``describe()``) describes.
 
@@ -536,6 +528,13 @@ def from_description(spec: dict[str, Any]) -> Layer:
         return Dense(arguments.pop("in_features"), arguments.pop("out_features"),
                      arguments.pop("activation"), **arguments)
     if kind == "activation":
-        return Activation(**Activation.arguments(_Described(spec)))
+        keywords = {key: value for key, value in spec.items()
+                    if key not in ("kind", "activation", "activation_param")}
+        if keywords:
+            raise TypeError(f"unexpected fields for an activation layer: {sorted(keywords)}")
+        name = spec["activation"]
+        param = spec.get("activation_param", 0.0)
+        return Activation(name, **({"negative_slope": param} if name == "leaky_relu" else
+                                   {"alpha": param} if name == "elu" else {}))
     arguments = {key: value for key, value in spec.items() if key != "kind"}
     return LAYER_CLASSES[kind](**arguments)

@@ -93,26 +93,32 @@ class Network:
 
     def __init__(self, layers: Sequence[Layer], *,
                  dtype: DTypeLike = "float32", seed: int | None = None) -> None:
-        layers = list(layers) if isinstance(layers, (list, tuple)) else None
-        if not layers or not all(isinstance(layer, Layer) for layer in layers):
+        layer_list = list(layers) if isinstance(layers, (list, tuple)) else None
+        if not layer_list or not all(isinstance(layer, Layer) for layer in layer_list):
             raise TypeError("layers must be a non-empty list of bpfast layers (Dense, "
                             "Dropout, BatchNorm1d, LayerNorm, Activation)")
         self.dtype = check_dtype(dtype)
         if seed is not None:
             seed = check_int("seed", seed, minimum=0)
+        layers = layer_list
         widths = _layer_widths(layers)  # checks everything before a layer changes
         self.layers = layers
         self.seed = seed
+        before = [(layer.in_features, layer.out_features) for layer in layers]
         for layer, (n_in, n_out) in zip(layers, widths):
             layer.in_features, layer.out_features = n_in, n_out
         n_parameters = sum(layer.n_parameters for layer in layers)
         n_buffers = sum(layer.n_buffers for layer in layers)
-        self._check_size(n_parameters)
+        try:
+            self._check_size(n_parameters)
+        except BaseException:
+            for layer, (n_in, n_out) in zip(layers, before):
+                layer.in_features, layer.out_features = n_in, n_out
+            raise
         self._rng = np.random.default_rng(seed)
-        # Dropout's counter-based stream: its key (the seed, or fresh entropy) and the
-        # number of training passes so far; the engine keeps both from here on
-        self._stream_key = seed if seed is not None else \
-            int(np.random.SeedSequence().entropy) % 2**63
+        # Dropout's counter-based stream: its key (from the seed, any size, or fresh
+        # entropy) and the number of training passes so far, both kept by the engine
+        stream_key = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
         self._parameters = np.zeros(n_parameters, dtype=self.dtype)
         self._gradients = np.zeros(n_parameters, dtype=self.dtype)
         self._buffers = np.zeros(n_buffers, dtype=self.dtype)
@@ -123,7 +129,7 @@ class Network:
                 buffer_offset if layer.n_buffers else -1)
             if isinstance(layer, Dense):
                 weight, bias = layer.initial_values(self._rng)
-                layer.weight[...] = weight
+                self._parameters[offset:offset + weight.size] = weight.ravel()
                 if layer.bias is not None:  # set above exactly when use_bias
                     layer.bias[...] = bias
             table.append(layer.engine_row(weight_offset, bias_offset,
@@ -133,7 +139,7 @@ class Network:
             layer._network = self
         self._engine = _core.ENGINES[self._parameters.dtype](
             table, self._parameters, self._gradients, self._buffers)
-        self._engine.stream = (self._stream_key, 0)
+        self._engine.stream = (stream_key, 0)
         self.epochs_trained = 0
         self.history = None
         self.stop_training = False
@@ -169,6 +175,8 @@ class Network:
         if values.shape != self._buffers.shape:
             raise ValueError(f"buffers must have shape {self._buffers.shape}, "
                              f"got {values.shape}")
+        if values.shape[0] == 0:
+            return
         values = as_float_array("buffers", values, self.dtype, 1, "index")
         self._engine.assign_buffers(values)  # checked there, under the lock
 
@@ -220,6 +228,17 @@ class Network:
                              rows)
         if rows > self._engine.capacity:
             self._check_workspace(rows)
+
+    def _check_batch_norm_batches(self, n_samples, batch_size):
+        """A BatchNorm1d cannot train on a batch of one row: refuse a fit that would."""
+        if n_samples == 0 or not any(isinstance(layer, BatchNorm1d) for layer in self.layers):
+            return
+        rows = n_samples if batch_size is None else min(batch_size, n_samples)
+        if rows == 1 or (batch_size is not None and n_samples % batch_size == 1):
+            raise ValueError(
+                f"with {n_samples} training samples and batch_size={batch_size} a batch has "
+                f"one row, which BatchNorm1d cannot train on (the variance of one value is "
+                f"0; PyTorch refuses it too); choose another batch_size")
 
     def _check_input(self, X, name="X", batch=True) -> NDArray[np.floating]:
         """X converted (as_float_array); with batch, also one batch of an engine step
@@ -563,6 +582,7 @@ class Network:
                 train_rows, validation_rows = split_validation(
                     data.n_samples, validation_split, classes, self._rng)
                 data, validation = data.take(train_rows), data.take(validation_rows)
+            self._check_batch_norm_batches(data.n_samples, batch_size)
             trainer = Trainer(self, data, validation, config, options=options,
                               metrics=metrics)
         except BaseException:
@@ -668,20 +688,25 @@ class Network:
         One consistent snapshot under the engine's lock: a step running in another
         thread is waited for, never half-read; RuntimeError while another thread's fit
         owns the network. Returns a dict: "layers" (a dict of constructor values per
-        layer), "dtype", "seed", "rng_state", "epochs_trained" and "optimizer"
-        (optimizer._get_state's record, or None), all JSON-able; "parameters" and
-        "optimizer_state" (None before the optimizer's first step), new arrays.
+        layer, ``describe()``), "dtype", "seed", "rng_state", "epochs_trained",
+        "stream" ([key, training passes so far] of Dropout's stream) and "optimizer"
+        (optimizer._get_state's record, or None), all JSON-able; "parameters",
+        "buffers" and "optimizer_state" (None before the optimizer's first step), new
+        arrays.
         """
         record = None if optimizer is None else optimizer._get_state(self)
-        parameters, state, step_count, (rng_state, epochs_trained) = self._engine.snapshot(
+        parameters, state, step_count, extra = self._engine.snapshot(
             None if optimizer is None else optimizer._config,
-            lambda: (self._rng_state(), getattr(self, "epochs_trained", None)))
+            lambda: (self._rng_state(), getattr(self, "epochs_trained", None),
+                     self._buffers.copy(), list(self._engine.stream)))
+        rng_state, epochs_trained, buffers, stream = extra
         if record is not None:  # the step count and state of the snapshot
             record = {**record, "step_count": int(step_count), "has_state": state is not None}
         layers = [layer.describe() for layer in self.layers]
         return {"layers": layers, "dtype": self.dtype.name, "seed": self.seed,
-                "rng_state": rng_state, "epochs_trained": epochs_trained,
-                "optimizer": record, "parameters": parameters, "optimizer_state": state}
+                "rng_state": rng_state, "epochs_trained": epochs_trained, "stream": stream,
+                "optimizer": record, "parameters": parameters, "buffers": buffers,
+                "optimizer_state": state}
 
     @classmethod
     def _from_state(cls, state):
@@ -690,6 +715,11 @@ class Network:
         layers = [from_description(spec) for spec in state["layers"]]
         network = cls(layers, dtype=state["dtype"], seed=state["seed"])
         network.parameters = state["parameters"]
+        if state.get("buffers") is not None and len(state["buffers"]):
+            network.buffers = state["buffers"]
+        if state.get("stream") is not None:
+            key, counter = state["stream"]
+            network._engine.stream = (key, counter)
         network._restore_rng(state.get("rng_state"))
         if state.get("epochs_trained") is not None:
             try:

@@ -269,7 +269,9 @@ cdef void batch_norm_columns(const LayerSpec* layer, const floating* params,
             ar[j] = xhat
 
 
-cdef inline bint batch_norm_uses_batch(const LayerSpec* layer, const PassMode* mode) noexcept nogil:
+cdef inline bint batch_norm_uses_batch(const LayerSpec* layer,
+                                       const PassMode* mode) noexcept nogil:
+    # the batch's statistics: in training, and always without running ones
     return mode.training or layer.buffer_offset < 0
 
 

@@ -28,7 +28,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from .._threads import threads
 from .._validation import check_bool, check_choice, check_int, check_real, check_sample_weight
-from ..layers import Dense
+from ..layers import Activation, BatchNorm1d, Dense, Dropout
 from ..network import DivergenceError, Network
 from ..optimizers import SGD, Adam
 
@@ -44,7 +44,7 @@ _NON_FINITE_MESSAGE = ("Solver produced non-finite parameter weights. The input 
                        "contain large values and need to be preprocessed.")
 # the per-epoch records of the stochastic solvers (lbfgs keeps none, as in scikit-learn)
 _EPOCH_RECORDS = ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_",
-                  "_no_improvement_count", "_best_parameters")
+                  "_no_improvement_count", "_best_parameters", "_best_buffers")
 
 # --------------------------------------------------------------------------- checks
 def _check_batch_size(name, value):
@@ -99,6 +99,8 @@ _SHARED_PARAMETER_CHECKS = {
     "max_fun": _AT_LEAST_ONE,
     "dtype": partial(check_choice, choices=_DTYPES),
     "n_threads": partial(check_int, minimum=1, allow_none=True),
+    "dropout": _PROBABILITY,
+    "batch_norm": check_bool,
 }
 
 
@@ -157,6 +159,11 @@ def _assign_layers(views, values, what):
               for index, (view, value) in enumerate(zip(views, values))]
     for view, array in zip(views, arrays):
         view[...] = array
+
+
+def _dense_layers(network):
+    """The network's Dense layers: scikit-learn's layers (coefs_, intercepts_)."""
+    return [layer for layer in network.layers if isinstance(layer, Dense)]
 
 
 def _checked_sample_weight(sample_weight, n_samples):
@@ -226,7 +233,7 @@ class _BaseMLP(BaseEstimator):
         so reading them copies nothing and editing them in place edits the model.
         """
         network = self._network_or_raise("coefs_")
-        return _LayerViews((layer.weight.T for layer in network.layers), "coefs_")
+        return _LayerViews((layer.weight.T for layer in _dense_layers(network)), "coefs_")
 
     @coefs_.setter
     def coefs_(self, values):
@@ -236,7 +243,7 @@ class _BaseMLP(BaseEstimator):
     def intercepts_(self):
         """list of ndarray (fan_out,): each layer's bias, views into ``network_``."""
         network = self._network_or_raise("intercepts_")
-        return _LayerViews((layer.bias for layer in network.layers), "intercepts_")
+        return _LayerViews((layer.bias for layer in _dense_layers(network)), "intercepts_")
 
     @intercepts_.setter
     def intercepts_(self, values):
@@ -274,6 +281,9 @@ class _BaseMLP(BaseEstimator):
         """
         for name, check in self._PARAMETER_CHECKS.items():
             check(name, getattr(self, name))
+        if self.dropout > 0 and self.solver == "lbfgs":
+            raise ValueError(f"dropout={self.dropout} needs a stochastic solver ('sgd' or "
+                             "'adam'): lbfgs needs the same objective at every evaluation")
         if self.early_stopping and self.validation_fraction == 0:
             raise ValueError("validation_fraction must be > 0 with early_stopping=True, "
                              f"got {self.validation_fraction}")
@@ -422,12 +432,8 @@ class _BaseMLP(BaseEstimator):
         key, position = random_state.get_state()[1:3]
         shuffle_seed = int(np.random.SeedSequence([*key.tolist(), position])
                            .generate_state(1)[0] >> 1)
-        activation = _HIDDEN_ACTIVATIONS[self.activation]
-        layers = [Dense(fan_in, fan_out, activation=activation)
-                  for fan_in, fan_out in pairwise(layer_sizes[:-1])]
-        layers.append(Dense(layer_sizes[-2], layer_sizes[-1]))  # identity: logits or values
-        network = Network(layers, dtype=self.dtype, seed=shuffle_seed)
-        for layer, (coef, intercept) in zip(network.layers, initial):
+        network = Network(self._layers(layer_sizes), dtype=self.dtype, seed=shuffle_seed)
+        for layer, (coef, intercept) in zip(_dense_layers(network), initial):
             layer.weight[...] = coef.T
             layer.bias[...] = intercept
         plan.attributes.update(network_=network, n_layers_=len(layer_sizes), n_iter_=0,
@@ -443,16 +449,18 @@ class _BaseMLP(BaseEstimator):
         if self.early_stopping:
             plan.attributes.update(validation_scores_=[], best_validation_score_=-np.inf,
                                    best_loss_=None,
-                                   _best_parameters=network.parameters.copy())
+                                   _best_parameters=network.parameters.copy(),
+                                   _best_buffers=network.buffers.copy())
         else:
             plan.attributes.update(best_loss_=np.inf, validation_scores_=None,
                                    best_validation_score_=None)
-            plan.removed.add("_best_parameters")
+            plan.removed.update(("_best_parameters", "_best_buffers"))
 
     def _check_compatible(self, layer_sizes):
         """warm_start and partial_fit continue the fitted network; it must fit the data."""
         network = self.network_
-        fitted_sizes = [network.n_inputs] + [layer.out_features for layer in network.layers]
+        fitted_sizes = [network.n_inputs] + [layer.out_features
+                                             for layer in _dense_layers(network)]
         if fitted_sizes != layer_sizes:
             raise ValueError(
                 f"the fitted network has layer sizes {fitted_sizes}, but these data and "
@@ -460,10 +468,10 @@ class _BaseMLP(BaseEstimator):
         if network.dtype.name != self.dtype:
             raise ValueError(f"the fitted network is {network.dtype.name}, but dtype="
                              f"{self.dtype!r}; refit with warm_start=False")
-        if network.layers[0].activation != _HIDDEN_ACTIVATIONS[self.activation] and \
-                len(network.layers) > 1:
-            raise ValueError("activation changed since the network was fitted; refit "
-                             "with warm_start=False")
+        wanted = [layer.describe() for layer in self._layers(layer_sizes)]
+        if [layer.describe() for layer in network.layers] != wanted:
+            raise ValueError("activation, dropout or batch_norm changed since the network "
+                             "was fitted; refit with warm_start=False")
 
     def _continue_records(self, plan):
         """The records a continued stochastic fit needs but the last fit did not keep.
@@ -478,6 +486,24 @@ class _BaseMLP(BaseEstimator):
         had_validation = self.__dict__.get("validation_scores_") is not None
         if "best_loss_" not in self.__dict__ or had_validation != bool(self.early_stopping):
             self._reset_stopping_records(plan, self.network_)
+
+    def _layers(self, layer_sizes):
+        """The network's layers for these widths: Dense layers with the hidden
+        activation; with batch_norm, Dense without activation, BatchNorm1d, Activation;
+        with dropout, a Dropout after each hidden layer; an identity output layer."""
+        activation = _HIDDEN_ACTIVATIONS[self.activation]
+        layers = []
+        for fan_in, fan_out in pairwise(layer_sizes[:-1]):
+            if self.batch_norm:
+                layers += [Dense(fan_in, fan_out), BatchNorm1d(fan_out)]
+                if activation != "identity":
+                    layers.append(Activation(activation))
+            else:
+                layers.append(Dense(fan_in, fan_out, activation=activation))
+            if self.dropout > 0:
+                layers.append(Dropout(self.dropout))
+        layers.append(Dense(layer_sizes[-2], layer_sizes[-1]))  # identity: logits or values
+        return layers
 
     # ------------------------------------------------------------- lbfgs
     def _fit_lbfgs(self, X, target, sample_weight, loss, scale):
@@ -598,6 +624,7 @@ class _BaseMLP(BaseEstimator):
             warnings.warn("Training interrupted by user.", stacklevel=5)
         if self.early_stopping:
             self.network_.parameters = self._best_parameters
+            self.network_.buffers = self._best_buffers
 
     def _set_learning_rate(self, learning_rate, scale):
         """Change the step size between epochs as scikit-learn's SGD does."""
@@ -686,6 +713,7 @@ class _BaseMLP(BaseEstimator):
             if score > self.best_validation_score_:
                 self.best_validation_score_ = score
                 np.copyto(self._best_parameters, self.network_.parameters)
+                np.copyto(self._best_buffers, self.network_.buffers)
         else:
             last_loss = self.loss_curve_[-1]
             if last_loss > self.best_loss_ - self.tol:
@@ -728,7 +756,9 @@ class _BaseMLP(BaseEstimator):
         state = dict(super().__getstate__())
         network = state.pop("network_", None)
         state.pop("_optimizer", None)
-        if network is not None:
+        if network is not None and len(_dense_layers(network)) != len(network.layers):
+            state["_network"] = network  # pickled by its own state protocol
+        elif network is not None:
             state["_network_state"] = {
                 "layers": [(layer.in_features, layer.out_features, layer.activation)
                            for layer in network.layers],
@@ -741,7 +771,11 @@ class _BaseMLP(BaseEstimator):
     def __setstate__(self, state):
         state = dict(state)
         network_state = state.pop("_network_state", None)
+        network = state.pop("_network", None)
         super().__setstate__(state)
+        if network is not None:
+            self._optimizer = None
+            self.network_ = network
         if network_state is not None:
             self._optimizer = None
             network = Network([Dense(fan_in, fan_out, activation=activation)

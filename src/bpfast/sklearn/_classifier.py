@@ -100,6 +100,17 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         bpfast's: weights per class, multiplied into ``sample_weight``; "balanced"
         uses ``n_samples / (n_classes * count(class))``. Not for multilabel targets;
         "balanced" is not for ``partial_fit``.
+    dropout : float in [0, 1), default=0.0
+        bpfast's: a :class:`bpfast.Dropout` of this rate after each hidden layer
+        (after its activation) while training ("sgd"/"adam" only); 0 adds none.
+        ``predict``, ``predict_proba``, ``score`` and the early-stopping score run in
+        inference mode (no dropout).
+    batch_norm : bool, default=False
+        bpfast's: a :class:`bpfast.BatchNorm1d` before each hidden activation
+        (``Dense`` without activation, ``BatchNorm1d``, then the activation). Batches
+        of one sample cannot train it (choose ``batch_size`` accordingly). Prediction
+        uses its running statistics. Such an estimator cannot be converted to
+        scikit-learn's MLP (``to_sklearn``).
 
     Attributes
     ----------
@@ -152,7 +163,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype="float64", n_threads=None, class_weight=None):
+                 dtype="float64", n_threads=None, class_weight=None, dropout=0.0,
+                 batch_norm=False):
         self._set_hyperparameters(locals())
 
     @available_if(_is_stochastic)

@@ -29,7 +29,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     hidden_layer_sizes, activation, solver, alpha, batch_size, learning_rate, \
 learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose, \
 warm_start, momentum, nesterovs_momentum, early_stopping, validation_fraction, \
-beta_1, beta_2, epsilon, n_iter_no_change, max_fun, dtype, n_threads
+beta_1, beta_2, epsilon, n_iter_no_change, max_fun, dtype, n_threads, dropout, \
+batch_norm
         As for :class:`MLPClassifier`; with ``early_stopping`` the validation score
         is R^2 and the split is not stratified.
 
@@ -60,7 +61,7 @@ n_outputs_, network_
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype="float64", n_threads=None):
+                 dtype="float64", n_threads=None, dropout=0.0, batch_norm=False):
         self._set_hyperparameters(locals())
 
     def _encode_targets(self, y, first_pass, incremental, classes):
