@@ -4,6 +4,7 @@ Oracles: ONNX Runtime running the exported graph, onnx's reference evaluator whe
 ONNX Runtime has no float64 kernel, PyTorch modules and optimizers, scikit-learn's
 own estimators.
 """
+import importlib.util
 import io
 import subprocess
 import sys
@@ -465,6 +466,27 @@ def test_estimator_to_onnx(case):
                                    rtol=1e-12, atol=1e-12)
 
 
+@needs_onnx
+@pytest.mark.parametrize("case", [case for case in sklearn_cases() if case[0] in (
+    "multiclass", "multilabel", "multi-output")], ids=lambda case: case[0])
+def test_estimator_with_batch_norm_and_dropout_to_onnx(case):
+    pytest.importorskip("sklearn")
+    import bpfast.sklearn as bpsk
+    name, kind, X, y = case
+    ours_class = bpsk.MLPClassifier if kind == "classifier" else bpsk.MLPRegressor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = ours_class(hidden_layer_sizes=(6, 5), batch_norm=True, dropout=0.2,
+                          max_iter=20, random_state=0).fit(X, y)
+    model = ours.to_onnx()
+    outputs = run_onnx(model, X)
+    if kind == "classifier":
+        assert np.array_equal(outputs[0], ours.predict(X))
+        assert_close(outputs[1], ours.predict_proba(X), "float64")
+    else:
+        assert_close(outputs[0], ours.predict(X), "float64")
+
+
 def test_from_sklearn_refuses_other_estimators():
     pytest.importorskip("sklearn")
     from sklearn.linear_model import LogisticRegression
@@ -635,6 +657,15 @@ def test_layer_kinds_that_onnx_cannot_hold_are_named():
     network = bp.Network([bp.Dense(3, 4), bp.LayerNorm(4)])
     with pytest.raises(ValueError, match="opset must be an integer from 17"):
         network.to_onnx(opset=13)
+
+    class MyDropout(bp.Dropout):
+        """A layer kind the exporter does not know (its behaviour could be anything)."""
+
+    network = bp.Network([bp.Dense(3, 4), MyDropout(0.5)])
+    has_torch = importlib.util.find_spec("torch") is not None
+    for convert in [network.to_onnx, network.state_dict] + [network.to_torch] * has_torch:
+        with pytest.raises(ValueError, match=r"layer 1 \(Dropout\(p=0.5\)\): MyDropout"):
+            convert()
 
 
 @needs_onnx
