@@ -4,6 +4,7 @@ Oracles: ONNX Runtime running the exported graph, onnx's reference evaluator whe
 ONNX Runtime has no float64 kernel, PyTorch modules and optimizers, scikit-learn's
 own estimators.
 """
+import importlib.util
 import io
 import subprocess
 import sys
@@ -233,9 +234,10 @@ def corrupt_cases():
     yield "tanh Gelu", graph_model([make("Gemm", ["x", "W"], ["z"]),
                                     make("Gelu", ["z"], ["y"], approximate="tanh")],
                                    {"W": W}, opset=20), "approximate='tanh'"
-    yield "two activations", graph_model([make("MatMul", ["x", "W"], ["z"]),
-                                          make("Relu", ["z"], ["r"]),
-                                          make("Tanh", ["r"], ["y"])], {"W": W}), "one activation"
+    yield "hidden softmax", graph_model([make("MatMul", ["x", "W"], ["z"]),
+                                         make("Softmax", ["z"], ["r"]),
+                                         make("MatMul", ["r", "W2"], ["y"])],
+                                        {"W": W, "W2": np.ones((2, 2))}), "softmax is only"
     yield "alpha", graph_model([make("Gemm", ["x", "W"], ["y"], alpha=2.0)], {"W": W}), "alpha=1"
     yield "branch", graph_model([make("MatMul", ["x", "W"], ["z"]), make("Relu", ["z"], ["r"]),
                                  make("Add", ["z", "r"], ["y"])], {"W": W}), "feeds 2 nodes"
@@ -342,14 +344,19 @@ def test_from_torch_refuses_what_bpfast_cannot_represent():
     torch = pytest.importorskip("torch")
     nn = torch.nn
     cases = [
-        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "BatchNorm1d"),
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm2d(4)), "BatchNorm2d"),
+        (nn.Sequential(nn.Linear(3, 4), nn.AlphaDropout(0.1)), "AlphaDropout"),
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, bias=False)), "without bias"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm((2, 2))), "normalized_shape"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Dropout(1.0)), r"module 1 \(Dropout\).*p"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(5)), "takes 5 inputs"),
         (nn.Sequential(nn.Linear(3, 4), nn.Softplus(beta=2)), "beta=1, threshold=20"),
         (nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh")), "approximate"),
-        (nn.Sequential(nn.ReLU(), nn.Linear(3, 4)), "must follow a Linear"),
-        (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Tanh()), "must follow a Linear"),
         (nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=0)), "dim=0"),
         (nn.Sequential(nn.Linear(3, 4).double(), nn.Linear(4, 2)), "one dtype"),
         (nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=-1), nn.Linear(4, 2)), "softmax"),
+        (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Softmax(dim=-1), nn.Linear(4, 2)),
+         "softmax"),
         (nn.Sequential(), "no Linear"),
     ]
     for module, message in cases:
@@ -459,6 +466,27 @@ def test_estimator_to_onnx(case):
                                    rtol=1e-12, atol=1e-12)
 
 
+@needs_onnx
+@pytest.mark.parametrize("case", [case for case in sklearn_cases() if case[0] in (
+    "multiclass", "multilabel", "multi-output")], ids=lambda case: case[0])
+def test_estimator_with_batch_norm_and_dropout_to_onnx(case):
+    pytest.importorskip("sklearn")
+    import bpfast.sklearn as bpsk
+    name, kind, X, y = case
+    ours_class = bpsk.MLPClassifier if kind == "classifier" else bpsk.MLPRegressor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = ours_class(hidden_layer_sizes=(6, 5), batch_norm=True, dropout=0.2,
+                          max_iter=20, random_state=0).fit(X, y)
+    model = ours.to_onnx()
+    outputs = run_onnx(model, X)
+    if kind == "classifier":
+        assert np.array_equal(outputs[0], ours.predict(X))
+        assert_close(outputs[1], ours.predict_proba(X), "float64")
+    else:
+        assert_close(outputs[0], ours.predict(X), "float64")
+
+
 def test_from_sklearn_refuses_other_estimators():
     pytest.importorskip("sklearn")
     from sklearn.linear_model import LogisticRegression
@@ -524,3 +552,267 @@ def test_cli_export_of_a_trained_model_predicts_as_bpfast_predict(task, tmp_path
         np.testing.assert_allclose(outputs[1].sum(axis=1), 1.0, rtol=1e-12)
     else:
         np.testing.assert_allclose(outputs[0].ravel(), predicted, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- other layer kinds
+# (kind, constructor): each goes between Dense(5, 8, "tanh") and Dense(8, 3)
+LAYER_CASES = {
+    "dropout": lambda: bp.Dropout(0.3),
+    "batch_norm1d": lambda: bp.BatchNorm1d(8),
+    "batch_norm1d_plain": lambda: bp.BatchNorm1d(8, affine=False, eps=1e-3),
+    "layer_norm": lambda: bp.LayerNorm(8),
+    "layer_norm_no_bias": lambda: bp.LayerNorm(8, bias=False),
+    "layer_norm_plain": lambda: bp.LayerNorm(8, elementwise_affine=False),
+    "activation": lambda: bp.Activation("leaky_relu", negative_slope=0.2),
+}
+
+
+def make_layer_network(case, dtype, seed=0):
+    network = bp.Network([bp.Dense(5, 8, "tanh"), LAYER_CASES[case](), bp.Dense(8, 3)],
+                         dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed)
+    layer = network.layers[1]
+    for name in ("weight", "bias", "running_mean"):  # away from the initial 1s and 0s
+        if getattr(layer, name, None) is not None:
+            getattr(layer, name)[...] = rng.normal(size=getattr(layer, name).shape)
+    if getattr(layer, "running_var", None) is not None:
+        layer.running_var[...] = rng.uniform(0.05, 3.0, size=layer.running_var.shape)
+        layer.num_batches_tracked[...] = 17
+    return network
+
+
+def expected_after_onnx(network):
+    """What from_onnx(to_onnx(network)) gives: no Dropout (the graph is the inference
+    model); float32 normalisation operators carry a Scale (and BatchNormalization a B)
+    always, so those come back affine."""
+    layers = []
+    for layer in network.layers:
+        if isinstance(layer, bp.Dropout):
+            continue
+        if network.dtype == np.float32 and isinstance(layer, bp.BatchNorm1d):
+            layer = bp.BatchNorm1d(layer.num_features, eps=layer.eps)
+        elif network.dtype == np.float32 and isinstance(layer, bp.LayerNorm):
+            layer = bp.LayerNorm(layer.out_features, eps=layer.eps,
+                                 bias=layer.use_bias and layer.elementwise_affine)
+        else:
+            layer = type(layer)(**layer.arguments())
+        layers.append(layer)
+    return repr(bp.Network(layers, dtype=network.dtype))
+
+
+@needs_onnx
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_layer_kinds_through_onnx_runtime(case, dtype):
+    network = make_layer_network(case, dtype)
+    model = network.to_onnx()
+    onnx.checker.check_model(model, full_check=True)
+    ops = [node.op_type for node in model.graph.node]
+    # LayerNormalization (opset 17) only where it is used: float32 LayerNorm
+    uses_layer_norm = case.startswith("layer_norm") and dtype == "float32"
+    assert model.opset_import[0].version == (17 if uses_layer_norm else 13)
+    assert ("LayerNormalization" in ops) == uses_layer_norm
+    assert ("BatchNormalization" in ops) == (case.startswith("batch") and dtype == "float32")
+    assert "Dropout" not in ops
+    for n_rows in (1, 7, 1000):
+        X = inputs(n_rows, network.n_inputs, dtype, seed=n_rows)
+        (output,) = run_onnx(model, X)
+        assert output.dtype == np.dtype(dtype) and output.shape == (n_rows, 3)
+        assert_close(output, network.predict(X), dtype)
+    again = bp.Network.from_onnx(model)
+    assert repr(again) == expected_after_onnx(network)
+    X = inputs(50, network.n_inputs, dtype)
+    assert np.array_equal(again.predict(X), network.predict(X))
+
+
+@needs_onnx
+def test_layer_norm_float64_at_opset_18_and_every_kind_in_one_graph():
+    # ReduceMean takes its axes as an input from opset 18
+    network = bp.Network([bp.Dropout(0.1), bp.Dense(5, 8), bp.BatchNorm1d(8),
+                          bp.Activation("relu"), bp.LayerNorm(8), bp.Dense(8, 6, "elu", alpha=0.5),
+                          bp.LayerNorm(6, bias=False), bp.Dropout(0.2), bp.Dense(6, 3)],
+                         dtype="float64", seed=2)
+    for opset in (13, 18):
+        model = network.to_onnx(opset=opset)
+        X = inputs(20, 5, "float64")
+        assert_close(run_onnx(model, X)[0], network.predict(X), "float64")
+        again = bp.Network.from_onnx(model)
+        assert [type(layer).__name__ for layer in again.layers] == [
+            "Dense", "BatchNorm1d", "Activation", "LayerNorm", "Dense", "LayerNorm", "Dense"]
+        assert np.array_equal(again.predict(X), network.predict(X))
+
+
+@needs_onnx
+def test_layer_kinds_that_onnx_cannot_hold_are_named():
+    network = bp.Network([bp.Dense(3, 4), bp.BatchNorm1d(4, track_running_stats=False)])
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d.*track_running_stats=False"):
+        network.to_onnx()
+    # float32 operators take eps as a float32 attribute: refused unless it reads back
+    network = bp.Network([bp.Dense(3, 4), bp.LayerNorm(4, eps=1.2345678912e-5)])
+    with pytest.raises(ValueError, match=r"1 \(LayerNorm.*eps=1.2345678912e-05"):
+        network.to_onnx()
+    network = bp.Network([bp.Dense(3, 4), bp.LayerNorm(4, eps=1.2345678912e-5)],
+                         dtype="float64")  # float64: a float64 constant, exact
+    assert bp.Network.from_onnx(network.to_onnx()).layers[1].eps == 1.2345678912e-5
+    network = bp.Network([bp.Dense(3, 4), bp.LayerNorm(4)])
+    with pytest.raises(ValueError, match="opset must be an integer from 17"):
+        network.to_onnx(opset=13)
+
+    class MyDropout(bp.Dropout):
+        """A layer kind the exporter does not know (its behaviour could be anything)."""
+
+    network = bp.Network([bp.Dense(3, 4), MyDropout(0.5)])
+    has_torch = importlib.util.find_spec("torch") is not None
+    for convert in [network.to_onnx, network.state_dict] + [network.to_torch] * has_torch:
+        with pytest.raises(ValueError, match=r"layer 1 \(Dropout\(p=0.5\)\): MyDropout"):
+            convert()
+
+
+@needs_onnx
+def test_onnx_normalization_and_dropout_nodes_from_elsewhere():
+    make = onnx.helper.make_node
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(4, 3)).astype(np.float32)
+    stats = {name: rng.uniform(0.5, 2, size=4).astype(np.float32)
+             for name in ("s", "b", "m", "v")}
+    element = onnx.TensorProto.FLOAT
+    model = graph_model([make("Gemm", ["x", "W"], ["g"], transB=1),
+                         make("Dropout", ["g", "ratio"], ["d"]),
+                         make("BatchNormalization", ["d", "s", "b", "m", "v"], ["n"],
+                              epsilon=1e-3, momentum=0.8),
+                         make("LayerNormalization", ["n", "s"], ["y"], epsilon=1e-4)],
+                        {"W": W, "ratio": np.array(0.25, np.float32), **stats},
+                        n_out=4, opset=17, element=element)
+    network = bp.Network.from_onnx(model)
+    assert repr(network.layers[1:]) == repr([bp.Dropout(0.25), bp.BatchNorm1d(4, eps=1e-3,
+                                             momentum=0.2), bp.LayerNorm(4, eps=1e-4,
+                                                                         bias=False)])
+    X = inputs(9, 3, "float32")
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    assert_close(network.predict(X), session.run(None, {"x": X})[0], "float32")
+    training = graph_model([make("Gemm", ["x", "W"], ["g"], transB=1),
+                            make("Dropout", ["g", "ratio", "on"], ["y"])],
+                           {"W": W, "ratio": np.array(0.25, np.float32),
+                            "on": np.array(True)}, n_out=4, opset=17, element=element)
+    with pytest.raises(ValueError, match="training_mode is on"):
+        bp.Network.from_onnx(training)
+    axis = graph_model([make("Gemm", ["x", "W"], ["g"], transB=1),
+                        make("LayerNormalization", ["g", "s"], ["y"], axis=0)],
+                       {"W": W, "s": stats["s"]}, n_out=4, opset=17, element=element)
+    with pytest.raises(ValueError, match="axis 0"):
+        bp.Network.from_onnx(axis)
+
+
+def test_activations_that_no_linear_takes_become_activation_layers():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    module = nn.Sequential(nn.ReLU(), nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ELU(0.5),
+                           nn.Linear(4, 2), nn.Tanh(), nn.Sigmoid()).double().eval()
+    network = bp.Network.from_torch(module)
+    assert repr(network.layers) == repr([
+        bp.Activation("relu"), bp.Dense(3, 4), bp.BatchNorm1d(4), bp.Activation("elu", alpha=0.5),
+        bp.Dense(4, 2, "tanh"), bp.Activation("sigmoid")])
+    X = inputs(6, 3, "float64")
+    with torch.no_grad():
+        np.testing.assert_allclose(network.predict(X), module(torch.from_numpy(X)).numpy(),
+                                   rtol=1e-12)
+    assert list(network.state_dict()) == list(module.state_dict())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_layer_kinds_to_torch_and_back(case, dtype):
+    torch = pytest.importorskip("torch")
+    network = make_layer_network(case, dtype)
+    module = network.to_torch().eval()
+    assert list(module.state_dict()) == list(network.state_dict())
+    X = inputs(7, network.n_inputs, dtype)
+    with torch.no_grad():
+        output = module(torch.from_numpy(X)).numpy()
+    tolerance = 1e-6 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(network.predict(X), output, rtol=tolerance,
+                               atol=tolerance * np.abs(output).max())
+    back = bp.Network.from_torch(module)
+    assert repr(back) == repr(network)
+    assert np.array_equal(back.parameters, network.parameters)
+    assert np.array_equal(back.buffers, network.buffers)
+    other = make_layer_network(case, dtype, seed=5)
+    other.load_state_dict(module.state_dict())  # torch tensors, num_batches_tracked int64
+    assert np.array_equal(other.parameters, network.parameters)
+    assert np.array_equal(other.buffers, network.buffers)
+
+
+def test_batch_norm_state_dict_checks_and_changes_nothing():
+    network = make_layer_network("batch_norm1d", "float64")
+    sd = network.state_dict()
+    assert list(sd) == ["0.weight", "0.bias", "2.weight", "2.bias", "2.running_mean",
+                        "2.running_var", "2.num_batches_tracked", "3.weight", "3.bias"]
+    assert sd["2.num_batches_tracked"].dtype == np.int64 and sd["2.num_batches_tracked"] == 17
+    before = network.parameters.copy(), network.buffers.copy()
+    for key, value, error in [("2.running_var", np.ones(7), ValueError),
+                              ("2.num_batches_tracked", np.array(-1), TypeError),
+                              ("2.num_batches_tracked", np.array(2.5), TypeError),
+                              ("2.num_batches_tracked", np.array([3]), TypeError)]:
+        # the other entries are valid new values: none may be applied
+        values = {name: array + 1 for name, array in sd.items()}
+        values[key] = value
+        with pytest.raises(error, match=key.replace(".", r"\.")):
+            network.load_state_dict(values)
+        assert np.array_equal(network.parameters, before[0])
+        assert np.array_equal(network.buffers, before[1])
+
+
+def test_torch_round_trip_with_normalization_then_same_training_trajectory():
+    torch = pytest.importorskip("torch")
+    network = bp.Network([bp.Dense(5, 16, "tanh"), bp.BatchNorm1d(16), bp.Dense(16, 8, "relu"),
+                          bp.LayerNorm(8), bp.Dense(8, 3)], dtype="float64", seed=1)
+    module = network.to_torch()
+    ours = bp.Network.from_torch(bp.Network.from_torch(module).to_torch())
+    bp_optimizer = bp.SGD(lr=0.05, momentum=0.9)
+    torch_optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(32, 5)), rng.integers(0, 3, 32)
+    loss_function = torch.nn.CrossEntropyLoss()
+    module.train()
+    for step in range(20):
+        rows = slice(8 * (step % 4), 8 * (step % 4) + 8)
+        ours.train_step(X[rows], y[rows], bp.CrossEntropy(), bp_optimizer)
+        torch_optimizer.zero_grad()
+        loss_function(module(torch.from_numpy(X[rows])), torch.from_numpy(y[rows])).backward()
+        torch_optimizer.step()
+    trained = {key: value.detach().numpy() for key, value in module.state_dict().items()}
+    assert trained["2.num_batches_tracked"] == 20
+    for key, value in ours.state_dict().items():
+        np.testing.assert_allclose(value, trained[key], rtol=1e-10, atol=1e-12, err_msg=key)
+    module.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(ours.predict(X), module(torch.from_numpy(X)).numpy(),
+                                   rtol=1e-10, atol=1e-12)
+
+
+@needs_onnx
+def test_torch_onnx_export_with_normalization_and_dropout_loads():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    nn = torch.nn
+    module = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.Dropout(0.2),
+                           nn.Linear(6, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, 3))
+    with torch.no_grad():  # running statistics away from 0 and 1
+        module[2].running_mean.uniform_(-1, 1)
+        module[2].running_var.uniform_(0.5, 2)
+    module.eval()
+    X = torch.randn(9, 4)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, (X,), buffer, dynamo=False, opset_version=17,
+                              input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "batch"}})
+        except Exception as error:  # exporter needing packages not installed here
+            pytest.skip(f"torch.onnx.export does not work here: {error}")
+    network = bp.Network.from_onnx(onnx.load_from_string(buffer.getvalue()))
+    with torch.no_grad():
+        expected = module(X).numpy()
+    np.testing.assert_allclose(network.predict(X.numpy()), expected, rtol=1e-5, atol=1e-6)

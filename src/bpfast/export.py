@@ -24,19 +24,49 @@ kind, and only there:
   list and ``state_dict`` enumerates it, so both agree on the indices.
 
 The way back is op-driven: ``_ONNX_ACTIVATIONS`` / ``_TORCH_ACTIVATIONS`` map an
-ONNX operator / a torch module class to a bpfast activation, and
-``_ONNX_LINEAR`` / ``"Linear"`` start a new Dense. A future Dropout, BatchNorm1d
-or LayerNorm adds one ``LayerKind`` to ``LAYER_KINDS`` (BatchNormalization,
-LayerNormalization at opset 17 raising its ``opset``) and one entry to each way
-back; nothing else changes.
+ONNX operator / a torch module class to a bpfast activation (applied by the Dense
+before it when that one has none yet, else an :class:`~bpfast.Activation` layer),
+Gemm / MatMul(+Add) / ``Linear`` start a new Dense, ``_ONNX_LAYERS`` maps
+Dropout, BatchNormalization and LayerNormalization nodes to layers, and
+``network_from_torch`` reads Dropout, BatchNorm1d and LayerNorm modules.
+
+Dropout, BatchNorm1d, LayerNorm, Activation
+-------------------------------------------
+* ``Dropout`` is the identity at inference: the graph has no node for it (as
+  ``torch.onnx.export`` writes an ``eval()`` module), so ``from_onnx(to_onnx(net))``
+  has no Dropout layers and predicts exactly the same. An ONNX ``Dropout`` node
+  (training_mode off) reads back as ``Dropout(ratio)``; torch's ``nn.Dropout(p)``
+  both ways.
+* ``BatchNorm1d`` is *not* folded into the Gemm before it (folding would round the
+  weights and lose the layer: no exact round trip). float32: a
+  ``BatchNormalization`` node with the running statistics (``epsilon`` the layer's
+  eps, ``momentum`` ONNX's ``1 - momentum``); a non-affine layer writes a Scale of
+  ones and a B of zeros, so it reads back affine (the same outputs). float64:
+  ``(x - running_mean) * Reciprocal(Sqrt(running_var + eps)) [* weight] [+ bias]``
+  with float64 constants (the operator's ``epsilon`` is a float32 attribute), which
+  is bpfast's order of operations. ``track_running_stats=False`` (batch statistics at
+  inference) is a ValueError naming the layer.
+* ``LayerNorm`` float32: ``LayerNormalization`` (opset 17, so such a network's
+  default opset is 17; the others keep 13); without elementwise_affine the Scale is
+  ones (reads back affine). float64: ReduceMean, Sub, Mul, ReduceMean, then as
+  BatchNorm1d's float64 form (bpfast's two passes; opset 13).
+* float32 operators take eps as a float32 attribute, read back as its shortest
+  decimal: an eps that would not read back the same (``1.2345678912e-5``) is a
+  ValueError naming the layer; float64 graphs keep any eps exactly.
+* ``Activation`` is its activation's nodes (or torch module; ``nn.Identity`` for
+  the identity).
 
 State-dict indices
 ------------------
 ``state_dict`` uses the keys of the ``torch.nn.Sequential`` that ``to_torch``
 builds: each Dense is a ``Linear`` at the next index, followed, unless its
-activation is the identity, by the activation module at the index after it. So
-``[Dense(4, 8, "relu"), Dense(8, 3)]`` is ``Sequential(Linear, ReLU, Linear)``
-with keys ``"0.weight", "0.bias", "2.weight", "2.bias"``.
+activation is the identity, by the activation module at the index after it; every
+other layer is one module. So ``[Dense(4, 8, "relu"), BatchNorm1d(8), Dense(8, 3)]``
+is ``Sequential(Linear, ReLU, BatchNorm1d, Linear)`` with keys ``"0.weight",
+"0.bias", "2.weight", "2.bias", "2.running_mean", "2.running_var",
+"2.num_batches_tracked", "3.weight", "3.bias"`` (``num_batches_tracked`` an int64
+of shape (), as in PyTorch; ``load_state_dict`` takes it as any integer-valued
+count).
 
 Exactness
 ---------
@@ -70,7 +100,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .layers import Dense, Dropout
+from .layers import Activation, BatchNorm1d, Dense, Dropout, LayerNorm
 
 __all__ = ["LAYER_KINDS", "MIN_OPSET", "LayerKind", "network_to_onnx", "network_from_onnx",
            "state_dict", "load_state_dict", "network_to_torch", "network_from_torch",
@@ -82,6 +112,8 @@ __all__ = ["LAYER_KINDS", "MIN_OPSET", "LayerKind", "network_to_onnx", "network_
 MIN_OPSET = 13
 #: Opset of the ``Gelu`` operator; below it GELU is written with ``Erf``.
 GELU_OPSET = 20
+#: Opset of the ``LayerNormalization`` operator (float32 LayerNorm needs it).
+LAYER_NORM_OPSET = 17
 #: PyTorch's (and bpfast's) softplus threshold, beta = 1: above it softplus(z) = z.
 SOFTPLUS_THRESHOLD = 20.0
 _SQRT1_2 = math.sqrt(0.5)
@@ -225,8 +257,140 @@ def _dense_torch_modules(layer):
     return modules
 
 
+def _dropout_onnx(layer, graph, x, name):
+    return x  # the identity at inference: no node (as torch.onnx.export in eval mode)
+
+
+def _float32_eps(layer, graph, name):
+    """eps as the float32 attribute of the ONNX operator; refused when reading it back
+    would not give the same eps (bpfast adds eps in double, even in float32)."""
+    if _shortest_float32(layer.eps) != layer.eps:
+        raise ValueError(f"{name} ({layer!r}): eps={layer.eps!r} is not kept by the ONNX "
+                         "operator's float32 attribute (it would read back as "
+                         f"{_shortest_float32(layer.eps)!r}); use an eps such as 1e-5")
+    return float(layer.eps)
+
+
+def _normalize_onnx(layer, graph, deviation, invstd, name):
+    """float64: (x - mean) * invstd [* weight] [+ bias], bpfast's order of operations."""
+    y = graph.node("Mul", [deviation, invstd])
+    if layer.weight is not None:
+        y = graph.node("Mul", [y, graph.constant(f"{name}.weight", layer.weight)])
+    if layer.bias is not None:
+        y = graph.node("Add", [y, graph.constant(f"{name}.bias", layer.bias)])
+    return y
+
+
+def _invstd_onnx(layer, graph, variance, name):
+    """1 / sqrt(variance + eps), eps a float64 constant (bpfast adds it in double)."""
+    return graph.node("Reciprocal", [graph.node("Sqrt", [graph.node("Add", [
+        variance, graph.scalar(f"{name}.eps", layer.eps)])])])
+
+
+def _batch_norm_onnx(layer, graph, x, name):
+    if layer.running_mean is None:
+        raise ValueError(f"{name} ({layer!r}): BatchNorm1d(track_running_stats=False) uses "
+                         "each batch's statistics at inference too; ONNX's "
+                         "BatchNormalization takes fixed (running) statistics")
+    if graph.dtype == np.float32:
+        width = layer.num_features
+        scale = layer.weight if layer.weight is not None else np.ones(width, graph.dtype)
+        shift = layer.bias if layer.bias is not None else np.zeros(width, graph.dtype)
+        # ONNX's momentum weighs the running value (PyTorch's the batch's); it only
+        # matters to training, kept so that the graph says what the layer was
+        extra = {} if layer.momentum is None else {"momentum": 1.0 - layer.momentum}
+        return graph.node("BatchNormalization", [
+            x, graph.constant(f"{name}.weight", scale), graph.constant(f"{name}.bias", shift),
+            graph.constant(f"{name}.running_mean", layer.running_mean),
+            graph.constant(f"{name}.running_var", layer.running_var)],
+            epsilon=_float32_eps(layer, graph, name), **extra)
+    # float64: elementary operators with float64 constants (an attribute would round eps
+    # to float32), as bpfast computes it: (x - mean) * (1 / sqrt(var + eps))
+    invstd = _invstd_onnx(layer, graph, graph.constant(f"{name}.running_var",
+                                                       layer.running_var), name)
+    deviation = graph.node("Sub", [x, graph.constant(f"{name}.running_mean",
+                                                     layer.running_mean)])
+    return _normalize_onnx(layer, graph, deviation, invstd, name)
+
+
+def _layer_norm_opset(layer):
+    network = layer._network
+    float64 = network is not None and network.dtype == np.float64
+    return MIN_OPSET if float64 else LAYER_NORM_OPSET
+
+
+def _reduce_mean(graph, x):
+    """The mean of each row, kept as a column."""
+    if graph.opset >= 18:  # axes became an input
+        if "reduce_axes" not in {init.name for init in graph.initializers}:
+            graph.constant("reduce_axes", np.array([-1], dtype=np.int64))
+        return graph.node("ReduceMean", [x, "reduce_axes"], keepdims=1)
+    return graph.node("ReduceMean", [x], axes=[-1], keepdims=1)
+
+
+def _layer_norm_onnx(layer, graph, x, name):
+    if graph.dtype == np.float32:
+        width = layer.out_features
+        scale = layer.weight if layer.weight is not None else np.ones(width, graph.dtype)
+        inputs = [x, graph.constant(f"{name}.weight", scale)]
+        if layer.bias is not None:
+            inputs.append(graph.constant(f"{name}.bias", layer.bias))
+        return graph.node("LayerNormalization", inputs, axis=-1,
+                          epsilon=_float32_eps(layer, graph, name))
+    # float64: elementary operators (LayerNormalization's eps is a float32 attribute),
+    # the row's mean, then the mean of the squared deviations (bpfast's two passes)
+    deviation = graph.node("Sub", [x, _reduce_mean(graph, x)])
+    variance = _reduce_mean(graph, graph.node("Mul", [deviation, deviation]))
+    return _normalize_onnx(layer, graph, deviation, _invstd_onnx(layer, graph, variance, name),
+                           name)
+
+
+def _dropout_torch_modules(layer):
+    return [("Dropout", {"p": layer.p}, {})]
+
+
+def _batch_norm_torch_modules(layer):
+    tensors = {}
+    if layer.affine:
+        tensors.update(weight=layer.weight, bias=layer.bias)
+    if layer.track_running_stats:
+        tensors.update(running_mean=layer.running_mean, running_var=layer.running_var,
+                       num_batches_tracked=layer.num_batches_tracked)
+    return [("BatchNorm1d", {"num_features": layer.num_features, "eps": layer.eps,
+                             "momentum": layer.momentum, "affine": layer.affine,
+                             "track_running_stats": layer.track_running_stats}, tensors)]
+
+
+def _layer_norm_torch_modules(layer):
+    tensors = {name: getattr(layer, name) for name in ("weight", "bias")
+               if getattr(layer, name) is not None}
+    return [("LayerNorm", {"normalized_shape": layer.out_features, "eps": layer.eps,
+                           "elementwise_affine": layer.elementwise_affine,
+                           "bias": layer.use_bias}, tensors)]
+
+
+def _min_opset(layer):
+    return MIN_OPSET
+
+
+def _activation_torch_modules(layer):
+    if layer.activation == "identity":
+        return [("Identity", {}, {})]
+    class_name, arguments = _TORCH_MODULES[layer.activation]
+    return [(class_name, arguments(layer), {})]
+
+
 #: layer class -> its conversions; a new layer kind is one more entry
-LAYER_KINDS = {Dense: LayerKind("dense", _dense_opset, _dense_onnx, _dense_torch_modules)}
+LAYER_KINDS = {
+    Dense: LayerKind("dense", _dense_opset, _dense_onnx, _dense_torch_modules),
+    Dropout: LayerKind("dropout", _min_opset, _dropout_onnx, _dropout_torch_modules),
+    BatchNorm1d: LayerKind("batch_norm1d", _min_opset, _batch_norm_onnx,
+                           _batch_norm_torch_modules),
+    LayerNorm: LayerKind("layer_norm", _layer_norm_opset, _layer_norm_onnx,
+                         _layer_norm_torch_modules),
+    Activation: LayerKind("activation", _min_opset, _activation_onnx,
+                          _activation_torch_modules),
+}
 
 
 def _kind(layer, index):
@@ -332,6 +496,33 @@ def _describe(node):
     return f"node {node.name or '(unnamed)'!r} ({node.op_type})"
 
 
+@dataclass
+class _LayerSpec:
+    """A layer other than Dense read from a graph or a module: make(width) builds it
+    (width: its input's, known once the layers around it are), tensors fill it."""
+
+    make: Any
+    tensors: dict
+    where: str = ""
+
+
+def _is_dense(spec):
+    """Whether a read layer is a Dense: (weight, bias, activation, parameter)."""
+    return isinstance(spec, tuple)
+
+
+def _add_activation(specs, activation, parameter, where):
+    """An activation read: the Dense before it applies it, when it has none yet;
+    otherwise (after a normalisation layer, a Dropout, another activation, or first)
+    it is an Activation layer."""
+    if specs and _is_dense(specs[-1]) and specs[-1][2] is None:
+        specs[-1] = (*specs[-1][:2], activation, parameter)
+        return
+    keyword = {"leaky_relu": "negative_slope", "elu": "alpha"}.get(activation)
+    arguments = {} if keyword is None else {keyword: float(parameter)}
+    specs.append(_LayerSpec(lambda width: Activation(activation, **arguments), {}, where))
+
+
 class _OnnxReader:
     """Walks an MLP-shaped ONNX graph from its input to one output, into Dense layers."""
 
@@ -344,6 +535,7 @@ class _OnnxReader:
             raise ValueError("the model imports no standard ONNX opset")
         self.constants = {init.name: onnx.numpy_helper.to_array(init)
                           for init in graph.initializer}
+        self.expressions = {}  # constant name -> (op, inputs, attributes) that made it
         inputs = [value for value in graph.input if value.name not in self.constants]
         if len(inputs) != 1:
             raise ValueError(f"an MLP graph has one input, this one has "
@@ -396,7 +588,12 @@ class _OnnxReader:
         if not node.input or not all(name in self.constants for name in node.input):
             return False
         values = [self.constants[name] for name in node.input]
-        if node.op_type == "Identity":
+        if node.op_type in _CONSTANT_FUNCTIONS:
+            # evaluated in the constants' dtype (IEEE operations, as a runtime does), and
+            # remembered: templates match these constant expressions (1 / sqrt(var + eps))
+            result = _CONSTANT_FUNCTIONS[node.op_type](*values)
+            self.expressions[node.output[0]] = (node.op_type, list(node.input), attributes)
+        elif node.op_type == "Identity":
             result = values[0]
         elif node.op_type == "Transpose":
             result = np.transpose(values[0], attributes.get("perm"))
@@ -442,8 +639,11 @@ class _OnnxReader:
                                  f"(stuck at {x!r})")
             matched = self._template(x, users) or self._gelu_erf(x, users)
             if matched is not None:
-                activation, parameter, x = matched
-                self._set_activation(layers, activation, parameter, users[0])
+                result, x = matched
+                if isinstance(result, _LayerSpec):
+                    layers.append(result)
+                else:
+                    self._set_activation(layers, *result, users[0])
                 continue
             if len(users) != 1:
                 raise ValueError(f"tensor {x!r} feeds {len(users)} nodes "
@@ -478,7 +678,8 @@ class _OnnxReader:
         elif op == "Add":
             other = self._other_input(node, x)
             last = layers[-1] if layers else None
-            if other is None or last is None or last[1] is not None or last[2] is not None:
+            if other is None or not _is_dense(last) or last[1] is not None \
+                    or last[2] is not None:
                 raise ValueError(f"{_describe(node)}: an Add must add a bias right after a "
                                  "MatMul")
             bias = self._constant(node, other)
@@ -486,6 +687,12 @@ class _OnnxReader:
         elif op in _ONNX_ACTIVATIONS:
             activation, parameter = _ONNX_ACTIVATIONS[op](self, node, attributes)
             self._set_activation(layers, activation, parameter, node)
+        elif op in _ONNX_LAYERS:
+            for extra in node.output[1:]:  # masks, saved statistics: training outputs
+                if extra and self._users(extra) or extra in self.output:
+                    raise ValueError(f"{_describe(node)}: its output {extra!r} is used; only "
+                                     "the inference form (one output) is a bpfast layer")
+            layers.append(_ONNX_LAYERS[op](self, node, attributes))
         elif op in ("Identity", "Flatten") or (op == "Cast" and self.onnx.helper.
                                                tensor_dtype_to_np_dtype(attributes["to"])
                                                == self.dtype):
@@ -517,18 +724,21 @@ class _OnnxReader:
         layers.append((weight, bias, None, None))
 
     def _set_activation(self, layers, activation, parameter, node):
-        if not layers or layers[-1][2] is not None:
-            raise ValueError(f"{_describe(node)}: an activation must follow a Gemm/MatMul "
-                             "(a bpfast Dense applies one activation)")
-        weight, bias = layers[-1][:2]
-        layers[-1] = (weight, bias, activation, parameter)
+        _add_activation(layers, activation, parameter, _describe(node))
 
     # ------------------------------------------------------------- multi-node patterns
     def _template(self, z, users):
-        """One of the multi-node activations bpfast writes (see ``_templates``)."""
-        for activation, nodes, constants in _templates(self.onnx, self.dtype, self.opset):
-            mapping, matched, parameter = {"z": z}, [], None
+        """One of the multi-node forms bpfast writes (see ``_templates``): ((activation,
+        parameter) or a _LayerSpec, the output's name), or None."""
+        for make, nodes, constants in _templates(self.onnx, self.dtype, self.opset):
+            # nodes computing constants only (1 / sqrt(var + eps)) are matched through
+            # the inputs that read them (self.expressions), the others from z on
+            producers = {node.output[0]: node for node in nodes
+                         if not _reads_input(node, nodes, constants)}
+            mapping, matched, captured = {"z": z}, [], {}
             for pattern in nodes:
+                if pattern.output[0] in producers:
+                    continue
                 anchor = mapping[next(name for name in pattern.input if name in mapping)]
                 found = None
                 for node in self._users(anchor):
@@ -536,10 +746,11 @@ class _OnnxReader:
                             len(node.input) != len(pattern.input) or \
                             _attributes(self.onnx, node) != _attributes(self.onnx, pattern):
                         continue
-                    captured = self._match_inputs(pattern, node, mapping, constants)
-                    if captured is not False:
-                        found = node
-                        parameter = parameter if captured is None else captured
+                    attempt = dict(captured)
+                    if all(mapping[wanted] == actual if wanted in mapping else
+                           self._match_constant(wanted, actual, constants, producers, attempt)
+                           for wanted, actual in zip(pattern.input, node.input)):
+                        found, captured = node, attempt
                         break
                 if found is None:
                     break
@@ -550,26 +761,34 @@ class _OnnxReader:
                 inner = [z] + [node.output[0] for node in matched[:-1]]
                 if all(id(user) in map(id, matched) for name in inner
                        for user in self._users(name)):
-                    self._use(*matched)
-                    return activation, parameter, matched[-1].output[0]
+                    result = make(captured)
+                    if result is not None:
+                        self._use(*matched)
+                        return result, matched[-1].output[0]
         return None
 
-    def _match_inputs(self, pattern, node, mapping, constants):
-        """False, or the captured parameter (None if none) when node's inputs fit."""
-        captured = None
-        for wanted, actual in zip(pattern.input, node.input):
-            if wanted in mapping:
-                if mapping[wanted] != actual:
-                    return False
-                continue
-            value = self.constants.get(actual)
-            if value is None or value.size != 1:
+    def _match_constant(self, wanted, actual, constants, producers, captured):
+        """Whether constant `actual` is the template's `wanted` (an expression of
+        constants, a fixed scalar, or a value captured into `captured`)."""
+        if wanted in producers:
+            pattern, expression = producers[wanted], self.expressions.get(actual)
+            return expression is not None and expression[0] == pattern.op_type and \
+                expression[2] == _attributes(self.onnx, pattern) and \
+                len(expression[1]) == len(pattern.input) and \
+                all(self._match_constant(inner_wanted, inner_actual, constants, producers,
+                                         captured)
+                    for inner_wanted, inner_actual in zip(pattern.input, expression[1]))
+        value = self.constants.get(actual)
+        if value is None:
+            return False
+        expected = constants[wanted]
+        if expected in _CAPTURES:
+            key = _CAPTURES[expected]
+            if key in captured and not np.array_equal(captured[key], value):
                 return False
-            if constants[wanted] == _PARAMETER:
-                captured = float(value.ravel()[0])
-            elif value.ravel()[0] != constants[wanted]:
-                return False
-        return captured
+            captured[key] = value
+            return True
+        return value.size == 1 and value.ravel()[0] == expected
 
     def _gelu_erf(self, z, users):
         """z * 0.5 * (1 + Erf(z / sqrt(2))), in the three orders exporters write it."""
@@ -608,7 +827,7 @@ class _OnnxReader:
                 second = first
                 nodes = [scale, erf, add, z_user, first]
             self._use(*nodes)
-            return "gelu", None, second.output[0]
+            return ("gelu", None), second.output[0]
         return None
 
     def _only_user(self, name, op):
@@ -616,27 +835,100 @@ class _OnnxReader:
         return users[0] if len(users) == 1 and users[0].op_type == op else None
 
 
-# stands for the activation's parameter in a template (a value no layer is given)
-_PARAMETER = -1234.5678
+# values no layer is given, standing for what a template captures
+_CAPTURES = {-1234.5: "activation_param", -1001.25: "eps", -1002.25: "running_mean",
+             -1003.25: "running_var", -1004.25: "weight", -1005.25: "bias"}
+_SENTINEL = {key: value for value, key in _CAPTURES.items()}
+
+# operators folded on constants (in the constants' dtype)
+_CONSTANT_FUNCTIONS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
+                       "Div": np.divide, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal}
+
+
+def _reads_input(node, nodes, constants):
+    """Whether a template node depends on the template's input z (not constants only)."""
+    made = {other.output[0]: other for other in nodes}
+    return any(name == "z" or (name in made and _reads_input(made[name], nodes, constants))
+               for name in node.input)
+
+
+def _fake_layer(cls, **attributes):
+    """A stand-in for a layer of class cls in a template: the attributes given, each a
+    sentinel of _CAPTURES (arrays of one) or a fixed value."""
+    layer = object.__new__(cls)
+    layer.__dict__.update(attributes)
+    return layer
+
+
+def _activation_result(activation):
+    def make(captured):
+        parameter = captured.get("activation_param")
+        if parameter is None:
+            return activation, None
+        return (activation, float(parameter.ravel()[0])) if parameter.size == 1 else None
+    return make
+
+
+def _normalization_result(cls, affine, bias):
+    def make(captured):
+        eps = captured["eps"]
+        tensors = {key: captured[key].reshape(-1) for key in (
+            "running_mean", "running_var", "weight", "bias") if key in captured}
+        if eps.size != 1 or len({value.size for value in tensors.values()}) > 1:
+            return None
+        eps = float(eps.ravel()[0])
+        if cls is BatchNorm1d:
+            return _LayerSpec(lambda width: BatchNorm1d(width, eps=eps, affine=affine),
+                              tensors)
+        return _LayerSpec(lambda width: LayerNorm(width, eps=eps, elementwise_affine=affine,
+                                                  bias=bias), tensors)
+    return make
 
 
 def _templates(onnx, dtype, opset):
-    """[(activation, nodes, {constant name: value})]: bpfast's multi-node activations.
+    """[(result from captured values, nodes, {constant name: value})]: bpfast's
+    multi-node forms (activations, and float64 normalisation layers).
 
-    Written by ``_activation_onnx`` itself for a layer whose parameter is
-    ``_PARAMETER``, so reading follows writing by construction.
+    Written by the exporter itself for stand-in layers whose parameters are the
+    sentinels of ``_CAPTURES``, so reading follows writing by construction.
     """
+    key = (np.dtype(dtype), opset)
+    if key in _TEMPLATE_CACHE:
+        return _TEMPLATE_CACHE[key]
+    one = {name: np.array([value], dtype=dtype) for value, name in _CAPTURES.items()}
+    stand_ins = [(_activation_result(activation), _activation_onnx,
+                  _fake_layer(Dense, activation=activation,
+                              activation_param=_SENTINEL["activation_param"]))
+                 for activation in ("leaky_relu", "elu", "softplus")]
+    if np.dtype(dtype) == np.float64:
+        for affine in (True, False):
+            stand_ins.append((_normalization_result(BatchNorm1d, affine, affine),
+                              _batch_norm_onnx, _fake_layer(
+                                  BatchNorm1d, eps=_SENTINEL["eps"],
+                                  running_mean=one["running_mean"],
+                                  running_var=one["running_var"],
+                                  weight=one["weight"] if affine else None,
+                                  bias=one["bias"] if affine else None)))
+        # (without elementwise_affine, bias keeps its default: it has no effect)
+        for affine, bias in ((True, True), (True, False), (False, True)):
+            stand_ins.append((_normalization_result(LayerNorm, affine, bias),
+                              _layer_norm_onnx, _fake_layer(
+                                  LayerNorm, eps=_SENTINEL["eps"],
+                                  weight=one["weight"] if affine else None,
+                                  bias=one["bias"] if affine and bias else None)))
     templates = []
-    for activation in ("leaky_relu", "elu", "softplus"):
+    for make, write, layer in stand_ins:
         graph = _Graph(onnx, dtype, opset)
-        layer = type("TemplateLayer", (), {"activation": activation,
-                                           "activation_param": _PARAMETER})()
-        _activation_onnx(layer, graph, "z", "template")
+        write(layer, graph, "z", "template")
         if len(graph.nodes) > 1:
             constants = {init.name: onnx.numpy_helper.to_array(init).ravel()[0]
                          for init in graph.initializers}
-            templates.append((activation, graph.nodes, constants))
+            templates.append((make, graph.nodes, constants))
+    _TEMPLATE_CACHE[key] = templates
     return templates
+
+
+_TEMPLATE_CACHE: dict = {}
 
 
 def _shortest_float32(value):
@@ -675,11 +967,101 @@ _ONNX_ACTIVATIONS = {
 }
 
 
+def _float_attribute(reader, value):
+    """A float attribute (a float32) as the value it stands for: the shortest decimal."""
+    return _shortest_float32(value)
+
+
+def _onnx_dropout(reader, node, attributes):
+    ratio = 0.5
+    if reader.opset < 12:
+        ratio = attributes.get("ratio", 0.5)
+    elif len(node.input) > 1 and node.input[1]:
+        ratio = reader._constant(node, node.input[1])
+    if len(node.input) > 2 and node.input[2]:
+        training = reader._constant(node, node.input[2])
+        if training.size != 1 or bool(training.ravel()[0]):
+            raise ValueError(f"{_describe(node)}: training_mode is on; a bpfast Dropout is "
+                             "the identity at inference")
+    ratio = np.asarray(ratio)
+    value = float(ratio.ravel()[0]) if ratio.size == 1 else None
+    if value is None:
+        raise ValueError(f"{_describe(node)}: ratio of shape {ratio.shape} is not a number")
+    if ratio.dtype == np.float32 or reader.opset < 12:
+        value = _shortest_float32(value)
+    return _LayerSpec(lambda width: Dropout(value), {}, _describe(node))
+
+
+def _onnx_vector(reader, node, name, what):
+    value = reader._constant(node, name)
+    if value.ndim != 1 or value.dtype != reader.dtype:
+        raise ValueError(f"{_describe(node)}: {what} must be a {reader.dtype} vector, got "
+                         f"{value.dtype} of shape {value.shape}")
+    return value
+
+
+def _onnx_batch_norm(reader, node, attributes):
+    if attributes.get("training_mode", 0):
+        raise ValueError(f"{_describe(node)}: training_mode=1; only the inference form "
+                         "(running statistics) is a BatchNorm1d")
+    names = ("weight", "bias", "running_mean", "running_var")
+    tensors = {key: _onnx_vector(reader, node, name, key)
+               for key, name in zip(names, node.input[1:5])}
+    eps = _float_attribute(reader, attributes.get("epsilon", 1e-5))
+    # ONNX's momentum weighs the running value, PyTorch's (and bpfast's) the batch's
+    momentum = round(1.0 - _float_attribute(reader, attributes.get("momentum", 0.9)), 12)
+    return _LayerSpec(lambda width: BatchNorm1d(width, eps=eps, momentum=momentum),
+                      tensors, _describe(node))
+
+
+def _onnx_layer_norm(reader, node, attributes):
+    if attributes.get("axis", -1) not in (-1, 1):
+        raise ValueError(f"{_describe(node)}: LayerNormalization over axis "
+                         f"{attributes['axis']}; a bpfast LayerNorm normalises each row "
+                         "(axis -1)")
+    tensors = {"weight": _onnx_vector(reader, node, node.input[1], "Scale")}
+    if len(node.input) > 2 and node.input[2]:
+        tensors["bias"] = _onnx_vector(reader, node, node.input[2], "B")
+    eps = _float_attribute(reader, attributes.get("epsilon", 1e-5))
+    return _LayerSpec(lambda width: LayerNorm(width, eps=eps, bias="bias" in tensors),
+                      tensors, _describe(node))
+
+
+#: ONNX operator -> _LayerSpec from (reader, node, attributes): the other layer kinds
+_ONNX_LAYERS = {"Dropout": _onnx_dropout, "BatchNormalization": _onnx_batch_norm,
+                "LayerNormalization": _onnx_layer_norm}
+
+
+def _spec_widths(specs):
+    """The input width of each read layer: a Dense's from its weight, the others' from
+    their tensors or, without any, the layers around them."""
+    widths = [spec[0].shape[1] if _is_dense(spec) else
+              next((value.size for value in spec.tensors.values()
+                    if value.ndim == 1), None) for spec in specs]
+    outs = [spec[0].shape[0] if _is_dense(spec) else widths[index]
+            for index, spec in enumerate(specs)]
+    for index in range(len(specs)):  # forwards: a layer takes what the one before gives
+        if widths[index] is None and index and outs[index - 1] is not None:
+            widths[index] = outs[index] = outs[index - 1]
+    for index in reversed(range(len(specs))):  # first ones: what the next one takes
+        if widths[index] is None and index + 1 < len(specs):
+            widths[index] = outs[index] = widths[index + 1]
+    return widths
+
+
 def _build_network(layer_specs, dtype, where):
-    """A Network with these (weight, bias, activation, parameter) layers."""
+    """A Network of these read layers: Dense (weight, bias, activation, parameter)
+    tuples and _LayerSpec's."""
     from .network import Network
     layers = []
-    for weight, bias, activation, parameter in layer_specs:
+    for spec, width in zip(layer_specs, _spec_widths(layer_specs)):
+        if not _is_dense(spec):
+            try:
+                layers.append(spec.make(width))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{where}: {spec.where}: {error}") from None
+            continue
+        weight, bias, activation, parameter = spec
         keyword = {}
         if activation == "leaky_relu":
             keyword["negative_slope"] = float(parameter)
@@ -691,10 +1073,18 @@ def _build_network(layer_specs, dtype, where):
         network = Network(layers, dtype=dtype)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    for layer, (weight, bias, _, _) in zip(network.layers, layer_specs):
-        layer.weight[...] = weight
-        if bias is not None:
-            layer.bias[...] = bias
+    for layer, spec in zip(network.layers, layer_specs):
+        if _is_dense(spec):
+            layer.weight[...] = spec[0]
+            if spec[1] is not None:
+                layer.bias[...] = spec[1]
+            continue
+        for name, value in spec.tensors.items():
+            target = getattr(layer, name)
+            if target is None or np.shape(value) != target.shape:
+                raise ValueError(f"{where}: {spec.where}: {name} of shape {np.shape(value)} "
+                                 f"does not fit {layer!r}")
+            target[...] = value
     return network
 
 
@@ -707,12 +1097,12 @@ def network_from_onnx(model, *, output=None):
     if len(width) not in (0, 2):
         raise ValueError(f"input {reader.input.name!r} has {len(width)} dimensions; an MLP "
                          "takes a batch of rows (2)")
-    specs = reader.read()
+    network = _build_network(reader.read(), reader.dtype, "the ONNX graph")
     if len(width) == 2 and width[1].HasField("dim_value") and \
-            width[1].dim_value != specs[0][0].shape[1]:
+            width[1].dim_value != network.n_inputs:
         raise ValueError(f"input {reader.input.name!r} has {width[1].dim_value} features, "
-                         f"the first layer takes {specs[0][0].shape[1]}")
-    return _build_network(specs, reader.dtype, "the ONNX graph")
+                         f"the first layer takes {network.n_inputs}")
+    return network
 
 
 # --------------------------------------------------------------------------- state dict
@@ -728,7 +1118,9 @@ def _torch_layout(network):
 
 def state_dict(network):
     """See :meth:`bpfast.Network.state_dict`."""
-    return {f"{index}.{name}": np.array(array)
+    # num_batches_tracked is an int64 in PyTorch (a float in bpfast's buffers)
+    return {f"{index}.{name}": np.array(array, dtype=np.int64)
+            if name == "num_batches_tracked" else np.array(array)
             for index, _, _, tensors in _torch_layout(network)
             for name, array in tensors.items()}
 
@@ -739,6 +1131,12 @@ def _as_numpy(key, value):
     if not isinstance(value, np.ndarray):
         raise TypeError(f"state_dict[{key!r}] must be a NumPy array or a torch tensor, got "
                         f"{type(value).__name__}")
+    if key.endswith("num_batches_tracked"):
+        if value.dtype.kind not in "iuf" or value.shape != () or not \
+                (np.isfinite(value) and value >= 0 and value == np.floor(value)):
+            raise TypeError(f"state_dict[{key!r}] must be a count (a non-negative integer "
+                            f"of shape ()), got {value.dtype} {value!r}")
+        return value
     if value.dtype.kind != "f":
         raise TypeError(f"state_dict[{key!r}] has dtype {value.dtype}; parameters are "
                         "floating point")
@@ -757,18 +1155,27 @@ def load_state_dict(network, values):
     if missing or unexpected:
         raise ValueError(f"state_dict does not fit this network: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
-    # everything is checked into a copy, then assigned in one step (all or nothing)
-    parameters = network.parameters.copy()
-    base = network.parameters.ctypes.data
+    # everything is checked into copies, then assigned (all or nothing)
+    flats = {"parameters": network.parameters.copy(), "buffers": network.buffers.copy()}
     for key, target in expected.items():
         value = _as_numpy(key, values[key])
         if value.shape != target.shape:
             raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, this network's "
                              f"is {target.shape}")
-        # each tensor of the layout is a view of the flat buffer: its offset there
+        # each tensor of the layout is a view of a flat array: its offset there
+        flat_name = "parameters" if np.shares_memory(target, network.parameters) \
+            else "buffers"
+        base = getattr(network, flat_name).ctypes.data
         start = (target.ctypes.data - base) // target.itemsize
-        parameters[start:start + target.size] = value.reshape(-1)
-    network.parameters = parameters
+        flats[flat_name][start:start + target.size] = value.reshape(-1)
+    before = network.parameters.copy()
+    network.parameters = flats["parameters"]
+    if flats["buffers"].size:
+        try:
+            network.buffers = flats["buffers"]
+        except (TypeError, ValueError):
+            network.parameters = before  # the buffers refused: leave the network as it was
+            raise
 
 
 # --------------------------------------------------------------------------- torch
@@ -834,36 +1241,69 @@ def network_from_torch(module):
     torch = _import("torch", "torch")
     if not isinstance(module, torch.nn.Sequential):
         raise TypeError(f"from_torch takes a torch.nn.Sequential, got {type(module).__name__}")
-    specs, dtype = [], None
+    specs, dtypes = [], []
+
+    def arrays(child, where, names):
+        """{name: ndarray} of the module's tensors that exist, one float dtype for all."""
+        found = {}
+        for tensor_name in names:
+            tensor = getattr(child, tensor_name, None)
+            if tensor is None:
+                continue
+            found[tensor_name] = tensor.detach().cpu().numpy()
+            if tensor_name == "num_batches_tracked":
+                continue
+            dtype = found[tensor_name].dtype
+            # (not `dtype in (...)` with None: NumPy takes None for float64 there)
+            if dtype not in (np.float32, np.float64) or (dtypes and dtypes[0] != dtype):
+                raise ValueError(f"{where}: parameters are {dtype}; bpfast takes one "
+                                 "dtype, float32 or float64, for the whole network")
+            dtypes.append(dtype)
+        return found
+
     for name, child in _flat_modules(torch, module):
         kind = type(child).__name__
         where = f"module {name} ({kind})"
         if isinstance(child, torch.nn.Linear):
-            weight = child.weight.detach().cpu().numpy()
-            # (not `dtype in (None, ...)`: NumPy takes None for float64 there)
-            if weight.dtype not in (np.float32, np.float64) or \
-                    (dtype is not None and dtype != weight.dtype):
-                raise ValueError(f"{where}: parameters are {weight.dtype}; bpfast takes one "
-                                 "dtype, float32 or float64, for the whole network")
-            dtype = weight.dtype
-            bias = None if child.bias is None else child.bias.detach().cpu().numpy()
-            specs.append((weight, bias, None, None))
+            tensors = arrays(child, where, ("weight", "bias"))
+            specs.append((tensors["weight"], tensors.get("bias"), None, None))
+        elif isinstance(child, torch.nn.Dropout) and type(child) is torch.nn.Dropout:
+            p = float(child.p)
+            specs.append(_LayerSpec(lambda width, p=p: Dropout(p), {}, where))
+        elif type(child) is torch.nn.BatchNorm1d:
+            if child.affine and getattr(child, "bias", None) is None:
+                raise ValueError(f"{where}: an affine BatchNorm1d without bias; bpfast's "
+                                 "affine BatchNorm1d has both weight and bias")
+            tensors = arrays(child, where, ("weight", "bias", "running_mean", "running_var",
+                                            "num_batches_tracked"))
+            arguments = {"eps": child.eps, "momentum": child.momentum, "affine": child.affine,
+                         "track_running_stats": child.track_running_stats}
+            specs.append(_LayerSpec(lambda width, arguments=arguments: BatchNorm1d(
+                width, **arguments), tensors, where))
+        elif type(child) is torch.nn.LayerNorm:
+            if len(child.normalized_shape) != 1:
+                raise ValueError(f"{where}: normalized_shape={tuple(child.normalized_shape)}; "
+                                 "a bpfast LayerNorm normalises the last axis of (batch, "
+                                 "features) rows")
+            tensors = arrays(child, where, ("weight", "bias"))
+            arguments = {"eps": child.eps, "elementwise_affine": child.elementwise_affine,
+                         "bias": child.bias is not None or not child.elementwise_affine}
+            width = child.normalized_shape[0]
+            specs.append(_LayerSpec(lambda _, width=width, arguments=arguments: LayerNorm(
+                width, **arguments), tensors, where))
         elif kind in _TORCH_ACTIVATIONS and type(child).__module__.startswith("torch.nn"):
-            activation, parameter = _TORCH_ACTIVATIONS[kind](child, where)
-            if not specs or specs[-1][2] is not None:
-                raise ValueError(f"{where}: an activation must follow a Linear (a bpfast "
-                                 "Dense applies one activation)")
-            specs[-1] = (*specs[-1][:2], activation, parameter)
+            _add_activation(specs, *_TORCH_ACTIVATIONS[kind](child, where), where)
         elif isinstance(child, torch.nn.Identity) or (
                 isinstance(child, torch.nn.Flatten) and child.start_dim in (1, -1)
                 and child.end_dim == -1):
             continue
         else:
-            raise ValueError(f"{where} is not supported: bpfast takes Linear and the "
-                             f"activations {', '.join(_TORCH_ACTIVATIONS)}")
-    if not specs:
+            raise ValueError(f"{where} is not supported: bpfast takes Linear, Dropout, "
+                             f"BatchNorm1d, LayerNorm and the activations "
+                             f"{', '.join(_TORCH_ACTIVATIONS)}")
+    if not any(_is_dense(spec) for spec in specs):
         raise ValueError("the Sequential has no Linear layer")
-    return _build_network(specs, dtype, "the torch module")
+    return _build_network(specs, dtypes[0], "the torch module")
 
 
 # --------------------------------------------------------------------------- scikit-learn

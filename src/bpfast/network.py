@@ -827,8 +827,11 @@ class Network:
 
         Input "input" and output "output" of shape (batch, features) in the network's
         dtype, with a dynamic batch axis; checked with ``onnx.checker`` (full check).
-        ``opset`` defaults to the lowest that expresses every layer exactly (13 for
-        Dense layers; GELU uses the ``Gelu`` operator from opset 20, ``Erf`` below).
+        ``opset`` defaults to the lowest that expresses every layer exactly (13; 17
+        with a float32 LayerNorm, for LayerNormalization; GELU uses the ``Gelu``
+        operator from opset 20, ``Erf`` below). Dropout has no node (the identity at
+        inference); BatchNorm1d is a BatchNormalization with the running statistics,
+        not folded.
         ONNX Runtime runs every float32 graph and every float64 one but GELU (it has
         no float64 Erf/Gelu kernel). Needs ``onnx`` (``pip install 'bpfast[onnx]'``).
         See :mod:`bpfast.export`.
@@ -840,9 +843,11 @@ class Network:
     def from_onnx(cls, model: Any, *, output: str | None = None) -> "Network":
         """A Network from an MLP-shaped ONNX graph (a path, bytes or an ``onnx.ModelProto``).
 
-        Gemm (or MatMul + Add) layers, each followed by at most one activation
-        (Sigmoid, Tanh, Relu, LeakyRelu, Elu, Softplus, Gelu or its Erf form, Softmax
-        on the last axis); Identity and Flatten(axis=1) are skipped. ``output`` names
+        Gemm (or MatMul + Add) layers and activations (Sigmoid, Tanh, Relu,
+        LeakyRelu, Elu, Softplus, Gelu or its Erf form, Softmax on the last axis),
+        Dropout, BatchNormalization and LayerNormalization nodes, and the float64
+        forms ``to_onnx`` writes; an activation right after a Gemm is that Dense's,
+        any other an Activation layer. Identity and Flatten(axis=1) are skipped. ``output`` names
         the graph output to follow when there are several (e.g. "probabilities");
         nodes that it does not depend on are ignored. Anything else is a ValueError
         naming the node.
@@ -854,8 +859,10 @@ class Network:
         """Copies of the parameters under the keys of ``to_torch()``'s nn.Sequential.
 
         Each Dense is a ``Linear`` at the next index, followed by its activation
-        module at the index after it unless the activation is the identity:
-        ``{"0.weight": (out, in), "0.bias": (out,), "2.weight": ...}``.
+        module at the index after it unless the activation is the identity; every
+        other layer is one module: ``{"0.weight": (out, in), "0.bias": (out,),
+        "2.weight": ...}``, BatchNorm1d's ``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` (int64) included.
         """
         from .export import state_dict
         return state_dict(self)
@@ -877,11 +884,13 @@ class Network:
 
     @classmethod
     def from_torch(cls, module: Any) -> "Network":
-        """A Network from a ``torch.nn.Sequential`` of Linear and bpfast's activations.
+        """A Network from a ``torch.nn.Sequential`` of Linear, Dropout, BatchNorm1d,
+        LayerNorm and bpfast's activations.
 
         Activations: Sigmoid, Tanh, ReLU, LeakyReLU, ELU, Softplus(beta=1,
-        threshold=20), GELU(approximate='none'), Softmax(dim=-1), one after each
-        Linear at most; Identity and Flatten are skipped. Parameters are copied; the
+        threshold=20), GELU(approximate='none'), Softmax(dim=-1); one right after a
+        Linear is that Dense's, any other an Activation layer. Identity and Flatten
+        are skipped; anything else is a ValueError naming the module. Parameters are copied; the
         dtype is the module's (float32 or float64).
         """
         from .export import network_from_torch
