@@ -16,8 +16,7 @@ import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
 SOURCE_TREE = DOCS.parent / "src"
-if any((SOURCE_TREE / "bpfast").glob("_core.*")) and any(
-        path.suffix in (".so", ".pyd") for path in (SOURCE_TREE / "bpfast").glob("_core.*")):
+if any(path.suffix in (".so", ".pyd") for path in (SOURCE_TREE / "bpfast").glob("_core.*")):
     sys.path.insert(0, str(SOURCE_TREE))
 bpfast = importlib.import_module("bpfast")
 

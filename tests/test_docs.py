@@ -239,6 +239,8 @@ def test_example_runs(block, sessions, tmp_path_factory, monkeypatch):
 def test_examples_are_found():
     """The extraction finds the examples: the README's quick start, and code blocks and
     doctests in the docs pages (a pattern that stopped matching would pass silently)."""
+    if not (DOCS / "conf.py").exists():  # tools/build_wheel.sh runs a copy of tests/ alone
+        pytest.skip("no docs/ beside this tests/ directory")
     by_file = {}
     for block in BLOCKS:
         by_file.setdefault(block.path.name, []).append(block)
