@@ -286,3 +286,18 @@ def test_extraction_of_each_kind_of_block(tmp_path):
     [block] = markdown_blocks(readme)
     assert (block.line, block.source, block.requirements()) == (4, "import torch\nz = 3",
                                                                 {"torch"})
+
+
+def test_api_reference_lists_every_public_module():
+    """docs/api.rst generates a page per module listed there (each page lists the
+    module's __all__): every submodule that bpfast exports by name is listed, so a new
+    public module cannot be left out of the reference."""
+    bp = pytest.importorskip("bpfast")
+    api = DOCS / "api.rst"
+    if not api.exists():
+        pytest.skip("no docs/ beside this tests/ directory")
+    listed = set(re.findall(r"^\s+(bpfast(?:\.\w+)*)\s*$", api.read_text(), re.MULTILINE))
+    exported = {f"bpfast.{name}" for name in bp.__all__
+                if type(getattr(bp, name)).__name__ == "module"}
+    assert "bpfast" in listed
+    assert exported - listed == set()
