@@ -29,6 +29,7 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
+    "sphinx.ext.doctest",  # renders .. doctest:: / testcode:: (tests/test_docs.py runs them)
     "sphinx.ext.mathjax",
     "numpydoc",
 ]

@@ -4,14 +4,17 @@ What runs (plain pytest, no Sphinx needed: the files are read with a few pattern
 
 * README.md: each fenced ```python block;
 * docs/*.rst: the body of each ``.. code-block:: python`` (or ``pycon``) directive,
-  and each doctest block (a paragraph whose first line starts with ``>>>``).
+  each doctest block (a paragraph whose first line starts with ``>>>``), and
+  sphinx.ext.doctest's ``.. doctest::``, ``.. testsetup::`` and ``.. testcode::``
+  (whose printed output must match the ``.. testoutput::`` after it).
 
 Other blocks (``bash``, ``text``, ``console``, ``::`` literal blocks) are shown, not
-run. A block that starts with ``>>>`` runs under doctest, which compares what it
-prints with the page (ELLIPSIS and NORMALIZE_WHITESPACE on); any other block runs as
-a script. The blocks of one file run in order in one namespace, in a fresh temporary
-directory (so files they write land there), as a reader would type them into one
-session; each block is one test, named by its file and first line.
+run, and so is anything inside another directive (a ``.. note::``, say). A block that
+starts with ``>>>`` runs under doctest, which compares what it prints with the page
+(ELLIPSIS and NORMALIZE_WHITESPACE on); any other block runs as a script. The blocks
+of one file run in order in one namespace, in a fresh temporary directory (so files
+they write land there), as a reader would type them into one session; each block is
+one test, named by its file and first line.
 
 A block that needs an optional package (torch, onnx, onnxruntime, skl2onnx, mpi4py,
 dask, distributed, matplotlib, tqdm, sklearn, pandas) is skipped when the package is
@@ -22,6 +25,7 @@ depend on it. Pages merged from other branches are covered as soon as they exist
 conf.py's build-time placeholders for missing pages are skipped.
 """
 import ast
+import contextlib
 import doctest
 import importlib.util
 import io
@@ -47,10 +51,13 @@ class Block:
     def __init__(self, path, line, source):
         self.path, self.line, self.source = path, line, source
         self.is_doctest = source.lstrip().startswith(">>>")
+        #: what the block must print: a ``.. testoutput::`` after a ``.. testcode::``
+        self.expected_output = None
 
     @property
     def id(self):
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        inside = ROOT in self.path.parents
+        return f"{self.path.relative_to(ROOT) if inside else self.path.name}:{self.line}"
 
     def code(self):
         """The Python code of the block (a doctest's statements without prompts)."""
@@ -111,13 +118,20 @@ def rst_blocks(path):
         line = lines[index]
         stripped = line.strip()
         indent = len(line) - len(line.lstrip())
-        directive = re.match(r"\.\.\s+(code-block|code|sourcecode)::\s*(\w*)", stripped)
+        directive = re.match(r"\.\.\s+(code-block|code|sourcecode|doctest|testsetup|testcode"
+                             r"|testoutput)::\s*(\w*)", stripped)
         if directive:
+            kind, language = directive[1], directive[2]
             body, end = _indented_body(lines, index, indent)
-            if directive[2] in ("python", "py", "pycon", "python3") and body:
+            runs = (kind in ("doctest", "testsetup", "testcode")
+                    or language in ("python", "py", "pycon", "python3"))
+            if body and runs:
                 first = index + 1 + next(i for i, text in enumerate(lines[index + 1:])
                                          if text.strip() and not text.strip().startswith(":"))
                 blocks.append(Block(path, first + 1, body))
+                blocks[-1].is_testcode = kind == "testcode"
+            elif kind == "testoutput" and blocks and getattr(blocks[-1], "is_testcode", False):
+                blocks[-1].expected_output = body + "\n"
             index, previous_blank = end, not lines[end - 1].strip()
             continue
         literal_block_follows = stripped.endswith("::") and not stripped.startswith(">>>")
@@ -201,7 +215,18 @@ def _run(block, namespace):
             pytest.fail(f"doctest in {block.id} failed:\n{output.getvalue()}", pytrace=False)
         return
     code = compile("\n" * (block.line - 1) + block.source, str(block.path), "exec")
-    exec(code, namespace)
+    if block.expected_output is None:
+        exec(code, namespace)
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, namespace)
+    checker = doctest.OutputChecker()
+    if not checker.check_output(block.expected_output, printed.getvalue(), DOCTEST_FLAGS):
+        example = doctest.Example(block.source, block.expected_output)
+        pytest.fail(f"{block.id} printed other than its testoutput:\n"
+                    + checker.output_difference(example, printed.getvalue(), DOCTEST_FLAGS),
+                    pytrace=False)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
@@ -277,10 +302,26 @@ def test_extraction_of_each_kind_of_block(tmp_path):
         .. note::
 
            >>> inside a note, shown
+
+        .. testcode::
+
+           print(x + y)
+
+        .. testoutput::
+
+           3
         """))
     blocks = rst_blocks(page)
     assert [(block.line, block.source, block.is_doctest) for block in blocks] == [
-        (7, "x = 1\ny = x + 1", False), (18, ">>> print(y)\n2", True)]
+        (7, "x = 1\ny = x + 1", False), (18, ">>> print(y)\n2", True),
+        (27, "print(x + y)", False)]
+    assert blocks[-1].expected_output == "3\n"
+    namespace = {}
+    for block in blocks:
+        _run(block, namespace)
+    blocks[-1].expected_output = "4\n"
+    with pytest.raises(pytest.fail.Exception, match="printed other than its testoutput"):
+        _run(blocks[-1], namespace)
     readme = tmp_path / "README.md"
     readme.write_text("text\n\n```python\nimport torch\nz = 3\n```\n\n```bash\nls\n```\n")
     [block] = markdown_blocks(readme)
