@@ -342,3 +342,24 @@ def test_api_reference_lists_every_public_module():
                 if type(getattr(bp, name)).__name__ == "module"}
     assert "bpfast" in listed
     assert exported - listed == set()
+
+
+def test_readme_is_a_front_page_whose_links_lead_somewhere():
+    """README.md stays a front page (under 10,000 characters: the rest belongs in
+    docs/), and each of its relative links names a file of the repository, or a docs
+    page that conf.py knows is still to come from another branch."""
+    readme = ROOT / "README.md"
+    conf = DOCS / "conf.py"
+    if not conf.exists():
+        pytest.skip("no docs/ beside this tests/ directory")
+    text = readme.read_text(encoding="utf-8")
+    assert len(text) < 10_000
+    tree = ast.parse(conf.read_text(encoding="utf-8"))
+    [pages] = [ast.literal_eval(node.value) for node in tree.body
+               if isinstance(node, ast.Assign)
+               and getattr(node.targets[0], "id", None) == "PAGES_FROM_OTHER_BRANCHES"]
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)
+    assert links
+    broken = [link for link in links if not (ROOT / link).exists()
+              and not (link.startswith("docs/") and pathlib.Path(link).stem in pages)]
+    assert broken == []
