@@ -114,8 +114,18 @@ def _skip_foreign_members(app, what, name, obj, skip, options):
     return None
 
 
+def _drop_docstrings_of_builtin_types(app, what, name, obj, options, lines):
+    """A constant such as bpfast.ACTIVATIONS (a tuple) has no docstring of its own;
+    autodoc would show tuple's ("Built-in immutable sequence...") instead."""
+    own = type(obj).__doc__
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if what in ("data", "attribute") and own and first and own.strip().startswith(first):
+        lines[:] = []
+
+
 def setup(app):
     app.connect("autodoc-skip-member", _skip_foreign_members)
+    app.connect("autodoc-process-docstring", _drop_docstrings_of_builtin_types)
     _remove_placeholders(app, None)  # from a build that was killed
     _write_placeholders(app)  # before Sphinx looks for the documents
     app.connect("build-finished", _remove_placeholders)
