@@ -20,9 +20,11 @@ A block that needs an optional package (torch, onnx, onnxruntime, skl2onnx, mpi4
 dask, distributed, matplotlib, tqdm, sklearn, pandas) is skipped when the package is
 missing: the package is found from the block's import statements, from a comment
 ``# requires: torch`` in the block (for a need no import shows, as ``net.to_torch()``),
-or from the ModuleNotFoundError the block raises. Blocks after a skipped one must not
-depend on it. Pages merged from other branches are covered as soon as they exist;
-conf.py's build-time placeholders for missing pages are skipped.
+or from the ModuleNotFoundError the block raises. A block that cannot run inside a
+test at all (a script for ``mpiexec``, a cluster's address) says why in a comment
+``# not run: <reason>``, and is reported as skipped with that reason. Blocks after a
+skipped one must not depend on it. Pages merged from other branches are covered as
+soon as they exist; conf.py's build-time placeholders for missing pages are skipped.
 """
 import ast
 import contextlib
@@ -42,6 +44,7 @@ PLACEHOLDER_MARK = ".. bpfast-docs placeholder"
 OPTIONAL = {"torch", "onnx", "onnxruntime", "skl2onnx", "mpi4py", "dask", "distributed",
             "matplotlib", "tqdm", "sklearn", "pandas", "jax", "graphviz"}
 REQUIRES = re.compile(r"#\s*requires:\s*([\w, .]+)")
+NOT_RUN = re.compile(r"^\s*#\s*not run:\s*(.+)$", re.MULTILINE)
 DOCTEST_FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
@@ -208,6 +211,7 @@ def _run(block, namespace):
         output = io.StringIO()
         runner = doctest.DocTestRunner(optionflags=DOCTEST_FLAGS)
         runner.run(test, out=output.write, clear_globs=False)
+        namespace.update(test.globs)  # DocTest ran in a copy: what it defined carries on
         if runner.failures:
             missing = re.search(r"ModuleNotFoundError: No module named '(\w+)", output.getvalue())
             if missing and missing[1] in OPTIONAL:
@@ -242,12 +246,15 @@ def test_example_runs(block, sessions, tmp_path_factory, monkeypatch):
     index = same_file.index(block)
     # a run of selected tests (-k) still runs the earlier blocks of the file first
     for earlier in same_file[session.next_index:index]:
-        if not _missing(earlier.requirements()):
+        if not _missing(earlier.requirements()) and not NOT_RUN.search(earlier.source):
             try:
                 _run(earlier, session.namespace)
             except BaseException:  # noqa: B036  (its own test reports it)
                 pass
     session.next_index = index + 1
+    not_run = NOT_RUN.search(block.source)
+    if not_run:
+        pytest.skip(f"not run: {not_run[1]}")
     missing = _missing(block.requirements())
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
@@ -298,6 +305,7 @@ def test_extraction_of_each_kind_of_block(tmp_path):
 
         >>> print(y)
         2
+        >>> z = y * 2
 
         .. note::
 
@@ -305,23 +313,24 @@ def test_extraction_of_each_kind_of_block(tmp_path):
 
         .. testcode::
 
-           print(x + y)
+           print(x + y + z)
 
         .. testoutput::
 
-           3
+           7
         """))
     blocks = rst_blocks(page)
     assert [(block.line, block.source, block.is_doctest) for block in blocks] == [
-        (7, "x = 1\ny = x + 1", False), (18, ">>> print(y)\n2", True),
-        (27, "print(x + y)", False)]
-    assert blocks[-1].expected_output == "3\n"
+        (7, "x = 1\ny = x + 1", False), (18, ">>> print(y)\n2\n>>> z = y * 2", True),
+        (28, "print(x + y + z)", False)]
+    assert blocks[-1].expected_output == "7\n"
     namespace = {}
     for block in blocks:
         _run(block, namespace)
-    blocks[-1].expected_output = "4\n"
+    blocks[-1].expected_output = "8\n"
     with pytest.raises(pytest.fail.Exception, match="printed other than its testoutput"):
         _run(blocks[-1], namespace)
+    assert NOT_RUN.search("import x\n# not run: needs a cluster\n")[1] == "needs a cluster"
     readme = tmp_path / "README.md"
     readme.write_text("text\n\n```python\nimport torch\nz = 3\n```\n\n```bash\nls\n```\n")
     [block] = markdown_blocks(readme)
