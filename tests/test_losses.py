@@ -311,3 +311,177 @@ def test_a_loss_pickles_and_copies_to_an_identical_one(case):
                 continue
             assert twin(out, target) == loss(out, target)
             np.testing.assert_array_equal(twin.gradient(out, target), loss.gradient(out, target))
+
+
+# ---------------------------------------------------------------------------
+# reduction="mean" | "sum", against PyTorch's reduction= (when installed)
+# ---------------------------------------------------------------------------
+
+def _torch_terms(torch, case_id, params, out, target):
+    """PyTorch's per-term losses (reduction="none"): (n,) for cross-entropy, else (n, k)."""
+    F = torch.nn.functional
+    if case_id.startswith("mse"):
+        terms = F.mse_loss(out, target, reduction="none")
+        return 0.5 * terms if params.get("half") else terms
+    if case_id == "l1":
+        return F.l1_loss(out, target, reduction="none")
+    if case_id.startswith("huber"):
+        return F.huber_loss(out, target, delta=params["delta"], reduction="none")
+    if case_id == "ce-logits":
+        return F.cross_entropy(out, target, reduction="none")
+    if case_id == "ce-probs":
+        if target.dtype == torch.int64:
+            target = F.one_hot(target, out.shape[1]).to(out.dtype)
+        return -(target * torch.clamp(torch.log(out), min=-100.0)).sum(dim=1)
+    if case_id == "bce-logits":
+        return F.binary_cross_entropy_with_logits(out, target, reduction="none")
+    if case_id == "bce-probs":
+        return F.binary_cross_entropy(out, target, reduction="none")
+    raise AssertionError(case_id)
+
+
+def _with_reduction(loss, reduction):
+    arguments = {name: value for name, value in vars(loss).items() if not name.startswith("_")}
+    return type(loss)(**{**arguments, "reduction": reduction})
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
+def test_reduction_matches_torch(case, reduction, weighted):
+    """Every loss x reduction, value and gradient, against PyTorch's reduction="mean"/"sum"
+    (where PyTorch has no per-sample weights: its per-term losses, weighted by hand)."""
+    torch = pytest.importorskip("torch")
+    case_id, make_loss, ref_name, params, kind = case
+    rng = np.random.default_rng(16)
+    n, k = 23, 3
+    out = make_output(rng, kind, n, k)
+    weights = rng.random(n) * 2.0 if weighted else None
+    loss = _with_reduction(make_loss(), reduction)
+    assert loss.reduction == reduction and f"reduction={reduction!r}" in repr(loss)
+    for target_kind, target in make_targets(rng, ref_name, n, k).items():
+        tout = torch.tensor(out, requires_grad=True)
+        ttarget = torch.tensor(target.astype(np.int64) if np.issubdtype(target.dtype,
+                                                                        np.integer) else target)
+        terms = _torch_terms(torch, case_id, params, tout, ttarget)
+        if weighted:
+            row_weights = torch.tensor(weights)
+            terms = terms * (row_weights if terms.ndim == 1 else row_weights[:, None])
+        if reduction == "sum":
+            expected = terms.sum()
+        elif weighted:  # the weighted mean: sum(w_i * loss_i) / sum(w_i) (per element)
+            expected = terms.sum() / (row_weights.sum() * (1 if terms.ndim == 1 else k))
+        else:
+            expected = terms.mean()
+        expected.backward()
+        assert_close(loss(out, target, weights), expected.item(), 1e-12)
+        assert_close(loss.gradient(out, target, weights), tout.grad.numpy(), 1e-12)
+        if case_id == "ce-logits" and target_kind == "labels" and weighted is False:
+            # PyTorch's own class weights: sample weights of weight[label]
+            class_weight = rng.random(k) + 0.5
+            expected = torch.nn.functional.cross_entropy(
+                torch.tensor(out), ttarget, weight=torch.tensor(class_weight),
+                reduction=reduction)
+            assert_close(loss(out, target, class_weight[target]), expected.item(), 1e-12)
+
+
+def test_textbook_error_is_half_the_summed_squares():
+    """MSE(half=True, reduction="sum") is E = 1/2 sum (d - y)^2, gradient y - d."""
+    out = np.array([[0.75136507, 0.772928465]])
+    target = np.array([[0.01, 0.99]])
+    loss = bp.MSE(half=True, reduction="sum")
+    assert loss(out, target) == pytest.approx(0.298371109, abs=1e-9)  # Mazur's total error
+    np.testing.assert_allclose(loss.gradient(out, target), out - target, rtol=1e-15)
+    assert bp.MSE(half=True)(out, target) == pytest.approx(0.298371109 / 2, abs=1e-9)
+
+
+def test_reduction_survives_pickle_and_repr():
+    import copy
+    import pickle
+
+    for loss in (bp.MSE(half=True, reduction="sum"), bp.L1(reduction="sum"),
+                 bp.Huber(0.5, reduction="sum"), bp.CrossEntropy(False, reduction="sum"),
+                 bp.BinaryCrossEntropy(reduction="sum")):
+        for twin in (pickle.loads(pickle.dumps(loss)), copy.deepcopy(loss),
+                     eval(repr(loss), {"bp": bp, **vars(bp)})):  # noqa: S307 (our repr)
+            assert twin.reduction == "sum" and twin._config.reduction == "sum"
+            assert repr(twin) == repr(loss)
+
+
+@pytest.mark.parametrize("reduction", ["average", "none", None, 1])
+def test_unknown_reduction_is_refused(reduction):
+    with pytest.raises(ValueError, match="reduction"):
+        bp.MSE(reduction=reduction)
+
+
+def _torch_fit(torch, module, X, y, loss_fn, lr, batch_size, epochs, weights=None):
+    """Plain PyTorch SGD over consecutive batches; each epoch's summed batch losses."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+    totals = []
+    for _ in range(epochs):
+        total = 0.0
+        for begin in range(0, len(X), batch_size):
+            rows = slice(begin, begin + batch_size)
+            optimizer.zero_grad()
+            terms = loss_fn(module(torch.tensor(X[rows])), torch.tensor(y[rows]))
+            if weights is not None:
+                terms = terms * torch.tensor(weights[rows])[:, None]
+            value = terms.sum()
+            value.backward()
+            optimizer.step()
+            total += value.item()
+        totals.append(total)
+    return totals
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_fit_and_train_step_with_a_summed_loss_match_torch(weighted):
+    """The compiled step and epoch with reduction="sum": parameters after SGD and the
+    history's loss (the epoch's summed batch losses) as PyTorch's with reduction="sum"."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(17)
+    X, y = rng.standard_normal((10, 3)), rng.standard_normal((10, 2))
+    weights = rng.random(10) + 0.5 if weighted else None
+
+    def make():
+        return bp.Network([bp.Dense(3, 4, "tanh"), bp.Dense(4, 2)], dtype="float64", seed=3)
+
+    loss = bp.MSE(half=True, reduction="sum")
+
+    def half_squares(out, target):
+        return 0.5 * torch.nn.functional.mse_loss(out, target, reduction="none")
+
+    net = make()
+    module = net.to_torch().double()
+    history = net.fit(X, y, loss=loss, optimizer=bp.SGD(lr=0.05), epochs=3, batch_size=4,
+                      shuffle=False, sample_weight=weights)
+    totals = _torch_fit(torch, module, X, y, half_squares, 0.05, 4, 3, weights)
+    np.testing.assert_allclose(history.history["loss"], totals, rtol=1e-12)
+    expected = np.concatenate([p.detach().numpy().ravel() for p in module.parameters()])
+    np.testing.assert_allclose(net.parameters, expected, rtol=1e-12, atol=1e-14)
+
+    # one train_step over the whole batch: BGD with the summed error
+    net = make()
+    module = net.to_torch().double()
+    value = net.train_step(X, y, loss, bp.SGD(lr=0.05), sample_weight=weights)
+    totals = _torch_fit(torch, module, X, y, half_squares, 0.05, 10, 1, weights)
+    assert value == pytest.approx(totals[0], rel=1e-12)
+    expected = np.concatenate([p.detach().numpy().ravel() for p in module.parameters()])
+    np.testing.assert_allclose(net.parameters, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_summed_loss_gradient_is_n_times_the_mean():
+    """compute_gradients with "sum" is exactly the "mean" gradient times the number of
+    averaged terms (a power of two here, so exact) for each loss family."""
+    rng = np.random.default_rng(18)
+    X = rng.standard_normal((8, 3))
+    for loss_name, y, terms in (("mse", rng.standard_normal((8, 2)), 16),
+                                ("cross_entropy", rng.integers(0, 2, 8), 8)):
+        net = bp.Network([bp.Dense(3, 2, "sigmoid"), bp.Dense(2, 2)], dtype="float64", seed=1)
+        mean_loss = bp.losses.get_loss(loss_name)
+        sum_loss = _with_reduction(mean_loss, "sum")
+        mean_value = net.compute_gradients(X, y, mean_loss)
+        mean_gradients = net.gradients.copy()
+        sum_value = net.compute_gradients(X, y, sum_loss)
+        assert sum_value == pytest.approx(terms * mean_value, rel=1e-14)
+        np.testing.assert_allclose(net.gradients, terms * mean_gradients, rtol=1e-14)

@@ -268,6 +268,39 @@ def test_split_products_give_the_same_bits_for_any_thread_count(dtype):
 
 
 @pytest.mark.skipif(not OPENMP, reason="a serial build always has one thread")
+def test_elementwise_passes_are_timed_on_their_own():
+    """The optimizer update of a network with more than PARALLEL_MIN_WORK parameters
+    keeps its own timing (not the products'), and gets its threaded way timed too once
+    its probe is due; the results stay those of one thread."""
+    optimizer_pass = _core.ELEMENTWISE_PASSES.index("optimizer") + 1
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((8, 301))  # Dense(301, 520): a size no other test uses
+    y = rng.standard_normal((8, 520))
+    net = bp.Network([bp.Dense(301, 520)], seed=0)
+    assert net.n_parameters >= _core.PARALLEL_MIN_WORK
+
+    def timing():
+        return [t for t in _core.product_timings()
+                if t[:3] == (net.n_parameters, 0, optimizer_pass)]
+    with bp.threads(1):
+        serial = bp.Network([bp.Dense(301, 520)], seed=0)
+        serial_opt = bp.SGD(lr=1e-3)
+        for _ in range(5):
+            serial.train_step(X, y, bp.MSE(), serial_opt)
+    assert not timing()  # one thread: nothing to choose, nothing timed
+    opt = bp.SGD(lr=1e-3)
+    with bp.threads(2):
+        for step in range(5000):
+            net.train_step(X, y, bp.MSE(), opt)
+            if step == 4:
+                np.testing.assert_array_equal(net.parameters, serial.parameters)
+            if timing() and timing()[0][4] > 0:
+                break
+    (_, _, _, serial_s, parallel_s, _), = timing()
+    assert serial_s > 0 and parallel_s > 0, "the threaded way was never probed"
+
+
+@pytest.mark.skipif(not OPENMP, reason="a serial build always has one thread")
 def test_an_outside_blas_limit_also_limits_the_products():
     """threadpoolctl's BLAS limit of one thread (as scikit-learn users set it) keeps
     bpfast's split products on one thread: they are then not even timed."""

@@ -6,6 +6,7 @@ from ._threads import get_num_threads, set_num_threads, show_config, threads  # 
 from . import callbacks, metrics, schedules
 from ._training import DivergenceError
 from .callbacks import History
+from .explain import explain
 from .io import load, save
 from .layers import ACTIVATIONS, Dense
 from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, Huber, Loss
@@ -14,7 +15,7 @@ from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __all__ = [
     "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy", "CrossEntropy", "Dense",
-    "DivergenceError", "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer",
+    "DivergenceError", "History", "explain", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer",
     "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "metrics", "save", "schedules",
     "set_num_threads", "show_config", "threads",
 ]

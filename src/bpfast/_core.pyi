@@ -27,6 +27,10 @@ class Loss(IntEnum):
     LOSS_BINARY_CROSS_ENTROPY = 5
     LOSS_BINARY_CROSS_ENTROPY_PROBS = 6
 
+class Reduction(IntEnum):
+    REDUCTION_MEAN = 0
+    REDUCTION_SUM = 1
+
 class Optimizer(IntEnum):
     OPT_SGD = 0
     OPT_ADAM = 1
@@ -38,6 +42,7 @@ class LayerKind(IntEnum):
 
 ACTIVATIONS: tuple[str, ...]
 LOSSES: tuple[str, ...]
+REDUCTIONS: tuple[str, ...]
 OPTIMIZERS: tuple[str, ...]
 LAYER_KINDS: tuple[str, ...]
 PARALLEL_MIN_WORK: int
@@ -50,6 +55,7 @@ def kernel_info() -> tuple[str, bool]: ...
 def set_blas_thread_functions(set_address: int, get_address: int) -> None: ...
 def set_blas_num_threads(n: int) -> None: ...
 def set_adaptive(adaptive: bool) -> None: ...
+ELEMENTWISE_PASSES: tuple[str, ...]
 def product_timings() -> list[tuple[int, int, int, float, float, bool]]: ...
 def first_nonfinite(array: NDArray[np.floating]) -> int: ...
 def ready_array(array: object, dtype: np.dtype[Any], ndim: int) -> bool: ...
@@ -59,9 +65,11 @@ BUSY_MESSAGE: str
 FITTING_MESSAGE: str
 
 class LossConfig:
-    def __init__(self, name: str, param: float = ...) -> None: ...
+    def __init__(self, name: str, param: float = ..., reduction: str = ...) -> None: ...
     @property
     def name(self) -> str: ...
+    @property
+    def reduction(self) -> str: ...
     def evaluate(self, out: NDArray[np.floating], target: NDArray[np.floating] | None,
                  labels: NDArray[np.intp] | None,
                  grad: NDArray[np.floating] | None,
@@ -116,6 +124,10 @@ class _TypedEngine(Engine, Generic[_F]):
                    labels: NDArray[np.intp] | None, weights: NDArray[np.float64] | None,
                    loss: LossConfig, optimizer: OptimizerConfig | None, l2: float = ...,
                    clip_value: float = ..., clip_norm: float = ...) -> float: ...
+    def scale_gradients(self, factor: float) -> None: ...
+    def apply_gradients(self, loss_value: float, optimizer: OptimizerConfig | None = ...,
+                        l2: float = ..., clip_value: float = ..., clip_norm: float = ...
+                        ) -> float: ...
     def train_epoch(self, x: NDArray[_F], target: NDArray[_F] | None,
                     labels: NDArray[np.intp] | None, weights: NDArray[np.float64] | None,
                     order: NDArray[np.intp] | None, batch_size: int, loss: LossConfig,

@@ -98,6 +98,10 @@ cpdef enum Loss:
     LOSS_MSE, LOSS_L1, LOSS_HUBER, LOSS_CROSS_ENTROPY, LOSS_CROSS_ENTROPY_PROBS
     LOSS_BINARY_CROSS_ENTROPY, LOSS_BINARY_CROSS_ENTROPY_PROBS
 
+cpdef enum Reduction:
+    # how a loss combines its terms, as PyTorch's reduction= (the default is the mean)
+    REDUCTION_MEAN, REDUCTION_SUM
+
 cpdef enum Optimizer:
     OPT_SGD, OPT_ADAM, OPT_RMSPROP, OPT_ADAGRAD
 
@@ -116,6 +120,7 @@ def _names(enum, str prefix):
 
 ACTIVATIONS = _names(Activation, "ACT_")
 LOSSES = _names(Loss, "LOSS_")
+REDUCTIONS = _names(Reduction, "REDUCTION_")
 OPTIMIZERS = _names(Optimizer, "OPT_")
 LAYER_KINDS = _names(LayerKind, "KIND_")
 

@@ -155,6 +155,7 @@ class FitConfig:
     patience: int = 10
     verbose: int = 0
     on_divergence: str = "raise"
+    comm: Any = None  # an mpi4py communicator: data-parallel (bpfast.distributed)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -318,7 +319,7 @@ class Trainer:
         if self.history.epoch and self.history.epoch[-1] == epoch + 1:
             return  # recorded already
         record = dict.fromkeys(self._log_keys, math.nan)
-        record.update(loss=loss_sum / weight_sum if weight_sum else 0.0, lr=lr)
+        record.update(loss=self._epoch_loss(loss_sum, weight_sum), lr=lr)
         self.history.on_epoch_end(epoch + 1, record)
 
     def _end_callbacks(self, logs):
@@ -448,7 +449,7 @@ class Trainer:
                 break
             batch = end
             if batch_callbacks:
-                logs = {"loss": loss_sum / weight_sum if weight_sum else 0.0,
+                logs = {"loss": self._epoch_loss(loss_sum, weight_sum),
                         "samples": rows_done}
                 for callback in batch_callbacks:
                     callback.on_batch_end(batch - 1, logs)
@@ -466,6 +467,13 @@ class Trainer:
         if lrs is not None:
             self.optimizer.lr = float(self.schedule(self.optimizer._config.step_count,
                                                     self.optimizer.initial_lr))
+        return self._epoch_loss(loss_sum, weight_sum)
+
+    def _epoch_loss(self, loss_sum, weight_sum):
+        """The epoch's loss from the compiled epoch's sums: the weighted mean of the batch
+        losses, or for a "sum" reduction their total (the loss summed over the epoch)."""
+        if self.loss._config.reduction == "sum":
+            return loss_sum
         # an epoch whose samples all weigh 0 has loss 0 (as each of its batches)
         return loss_sum / weight_sum if weight_sum else 0.0
 

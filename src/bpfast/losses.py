@@ -1,9 +1,13 @@
 """Loss functions: their hyperparameters and target checks. The arithmetic is in _core.
 
-Every loss uses PyTorch's 'mean' reduction: cross-entropy averages over samples,
-the others over all elements. With ``sample_weight`` the mean is weighted:
+Every loss takes PyTorch's ``reduction``: ``"mean"`` (the default) averages,
+cross-entropy over samples and the others over all elements; ``"sum"`` adds every
+term, as the textbook's ``E = 1/2 sum (d - y)^2`` does (``MSE(half=True,
+reduction="sum")``). With ``sample_weight`` the mean is weighted:
 ``sum(w_i * loss_i) / sum(w_i)`` (per element: each sample's elements share its
-weight), as PyTorch weights cross-entropy by class. ``loss(out, y)`` is the value,
+weight), as PyTorch weights cross-entropy by class, and the sum is
+``sum(w_i * loss_i)``, as PyTorch's weighted losses sum (for the losses that have
+no weights in PyTorch, bpfast's choice, the same rule). ``loss(out, y)`` is the value,
 ``loss.gradient(out, y)`` is dL/dout with out's shape, the same quantity that
 back-propagates inside ``Network.train_step``.
 """
@@ -16,6 +20,7 @@ from ._validation import (
     as_float_array,
     as_kernel_array,
     check_bool,
+    check_choice,
     check_real,
     check_sample_weight,
     instance_by_name,
@@ -32,8 +37,12 @@ class Loss:
     #: the last-layer activation whose output this loss expects when from_logits=False
     output_activation: str | None = None
 
-    def __init__(self, core_name: str, param: float = 1.0) -> None:
-        self._config = _core.LossConfig(core_name, param)
+    #: "mean" or "sum", as PyTorch's ``reduction=``
+    reduction: str = "mean"
+
+    def __init__(self, core_name: str, param: float = 1.0, reduction: str = "mean") -> None:
+        self.reduction = check_choice("reduction", reduction, _core.REDUCTIONS)
+        self._config = _core.LossConfig(core_name, param, self.reduction)
 
     def __reduce__(self):
         # pickle and copy.deepcopy through the constructor: a loss's arguments are its
@@ -44,9 +53,10 @@ class Loss:
 
     def __call__(self, output: ArrayLike, target: ArrayLike,
                  sample_weight: ArrayLike | None = None) -> float:
-        """The mean loss of ``output`` (n, k) against ``target``, as a Python float.
+        """The loss of ``output`` (n, k) against ``target`` (its mean or sum, as
+        ``reduction`` says), as a Python float.
 
-        ``sample_weight`` (n,), optional, makes it the weighted mean.
+        ``sample_weight`` (n,), optional, weights each sample's terms.
         """
         output_array, dense, labels, weights = self._prepare(output, target, sample_weight)
         return self._config.evaluate(output_array, dense, labels, None, weights)
@@ -102,43 +112,45 @@ class Loss:
 
 
 class MSE(Loss):
-    """Mean squared error, mean over all elements: ``mean((out - y)**2)``.
+    """Squared error, as torch.nn.MSELoss: ``mean((out - y)**2)`` over all elements.
 
     Parameters
     ----------
     half : bool
         Multiply by 1/2 (the textbook and scikit-learn convention), so the
         gradient is ``(out - y) / numel``.
+    reduction : {"mean", "sum"}
+        ``"sum"``: ``sum((out - y)**2)``; with ``half=True`` the textbook's
+        ``E = 1/2 sum (d - y)^2``, whose gradient is ``out - y``.
     """
 
-    def __init__(self, half: bool = False) -> None:
+    def __init__(self, half: bool = False, *, reduction: str = "mean") -> None:
         self.half = check_bool("half", half)
-        super().__init__("mse", 0.5 if self.half else 1.0)
-
-    def __repr__(self):
-        return f"MSE(half={self.half})"
-
+        super().__init__("mse", 0.5 if self.half else 1.0, reduction)
 
 class L1(Loss):
-    """Mean absolute error, as torch.nn.L1Loss (gradient sign(out - y) / numel, 0 at 0)."""
+    """Absolute error, as torch.nn.L1Loss (gradient sign(out - y) / numel, 0 at 0).
 
-    def __init__(self) -> None:
-        super().__init__("l1")
+    ``reduction="sum"`` sums instead of averaging (gradient sign(out - y)).
+    """
+
+    def __init__(self, *, reduction: str = "mean") -> None:
+        super().__init__("l1", 1.0, reduction)
 
 
 class Huber(Loss):
-    """Huber loss, as torch.nn.HuberLoss: quadratic below ``delta``, linear above."""
+    """Huber loss, as torch.nn.HuberLoss: quadratic below ``delta``, linear above.
 
-    def __init__(self, delta: float = 1.0) -> None:
+    ``reduction``: ``"mean"`` (default) or ``"sum"``, as PyTorch's.
+    """
+
+    def __init__(self, delta: float = 1.0, *, reduction: str = "mean") -> None:
         self.delta = check_real("delta", delta, minimum=0.0, min_inclusive=False)
-        super().__init__("huber", self.delta)
-
-    def __repr__(self):
-        return f"Huber(delta={self.delta})"
-
+        super().__init__("huber", self.delta, reduction)
 
 class CrossEntropy(Loss):
-    """Cross-entropy, as torch.nn.CrossEntropyLoss, averaged over samples.
+    """Cross-entropy, as torch.nn.CrossEntropyLoss, averaged over samples
+    (``reduction="sum"``: summed).
 
     Parameters
     ----------
@@ -159,9 +171,10 @@ class CrossEntropy(Loss):
     accepts_labels = True
     output_activation = "softmax"
 
-    def __init__(self, from_logits: bool = True) -> None:
+    def __init__(self, from_logits: bool = True, *, reduction: str = "mean") -> None:
         self.from_logits = check_bool("from_logits", from_logits)
-        super().__init__("cross_entropy" if self.from_logits else "cross_entropy_probs")
+        super().__init__("cross_entropy" if self.from_logits else "cross_entropy_probs", 1.0,
+                         reduction)
 
     def prepare_target(self, target, n_samples, n_outputs, dtype):
         if _core.ready_labels(target, n_samples, n_outputs):
@@ -197,12 +210,8 @@ class CrossEntropy(Loss):
         # probability targets: the most likely class
         return labels if labels is not None else np.argmax(dense, axis=1)
 
-    def __repr__(self):
-        return f"CrossEntropy(from_logits={self.from_logits})"
-
-
 class BinaryCrossEntropy(Loss):
-    """Binary cross-entropy, mean over all elements.
+    """Binary cross-entropy, mean over all elements (``reduction="sum"``: summed).
 
     ``from_logits=True`` (default) is torch.nn.BCEWithLogitsLoss, stable for any
     logits; ``from_logits=False`` is torch.nn.BCELoss on probabilities (logs clamped
@@ -212,10 +221,10 @@ class BinaryCrossEntropy(Loss):
 
     output_activation = "sigmoid"
 
-    def __init__(self, from_logits: bool = True) -> None:
+    def __init__(self, from_logits: bool = True, *, reduction: str = "mean") -> None:
         self.from_logits = check_bool("from_logits", from_logits)
         super().__init__("binary_cross_entropy" if self.from_logits
-                         else "binary_cross_entropy_probs")
+                         else "binary_cross_entropy_probs", 1.0, reduction)
 
     def _check_values(self, dense):
         if dense.min() < 0 or dense.max() > 1:
@@ -227,10 +236,6 @@ class BinaryCrossEntropy(Loss):
         if dense.shape[1] != 1:
             return None
         return (dense[:, 0] >= 0.5).astype(np.intp)
-
-    def __repr__(self):
-        return f"BinaryCrossEntropy(from_logits={self.from_logits})"
-
 
 def _rebuild_loss(cls, arguments):
     """The inverse of Loss.__reduce__."""

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from . import distributed
 from ._compiled import core as _core
 from ._training import (
     Data,
@@ -279,13 +280,19 @@ class Network:
         return l2, clip_value, clip_norm
 
     def compute_gradients(self, X: ArrayLike, y: ArrayLike, loss: Loss | str, *,
-                          sample_weight: ArrayLike | None = None, l2: float = 0.0) -> float:
+                          sample_weight: ArrayLike | None = None, l2: float = 0.0,
+                          comm: Any = None) -> float:
         """Forward, loss and backward in one compiled call; fills ``gradients``; the loss.
 
         ``sample_weight`` (n,) weights the mean loss; ``l2`` adds
         ``l2 / 2 * sum(W**2)`` over the weights (not biases) to the loss and
-        ``l2 * W`` to their gradients.
+        ``l2 * W`` to their gradients. With ``comm`` (an mpi4py communicator), each
+        rank passes its shard of the batch and every rank gets the gradient and loss
+        of the whole batch (one in-place all-reduce; see :mod:`bpfast.distributed`).
         """
+        if comm is not None:
+            return distributed.step(self, comm, X, y, loss, None, sample_weight, l2, None,
+                                    None)
         loss = self._check_loss(loss)
         X, target, labels = self._prepare_batch(X, y, loss)
         weights = check_sample_weight(sample_weight, X.shape[0])
@@ -295,14 +302,19 @@ class Network:
     def train_step(self, X: ArrayLike, y: ArrayLike, loss: Loss | str,
                    optimizer: Optimizer | str, *, sample_weight: ArrayLike | None = None,
                    l2: float = 0.0, clip_norm: float | None = None,
-                   clip_value: float | None = None) -> float:
+                   clip_value: float | None = None, comm: Any = None) -> float:
         """One training step (forward, loss, backward, update) in one compiled call.
 
         Returns the loss of the forward pass, before the update. ``sample_weight``,
         ``l2``, ``clip_norm`` and ``clip_value`` are as in :meth:`fit`. If the loss
         is NaN or infinite the update is skipped and :class:`DivergenceError` is
-        raised, with the parameters unchanged.
+        raised, with the parameters unchanged. With ``comm`` (an mpi4py
+        communicator), each rank passes its shard of the batch: the step is that of
+        the whole batch on every rank (see :mod:`bpfast.distributed`).
         """
+        if comm is not None:
+            return distributed.step(self, comm, X, y, loss, optimizer, sample_weight, l2,
+                                    clip_norm, clip_value)
         loss = self._check_loss(loss)
         X, target, labels = self._prepare_batch(X, y, loss)
         optimizer = self._get_optimizer(optimizer)
@@ -342,7 +354,7 @@ class Network:
             callbacks: Sequence[Callback] | None = None,
             early_stopping: bool | EarlyStopping = False, tol: float | None = None,
             patience: int = 10, verbose: int = 0,
-            on_divergence: Literal["raise", "warn"] = "raise") -> History:
+            on_divergence: Literal["raise", "warn"] = "raise", comm: Any = None) -> History:
         """Train by gradient descent; returns a :class:`History` of per-epoch records.
 
         Each epoch runs in compiled code (one call, or one per chunk of batches
@@ -411,13 +423,19 @@ class Network:
             the last update): raise :class:`DivergenceError`, or warn and stop.
             Either way the network keeps finite parameters (from before the update,
             or the epoch's start); the history so far is in ``self.history``.
+        comm : mpi4py communicator, optional
+            Data-parallel training: each rank passes its own shard of the data
+            (``batch_size`` is per rank); rank 0's parameters and optimizer state
+            are broadcast first, every step all-reduces the gradient, and every rank
+            ends with the same parameters and History. See :mod:`bpfast.distributed`.
 
         Returns
         -------
         History
             ``history.history["loss"]`` is the mean over the epoch's batches of each
             batch's loss before its update (with the l2 term), weighted by batch
-            weight; "val_loss" (data loss only) and metrics when asked for; "lr".
+            weight (for a loss with ``reduction="sum"``: the sum of the batch losses);
+            "val_loss" (data loss only) and metrics when asked for; "lr".
 
         Notes
         -----
@@ -441,7 +459,7 @@ class Network:
                 validation_data=validation_data, validation_split=validation_split,
                 metrics=metrics, schedule=schedule, callbacks=callbacks,
                 early_stopping=early_stopping, tol=tol, patience=patience, verbose=verbose,
-                on_divergence=on_divergence))
+                on_divergence=on_divergence, comm=comm))
             return trainer.run(trainer.epochs)
 
     @contextlib.contextmanager
@@ -500,6 +518,12 @@ class Network:
 
     def _checked_trainer(self, X, y, config):
         """Check config against this network and the data, split the data: a Trainer."""
+        if config.comm is not None:  # an error on one rank must not leave others waiting
+            with distributed.aborting_on_error(distributed.check_comm(config.comm)):
+                return self._checked_trainer_for(X, y, config)
+        return self._checked_trainer_for(X, y, config)
+
+    def _checked_trainer_for(self, X, y, config):
         loss = self._check_loss(config.loss)
         optimizer = self._get_optimizer(config.optimizer)
         config = dataclasses.replace(
@@ -534,11 +558,15 @@ class Network:
                 if validation is not None:
                     raise ValueError("give validation_data or validation_split, not both")
                 classes = loss.class_indices(data.dense, data.labels)
+                # with comm, each rank splits its shard with its own stream
+                rng = self._rng if config.comm is None else \
+                    distributed.shard_rng(self, config.comm)
                 train_rows, validation_rows = split_validation(
-                    data.n_samples, validation_split, classes, self._rng)
+                    data.n_samples, validation_split, classes, rng)
                 data, validation = data.take(train_rows), data.take(validation_rows)
-            trainer = Trainer(self, data, validation, config, options=options,
-                              metrics=metrics)
+            trainer_class = Trainer if config.comm is None else distributed.DistributedTrainer
+            trainer = trainer_class(self, data, validation, config, options=options,
+                                    metrics=metrics)
         except BaseException:
             self._rng.bit_generator.state = rng_state  # a refused call changes nothing
             raise

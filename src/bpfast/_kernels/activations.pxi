@@ -120,25 +120,32 @@ cdef void activation_backward_rows(floating* grad, const floating* a, const floa
 # Parallel drivers: split rows (or columns) into one contiguous block per thread.
 cdef void bias_activation(floating* z, floating* a, const floating* bias, Py_ssize_t n_rows,
                           Py_ssize_t width, int activation, double param) noexcept nogil:
-    cdef int t, n_threads = _threads_for(n_rows * width)
-    if n_threads == 1 or n_rows < 2:
+    cdef PassTimer timer
+    cdef int t, n_threads = pass_threads(PASS_BIAS_ACTIVATION,
+                                         n_rows * width if n_rows > 1 else 0,
+                                         floating is double, &timer)
+    if n_threads == 1:
         bias_activation_rows(z, a, bias, 0, n_rows, width, activation, param)
-        return
-    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
-        bias_activation_rows(z, a, bias, t * n_rows // n_threads,
-                             (t + 1) * n_rows // n_threads, width, activation, param)
+    else:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+            bias_activation_rows(z, a, bias, t * n_rows // n_threads,
+                                 (t + 1) * n_rows // n_threads, width, activation, param)
+    pass_done(&timer)
 
 
 cdef void activation_backward(floating* grad, const floating* a, const floating* z,
                               Py_ssize_t n_rows, Py_ssize_t width, int activation,
                               double param) noexcept nogil:
+    cdef PassTimer timer
     cdef int t, n_threads
     if activation == ACT_IDENTITY:
         return
-    n_threads = _threads_for(n_rows * width)
-    if n_threads == 1 or n_rows < 2:
+    n_threads = pass_threads(PASS_ACTIVATION_BACKWARD, n_rows * width if n_rows > 1 else 0,
+                             floating is double, &timer)
+    if n_threads == 1:
         activation_backward_rows(grad, a, z, 0, n_rows, width, activation, param)
-        return
-    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
-        activation_backward_rows(grad, a, z, t * n_rows // n_threads,
-                                 (t + 1) * n_rows // n_threads, width, activation, param)
+    else:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+            activation_backward_rows(grad, a, z, t * n_rows // n_threads,
+                                     (t + 1) * n_rows // n_threads, width, activation, param)
+    pass_done(&timer)

@@ -1,10 +1,5 @@
 # Matrix products through SciPy's BLAS (gemm, matvec) and the thread policy of
-# bpfast's own passes (_threads_for). Included by _core.pyx.
-
-cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
-    # and one thread while the threaded products lose (a busy machine, see gemm):
-    # joining this pass's threads would wait for a descheduled worker just the same
-    return 1 if work < _parallel_min_work or not _passes_threaded else _n_threads
+# bpfast's own passes (pass_threads). Included by _core.pyx.
 
 
 # Thread policy for matrix products (bench/README.md, "Threads under load").
@@ -141,7 +136,10 @@ def set_adaptive(bint adaptive):
 
 
 def product_timings():
-    """The shapes timed so far: (m, n, k, serial_s, parallel_s, uses_threads) each."""
+    """The shapes timed so far: (m, n, k, serial_s, parallel_s, uses_threads) each.
+
+    An elementwise pass over `work` elements appears as (work, 0, pass), pass i + 1
+    being ELEMENTWISE_PASSES[i] (work below 2**30)."""
     return [(t.m, t.n, t.k, t.serial_s, t.parallel_s, bool(t.parallel))
             for t in _timings[:TIMING_SLOTS] if t.flags != 0]
 
@@ -210,7 +208,7 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     cdef int n_blocks = (m if split_rows else n) // BLOCK_WIDTH
     cdef int block, n_threads = _n_threads, flags
     cdef bint parallel
-    cdef double start, elapsed, other_s
+    cdef double start, elapsed
     cdef ShapeTiming* timing = NULL
     if n_blocks > MAX_BLOCKS:
         n_blocks = MAX_BLOCKS
@@ -228,16 +226,7 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     if parallel and _adaptive:
         flags = 1 + trans_a + 2 * trans_b + (4 if floating is float else 8)
         timing = _timing_for(m, n, k, flags)
-        if timing.serial_s == 0:
-            parallel = False
-        else:
-            # an untimed way counts as costing PROBE_FLOOR_S: under load one threaded
-            # call can wait a scheduler slice, whatever its size
-            other_s = timing.serial_s if timing.parallel else timing.parallel_s
-            if timing.since_probe_s >= PROBE_RATIO * max(other_s, PROBE_FLOOR_S):
-                parallel = not timing.parallel
-            else:
-                parallel = timing.parallel
+        parallel = _choose_parallel(timing)
         start = bpfast_seconds()
     if parallel:
         for block in prange(n_blocks, num_threads=n_threads, schedule="dynamic"):
@@ -273,6 +262,72 @@ cdef void _record(ShapeTiming* timing, bint parallel, double elapsed) noexcept n
     timing.parallel = timing.parallel_s != 0 and timing.parallel_s < timing.serial_s
     if timing.parallel_s != 0:
         _passes_threaded = timing.parallel
+
+
+cdef bint _choose_parallel(const ShapeTiming* timing) noexcept nogil:
+    """The way to run this call: the faster so far, or the other once it is due a probe.
+    An untimed way counts as costing PROBE_FLOOR_S: under load one threaded call can
+    wait a scheduler slice, whatever its size."""
+    cdef double other_s
+    if timing.serial_s == 0:
+        return False
+    other_s = timing.serial_s if timing.parallel else timing.parallel_s
+    if timing.since_probe_s >= PROBE_RATIO * max(other_s, PROBE_FLOOR_S):
+        return not timing.parallel
+    return timing.parallel
+
+
+# Elementwise passes (bias + activation, activation derivatives, losses, optimizer
+# updates, clipping, sums of squares) choose their thread count the same way as the
+# products, each pass and size on its own timing: a pass is memory-bound and gains
+# less from threads than a product, so it must not follow the products' choice.
+cdef enum:
+    PASS_BIAS_ACTIVATION = 1
+    PASS_ACTIVATION_BACKWARD
+    PASS_BIAS_GRADIENT
+    PASS_LOSS
+    PASS_OPTIMIZER
+    PASS_SUM_SQUARES
+    PASS_CLIP
+
+
+# for tests and product_timings(): pass i + 1 is ELEMENTWISE_PASSES[i]
+ELEMENTWISE_PASSES = ("bias_activation", "activation_backward", "bias_gradient", "loss",
+                      "optimizer", "sum_squares", "clip")
+
+
+cdef struct PassTimer:
+    ShapeTiming* timing   # NULL: this call is not timed
+    double start
+    bint parallel
+
+
+cdef int pass_threads(int pass_id, Py_ssize_t work, bint double_precision,
+                      PassTimer* timer) noexcept nogil:
+    """Threads for one elementwise pass over `work` elements: one below
+    PARALLEL_MIN_WORK, otherwise the faster way for this pass and size as timed (see
+    gemm). Every call must be followed by pass_done(timer) once the pass is over."""
+    timer.timing = NULL
+    if work < _parallel_min_work or _n_threads == 1:
+        return 1
+    if not _adaptive:
+        return _n_threads
+    timer.timing = _timing_for(<int>(work & 0x3FFFFFFF), <int>(work >> 30), pass_id,
+                               64 + 2 * pass_id + double_precision)
+    timer.parallel = _choose_parallel(timer.timing)
+    timer.start = bpfast_seconds()
+    return _n_threads if timer.parallel else 1
+
+
+cdef inline void pass_done(PassTimer* timer) noexcept nogil:
+    if timer.timing != NULL:
+        _record(timer.timing, timer.parallel, bpfast_seconds() - timer.start)
+
+
+cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
+    # an untimed pass follows the last timed product or pass: one thread while the
+    # threaded way loses (a busy machine), since its join would wait just the same
+    return 1 if work < _parallel_min_work or not _passes_threaded else _n_threads
 
 
 cdef inline void matvec(const floating* w, int n_out, int n_in, const floating* x,

@@ -83,13 +83,17 @@ cdef void column_sums(const floating* x, floating* sums, Py_ssize_t n_rows,
 cdef void bias_gradient(const floating* dz, floating* grad_bias, Py_ssize_t n_rows,
                         Py_ssize_t width) noexcept nogil:
     # Split over columns, never over rows: every thread count sums in one order.
-    cdef int t, n_threads = _threads_for(n_rows * width)
-    if n_threads == 1 or width < 64:
+    cdef PassTimer timer
+    cdef int t, n_threads = pass_threads(PASS_BIAS_GRADIENT,
+                                         n_rows * width if width >= 64 else 0,
+                                         floating is double, &timer)
+    if n_threads == 1:
         column_sums(dz, grad_bias, n_rows, width, 0, width)
-        return
-    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
-        column_sums(dz, grad_bias, n_rows, width, t * width // n_threads,
-                    (t + 1) * width // n_threads)
+    else:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+            column_sums(dz, grad_bias, n_rows, width, t * width // n_threads,
+                        (t + 1) * width // n_threads)
+    pass_done(&timer)
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -3,6 +3,7 @@
 cdef struct LossParams:
     int kind
     double param          # MSE: 1 or 1/2 (half); Huber: delta
+    int reduction         # REDUCTION_MEAN or REDUCTION_SUM
 
 
 cdef void loss_rows(const LossParams* loss, const floating* out, const floating* target,
@@ -120,22 +121,25 @@ cdef double loss_and_gradient(const LossParams* loss, const floating* out,
                               const floating* target, const intp* labels,
                               const double* weights, floating* grad, double* row_loss,
                               Py_ssize_t n_rows, Py_ssize_t width) noexcept nogil:
-    """Mean loss (PyTorch's reduction) and, if grad != NULL, its gradient dL/dout.
+    """The loss with PyTorch's reduction and, if grad != NULL, its gradient dL/dout.
 
-    With per-row weights the mean is weighted: sum(w_i * loss_i) / sum(w_i), as
-    PyTorch weights cross-entropy by class; a batch whose weights are all zero
-    has loss 0 and a zero gradient.
+    "mean": with per-row weights the mean is weighted, sum(w_i * loss_i) / sum(w_i),
+    as PyTorch weights cross-entropy by class; a batch whose weights are all zero
+    has loss 0 and a zero gradient. "sum": sum(w_i * loss_i), no division.
     """
-    cdef int t, n_threads = _threads_for(n_rows * width * 8)
+    cdef PassTimer timer
+    cdef int t, n_threads = pass_threads(PASS_LOSS, n_rows * width * 8 if n_rows > 1 else 0,
+                                         floating is double, &timer)
     cdef Py_ssize_t i
-    cdef double total = 0, denominator, grad_scale
-    # cross-entropy averages over samples, every other loss over all elements
-    denominator = weight_sum(weights, n_rows)
-    if not (loss.kind == LOSS_CROSS_ENTROPY or loss.kind == LOSS_CROSS_ENTROPY_PROBS):
-        denominator *= <double>width
+    cdef double total = 0, denominator = 1.0, grad_scale
+    if loss.reduction == REDUCTION_MEAN:
+        # cross-entropy averages over samples, every other loss over all elements
+        denominator = weight_sum(weights, n_rows)
+        if not (loss.kind == LOSS_CROSS_ENTROPY or loss.kind == LOSS_CROSS_ENTROPY_PROBS):
+            denominator *= <double>width
     grad_scale = 2.0 * loss.param if loss.kind == LOSS_MSE else 1.0
     grad_scale = grad_scale / denominator if denominator > 0 else 0.0
-    if n_threads == 1 or n_rows < 2:
+    if n_threads == 1:
         loss_rows(loss, out, target, labels, weights, grad, row_loss, 0, n_rows, width,
                   grad_scale)
     else:
@@ -143,6 +147,7 @@ cdef double loss_and_gradient(const LossParams* loss, const floating* out,
             loss_rows(loss, out, target, labels, weights, grad, row_loss,
                       t * n_rows // n_threads, (t + 1) * n_rows // n_threads, width,
                       grad_scale)
+    pass_done(&timer)
     for i in range(n_rows):  # one summation order for any thread count
         total += row_loss[i]
     if loss.kind == LOSS_MSE:

@@ -123,7 +123,9 @@ cdef void gather_weights(const double* source, const intp* rows, Py_ssize_t n_ro
 
 
 cdef struct EpochResult:
-    double loss_sum      # sum over finished batches of (batch weight * batch loss)
+    # sum over finished batches of (batch weight * batch loss); of the batch losses
+    # themselves for a "sum" reduction
+    double loss_sum
     double weight_sum    # sum of those batch weights (rows, when unweighted)
     Py_ssize_t n_rows    # rows of the finished batches
     bint diverged        # a batch's loss was not finite; its update was skipped
@@ -196,7 +198,8 @@ cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* 
             result.diverged = True
             return 0
         batch_weight = weight_sum(wb, n_rows)
-        result.loss_sum += batch_weight * value
+        # "mean": the epoch's weighted mean; "sum": the epoch's total (see EpochResult)
+        result.loss_sum += value if loss.reduction == REDUCTION_SUM else batch_weight * value
         result.weight_sum += batch_weight
         result.n_rows += n_rows
         begin += n_rows

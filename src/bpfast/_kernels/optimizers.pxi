@@ -100,10 +100,12 @@ cdef void optimizer_update_range(const OptimizerParams* o, long long step,
 cdef void optimizer_update(const OptimizerParams* o, long long step, floating* param,
                            const floating* grad, floating* state,
                            Py_ssize_t n) noexcept nogil:
-    cdef int t, n_threads = _threads_for(n)
+    cdef PassTimer timer
+    cdef int t, n_threads = pass_threads(PASS_OPTIMIZER, n, floating is double, &timer)
     if n_threads == 1:
         optimizer_update_range(o, step, param, grad, state, n, 0, n)
-        return
-    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
-        optimizer_update_range(o, step, param, grad, state, n, t * n // n_threads,
-                               (t + 1) * n // n_threads)
+    else:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+            optimizer_update_range(o, step, param, grad, state, n, t * n // n_threads,
+                                   (t + 1) * n // n_threads)
+    pass_done(&timer)

@@ -29,7 +29,8 @@ cdef double sum_squares(const floating* x, floating* axpy, double coef, Py_ssize
     order, so the result is the same with any number of threads.
     """
     cdef Py_ssize_t b, n_blocks = (n + REDUCTION_BLOCK - 1) // REDUCTION_BLOCK
-    cdef int n_threads = _threads_for(n)
+    cdef PassTimer timer
+    cdef int n_threads = pass_threads(PASS_SUM_SQUARES, n, floating is double, &timer)
     cdef double total = 0
     if n_threads == 1:
         for b in range(n_blocks):
@@ -39,6 +40,7 @@ cdef double sum_squares(const floating* x, floating* axpy, double coef, Py_ssize
         for b in prange(n_blocks, num_threads=n_threads, schedule="static"):
             partials[b] = block_sum_squares(x, axpy, <floating>coef, b * REDUCTION_BLOCK,
                                             min(n, (b + 1) * REDUCTION_BLOCK))
+    pass_done(&timer)
     for b in range(n_blocks):
         total += partials[b]
     return total
@@ -64,13 +66,15 @@ cdef void clip_range(floating* grad, floating limit, floating scale, Py_ssize_t 
 
 
 cdef void clip(floating* grad, Py_ssize_t n, double limit, double scale) noexcept nogil:
-    cdef int t, n_threads = _threads_for(n)
+    cdef PassTimer timer
+    cdef int t, n_threads = pass_threads(PASS_CLIP, n, floating is double, &timer)
     if n_threads == 1:
         clip_range(grad, <floating>limit, <floating>scale, 0, n)
-        return
-    for t in prange(n_threads, num_threads=n_threads, schedule="static"):
-        clip_range(grad, <floating>limit, <floating>scale, t * n // n_threads,
-                   (t + 1) * n // n_threads)
+    else:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+            clip_range(grad, <floating>limit, <floating>scale, t * n // n_threads,
+                       (t + 1) * n // n_threads)
+    pass_done(&timer)
 
 
 cdef double regularize_and_clip(const LayerSpec* layers, int n_layers,
