@@ -160,6 +160,8 @@ class CrossEntropy(Loss):
         probabilities (a softmax last layer); in training, such a network uses the
         fused, stable gradient ``(p - y) / n``.
 
+    Notes
+    -----
     Targets are integer class labels of shape (n,) or probabilities of shape
     (n, k); probability rows need not sum to 1 (PyTorch's formula is used as is).
     Labels may be stored as floats (any float dtype) if they are whole numbers;
