@@ -7,13 +7,14 @@ from . import callbacks, metrics, schedules
 from ._training import DivergenceError
 from .callbacks import History
 from .io import load, save
-from .layers import ACTIVATIONS, Dense
-from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, Huber, Loss
+from .layers import ACTIVATIONS, Activation, Dense
+from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, CustomLoss, Huber, Loss
 from .network import Network
 from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __all__ = [
-    "ACTIVATIONS", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy", "CrossEntropy", "Dense",
+    "ACTIVATIONS", "Activation", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy",
+    "CrossEntropy", "CustomLoss", "Dense",
     "DivergenceError", "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer",
     "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "metrics", "save", "schedules",
     "set_num_threads", "show_config", "threads",

@@ -17,6 +17,12 @@ class Activation(IntEnum):
     ACT_SOFTPLUS = 6
     ACT_GELU = 7
     ACT_SOFTMAX = 8
+    ACT_SILU = 9
+    ACT_MISH = 10
+    ACT_HARDTANH = 11
+    ACT_SELU = 12
+    ACT_SOFTSIGN = 13
+    ACT_CUSTOM = 14
 
 class Loss(IntEnum):
     LOSS_MSE = 0
@@ -26,6 +32,7 @@ class Loss(IntEnum):
     LOSS_CROSS_ENTROPY_PROBS = 4
     LOSS_BINARY_CROSS_ENTROPY = 5
     LOSS_BINARY_CROSS_ENTROPY_PROBS = 6
+    LOSS_CUSTOM = 7
 
 class Optimizer(IntEnum):
     OPT_SGD = 0
@@ -58,8 +65,15 @@ def ready_labels(labels: object, n_rows: int, n_classes: int) -> bool: ...
 BUSY_MESSAGE: str
 FITTING_MESSAGE: str
 
+class PythonCallback:
+    def __init__(self, function: object) -> None: ...
+    @property
+    def function(self) -> object: ...
+
 class LossConfig:
-    def __init__(self, name: str, param: float = ...) -> None: ...
+    def __init__(self, name: str, param: float = ..., custom: object = ...) -> None: ...
+    @property
+    def callback(self) -> PythonCallback | None: ...
     @property
     def name(self) -> str: ...
     def evaluate(self, out: NDArray[np.floating], target: NDArray[np.floating] | None,
@@ -94,7 +108,7 @@ class Engine:
     dtype: np.dtype
     parameters: NDArray[np.floating]
     gradients: NDArray[np.floating]
-    def __init__(self, layer_table: list[tuple[int, int, int, float, int, int]],
+    def __init__(self, layer_table: list[tuple[Any, ...]],
                  parameters: NDArray[np.floating], gradients: NDArray[np.floating]) -> None: ...
     _after_release: Callable[[], object] | None
     lock_state: dict[str, int | bool]

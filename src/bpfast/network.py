@@ -33,7 +33,7 @@ from ._validation import (
     format_bytes,
 )
 from .callbacks import Callback, EarlyStopping, History
-from .layers import Dense, from_description
+from .layers import Activation, Dense, from_description
 from .losses import Loss, get_loss
 from .optimizers import Optimizer, get_optimizer
 from .schedules import Schedule
@@ -103,6 +103,8 @@ class Network:
             if layer.activation == "softmax" and index != len(layers) - 1:
                 raise ValueError(f"softmax is only allowed on the last layer (layer {index} "
                                  "is hidden)")
+            if isinstance(layer.activation, Activation):
+                layer.activation._check_on_first_use()
         self.layers = layers
         self.seed = seed
         n_parameters = sum(layer.n_parameters for layer in layers)
@@ -242,7 +244,15 @@ class Network:
             NDArray[np.floating], NDArray[np.floating] | None, NDArray[np.intp] | None]:
         X = self._check_input(X)
         target, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
+        self._check_custom_loss(loss, X, target)
         return X, target, labels
+
+    def _check_custom_loss(self, loss, X, target):
+        """A custom loss's gradient check on its first use (Loss.check_gradient), on
+        this network's output for the first rows of X."""
+        if loss.is_custom and loss.check_gradient and \
+                not loss.__dict__.get("_gradient_checked"):
+            loss._check_gradient_on(self.predict(X[:16]), target[:16])
 
     # ------------------------------------------------------------------ step by step
     def forward(self, X: ArrayLike) -> NDArray[np.floating]:
@@ -528,6 +538,7 @@ class Network:
                 raise type(error)(f"validation_data: {error}") from None
         optimizer._bind_check(self)
         self._check_fit_batch(data.n_samples, batch_size)
+        self._check_custom_loss(loss, data.X, data.dense)
         rng_state = self._rng.bit_generator.state
         try:
             if validation_split is not None:
@@ -700,7 +711,7 @@ class Network:
         rows = [("Layer (type)", "Output Shape", "Activation", "Param #")]
         for index, layer in enumerate(self.layers):
             rows.append((f"dense_{index} (Dense)", f"(None, {layer.out_features})",
-                         layer.activation, f"{layer.n_parameters:,}"))
+                         str(layer.activation), f"{layer.n_parameters:,}"))
         widths = [max(len(row[column]) for row in rows) + 3 for column in range(4)]
         rule = "=" * sum(widths)
 

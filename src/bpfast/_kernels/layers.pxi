@@ -8,6 +8,7 @@ cdef struct LayerSpec:
     int n_in, n_out
     int activation
     double param               # leaky_relu slope or elu alpha
+    PyObject* callback         # ACT_CUSTOM: its PythonCallback (the Engine keeps it alive)
     Py_ssize_t weight_offset   # into the flat parameter / gradient buffers
     Py_ssize_t bias_offset     # -1: no bias
     Py_ssize_t a_column        # start of this layer's block in the activation workspace
@@ -37,16 +38,16 @@ cdef inline floating* _layer_z(const LayerSpec* layer, const Workspace* ws, floa
     return zs + ws.capacity * layer.z_column
 
 
-cdef void dense_forward(const LayerSpec* layer, const floating* params, const floating* x,
-                        Py_ssize_t n_rows, floating* z, floating* a) noexcept nogil:
+cdef int dense_forward(const LayerSpec* layer, const floating* params, const floating* x,
+                       Py_ssize_t n_rows, floating* z, floating* a) except -1 nogil:
     """z = x W^T + b, a = g(z); a may alias z. One GEMM (GEMV for one row), one pass over z."""
     if n_rows == 1:
         matvec(params + layer.weight_offset, layer.n_out, layer.n_in, x, z)
     else:
         gemm(False, True, <int>n_rows, layer.n_out, layer.n_in, x, layer.n_in,
              params + layer.weight_offset, layer.n_in, 0, z, layer.n_out)
-    bias_activation(z, a, params + layer.bias_offset if layer.bias_offset >= 0 else NULL,
-                    n_rows, layer.n_out, layer.activation, layer.param)
+    return bias_activation(z, a, params + layer.bias_offset if layer.bias_offset >= 0 else NULL,
+                           n_rows, layer.n_out, layer.activation, layer.param, layer.callback)
 
 
 cdef void dense_backward(const LayerSpec* layer, const floating* params, floating* grads,
@@ -93,13 +94,14 @@ cdef void bias_gradient(const floating* dz, floating* grad_bias, Py_ssize_t n_ro
 
 
 # --------------------------------------------------------------------------- dispatch
-cdef inline void layer_forward(const LayerSpec* layer, const floating* params,
-                               const floating* x, Py_ssize_t n_rows, floating* z,
-                               floating* a) noexcept nogil:
+cdef inline int layer_forward(const LayerSpec* layer, const floating* params,
+                              const floating* x, Py_ssize_t n_rows, floating* z,
+                              floating* a) except -1 nogil:
     """a = the layer applied to x (n_rows rows); z: its pre-activation where the kind
-    keeps one (z may alias a)."""
+    keeps one (z may alias a). -1: a custom activation raised."""
     if layer.kind == KIND_DENSE:
-        dense_forward(layer, params, x, n_rows, z, a)
+        return dense_forward(layer, params, x, n_rows, z, a)
+    return 0
 
 
 cdef inline void layer_backward(const LayerSpec* layer, const floating* params,

@@ -3,6 +3,7 @@
 cdef struct LossParams:
     int kind
     double param          # MSE: 1 or 1/2 (half); Huber: delta
+    PyObject* callback    # LOSS_CUSTOM: its PythonCallback (the LossConfig keeps it alive)
 
 
 cdef void loss_rows(const LossParams* loss, const floating* out, const floating* target,
