@@ -154,8 +154,10 @@ def _activation_onnx(layer, graph, z, name):
     if activation == "hardtanh":
         return graph.node("Clip", [z, graph.scalar(f"{name}.hardtanh_min", -1.0),
                                    graph.scalar(f"{name}.hardtanh_max", 1.0)])
-    if activation == "softsign":
-        return graph.node("Softsign", [z])
+    if activation == "softsign":  # z / (|z| + 1), as bpfast (ONNX Runtime has no
+        # float64 Softsign)
+        return graph.node("Div", [z, graph.node("Add", [
+            graph.node("Abs", [z]), graph.scalar(f"{name}.softsign_one", 1.0)])])
     if activation == "selu":
         if graph.dtype != np.float64:
             return graph.node("Selu", [z], alpha=_SELU_ALPHA, gamma=_SELU_SCALE)
@@ -673,12 +675,14 @@ def _templates(onnx, dtype, opset):
     ``_PARAMETER``, so reading follows writing by construction.
     """
     templates = []
-    for activation in ("leaky_relu", "elu", "softplus"):
+    for activation in ("leaky_relu", "elu", "softplus", "silu", "mish", "hardtanh", "selu",
+                       "softsign"):
         graph = _Graph(onnx, dtype, opset)
         layer = type("TemplateLayer", (), {"activation": activation,
                                            "activation_param": _PARAMETER})()
         _activation_onnx(layer, graph, "z", "template")
-        if len(graph.nodes) > 1:
+        # one operator without constants (LeakyRelu, Elu, Selu) is read by its op type
+        if len(graph.nodes) > 1 or graph.initializers:
             constants = {init.name: onnx.numpy_helper.to_array(init).ravel()[0]
                          for init in graph.initializers}
             templates.append((activation, graph.nodes, constants))
