@@ -9,6 +9,7 @@
 # function propagates from the kernel (except -1) before any parameter, gradient or
 # optimizer state changes.
 
+cimport cython
 from cpython.ref cimport PyObject
 from libc.stdint cimport uintptr_t
 from libc.string cimport memmove
@@ -20,6 +21,7 @@ cdef enum:
     N_VIEW_SLOTS = 2
 
 
+@cython.auto_pickle(False)  # holds views of one engine's buffers: nothing to pickle
 cdef class PythonCallback:
     """A user's Python object called from the compiled loop, and the views it is handed.
 
