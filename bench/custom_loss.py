@@ -11,7 +11,10 @@ shuffled batches, the compiled epoch loop), each with:
 * cross_entropy: the built-in cross-entropy from logits (class labels) against
   log-softmax written in NumPy (one loss per sample) on one-hot targets;
 * relu: the built-in ReLU hidden layer (MSE loss) against ``bp.Activation`` of
-  ``np.maximum(z, 0)`` and ``(z > 0)``.
+  ``np.maximum(z, 0)`` and ``(z > 0)``;
+* callback_only: the built-in MSE against a custom loss whose functions return
+  arrays made beforehand (no arithmetic): the cost of the callback mechanism alone
+  (taking the GIL, the views, the checks, the reduction and the copy).
 
 Both sides of a pair run in this one process, interleaved round by round, and are
 timed by common.measure. Reported: microseconds per step (the median over rounds of
@@ -78,6 +81,15 @@ def cases(bp, np, problem):
         pairs[f"{name}/fit"] = {
             "builtin": _fit(bp, network(bp, problem), builtin, problem, builtin_y),
             "custom": _fit(bp, network(bp, problem), custom, problem, dense_y)}
+    zeros = {}
+
+    def cached(out, y):  # the same zero array every call: no NumPy work at all
+        return zeros.setdefault(out.shape, np.zeros(out.shape, out.dtype))
+
+    nothing = bp.CustomLoss(cached, cached, check_gradient=False, name="cached")
+    pairs["callback_only/train_step"] = {
+        "builtin": _steps(bp, network(bp, problem), bp.MSE(), dense_batches),
+        "custom": _steps(bp, network(bp, problem), nothing, dense_batches)}
     pairs["relu/train_step"] = {
         "builtin": _steps(bp, network(bp, problem), bp.MSE(), dense_batches),
         "custom": _steps(bp, network(bp, problem, relu), bp.MSE(), dense_batches)}
