@@ -342,15 +342,27 @@ def test_custom_loss_pickles_and_copies():
 
 
 def test_sklearn_regressor_takes_a_custom_loss():
+    """Half the squared error written in NumPy trains MLPRegressor exactly as its own
+    "squared_error" (one output: the same objective, the same steps)."""
     pytest.importorskip("sklearn")
     from bpfast.sklearn import MLPRegressor
     X, y = regression_data(n=80, n_out=1)
     y = y.ravel()
-    model = MLPRegressor(loss=Pinball(0.9), hidden_layer_sizes=(8,), max_iter=5,
-                         random_state=0, dtype="float64").fit(X, y)
-    # the 0.9 quantile lies above most targets once trained enough; here: it trained
-    # with the pinball loss, whose loss_ is the network's loss on the training data
-    assert model.loss_ == pytest.approx(Pinball(0.9)(model.network_.predict(X), y),
-                                        rel=0.5)
+    half_squares = bp.CustomLoss(lambda out, t: 0.5 * (out - t) ** 2, lambda out, t: out - t)
+    options = {"hidden_layer_sizes": (8,), "max_iter": 5, "random_state": 0,
+               "dtype": "float64", "tol": 0.0}
+    with pytest.warns(UserWarning):  # ConvergenceWarning: 5 iterations only
+        custom = MLPRegressor(loss=half_squares, **options).fit(X, y)
+    with pytest.warns(UserWarning):
+        builtin = MLPRegressor(**options).fit(X, y)
+    np.testing.assert_allclose(custom.loss_curve_, builtin.loss_curve_, rtol=1e-12)
+    for a, b in zip(custom.coefs_, builtin.coefs_):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.warns(UserWarning):
+        pinball = MLPRegressor(loss=Pinball(0.9), solver="lbfgs", **options).fit(X, y)
+    # lbfgs's objective: the pinball loss plus scikit-learn's penalty (alpha 1e-4)
+    assert pinball.loss_ == pytest.approx(
+        Pinball(0.9)(pinball.network_.predict(X), y.reshape(-1, 1)) + 0.5 * 1e-4 * sum(
+            (w ** 2).sum() for w in pinball.coefs_) / len(X), rel=1e-9)
     with pytest.raises(ValueError, match="squared_error"):
         MLPRegressor(loss="hinge").fit(X, y)
