@@ -130,6 +130,16 @@ def test_named_activation_exports_to_torch_and_onnx(activation):
     np.testing.assert_allclose(got, net.predict(X), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", NEW)
+def test_named_activation_saves_and_loads(activation, tmp_path):
+    net = bp.Network([bp.Dense(3, 6, activation), bp.Dense(6, 2)], seed=2)
+    bp.save(net, tmp_path / "model.npz")
+    again = bp.load(tmp_path / "model.npz")
+    assert again.layers[0].activation == activation
+    X = np.random.default_rng(0).standard_normal((5, 3))
+    np.testing.assert_array_equal(again.predict(X), net.predict(X))
+
+
 # --------------------------------------------------------------------------- custom
 def cube(z):
     return z ** 3 / 3 + z
@@ -233,6 +243,9 @@ def test_custom_activation_save_and_export_are_refused_pickle_works(tmp_path):
     pytest.importorskip("torch")
     with pytest.raises(ValueError, match="custom Python activation"):
         net.to_torch()
+    pytest.importorskip("onnx")
+    with pytest.raises(ValueError, match="custom Python activation"):
+        net.to_onnx()
     again = pickle.loads(pickle.dumps(net))
     X = np.random.default_rng(0).standard_normal((4, 3))
     np.testing.assert_array_equal(again.predict(X), net.predict(X))

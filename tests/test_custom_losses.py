@@ -332,6 +332,23 @@ def test_views_handed_to_the_user_are_read_only():
                                                                  check_gradient=False), "sgd")
 
 
+def test_the_output_view_is_made_once_not_per_step():
+    """The compiled step hands the same view object of its output buffer each batch."""
+    seen = []
+
+    def value(out, t):
+        seen.append(out)  # kept alive, so that an id cannot be reused by a new view
+        return (out - t) ** 2
+
+    X, y = regression_data()
+    net = make_net(4, 2, "float32")
+    loss = bp.CustomLoss(value, lambda out, t: 2 * (out - t), check_gradient=False)
+    for _ in range(3):
+        net.train_step(X, y, loss, "sgd")
+    assert seen[0] is seen[1] is seen[2]
+    assert not seen[0].flags.writeable and not seen[0].flags.owndata
+
+
 # --------------------------------------------------------------------------- elsewhere
 def test_custom_loss_pickles_and_copies():
     loss = Pinball(0.25)

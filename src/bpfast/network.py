@@ -365,6 +365,9 @@ class Network:
         X : array (n_samples, n_inputs)
         y : targets for ``loss`` (class labels (n,) or an (n, n_outputs) array)
         loss : Loss or str
+            A name in any case ("mse", "CrossEntropy", "categorical_crossentropy",
+            ...), a built-in Loss, or a custom one written in NumPy (a Loss subclass
+            or ``bpfast.CustomLoss``; see docs/extending.rst).
         optimizer : Optimizer or str
             A name ("adam") gives an optimizer with its default hyperparameters that
             this network keeps: fit, partial_fit and train_step calls with that name
