@@ -10,7 +10,7 @@ shuffled batches, the compiled epoch loop), each with:
   ``(out - y) ** 2`` and ``2 * (out - y)``, on one-hot targets;
 * cross_entropy: the built-in cross-entropy from logits (class labels) against
   log-softmax written in NumPy (one loss per sample) on one-hot targets;
-* relu: the built-in ReLU hidden layer (MSE loss) against ``bp.Activation`` of
+* relu: the built-in ReLU hidden layer (MSE loss) against ``bp.CustomActivation`` of
   ``np.maximum(z, 0)`` and ``(z > 0)``;
 * callback_only: the built-in MSE against a custom loss whose functions return
   arrays made beforehand (no arithmetic): the cost of the callback mechanism alone
@@ -69,7 +69,7 @@ def cases(bp, np, problem):
     one_hot = np.eye(problem.widths[-1], dtype=np.float32)
     dense_batches = [(X, one_hot[y]) for X, y in problem.batches]
     dense_y = one_hot[problem.y]
-    relu = bp.Activation(lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(z.dtype),
+    relu = bp.CustomActivation(lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(z.dtype),
                          name="numpy_relu")
     pairs = {}
     for name, builtin, custom in losses(bp, np):

@@ -1,5 +1,5 @@
 """The named activations silu (swish), mish, hardtanh, selu, softsign against PyTorch and
-central differences, at their kinks too; custom activations (bpfast.Activation).
+central differences, at their kinks too; custom activations (bpfast.CustomActivation).
 
 PyTorch is the oracle for the named ones: forward values (predict) and every parameter
 gradient (compute_gradients) of a network with such a hidden layer, in both dtypes.
@@ -158,7 +158,7 @@ def test_custom_activation_trains_as_the_builtin_one(dtype):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((64, 4))
     y = rng.integers(0, 3, 64)
-    custom = bp.Network([bp.Dense(4, 8, bp.Activation(np.tanh, tanh_derivative)),
+    custom = bp.Network([bp.Dense(4, 8, bp.CustomActivation(np.tanh, tanh_derivative)),
                          bp.Dense(8, 3)], dtype=dtype, seed=5)
     builtin = bp.Network([bp.Dense(4, 8, "tanh"), bp.Dense(8, 3)], dtype=dtype, seed=5)
     h1 = custom.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=3, batch_size=16)
@@ -175,7 +175,7 @@ def test_custom_activation_gradient_matches_central_differences():
     rng = np.random.default_rng(1)
     X = rng.standard_normal((10, 3))
     target = rng.standard_normal((10, 2))
-    act = bp.Activation(cube, cube_derivative)
+    act = bp.CustomActivation(cube, cube_derivative)
     net = bp.Network([bp.Dense(3, 5, act), bp.Dense(5, 4, act), bp.Dense(4, 2)],
                      dtype="float64", seed=3)
     net.compute_gradients(X, target, "mse")
@@ -189,13 +189,13 @@ def test_custom_activation_gradient_matches_central_differences():
 
 
 def test_wrong_derivative_is_refused_naming_the_point():
-    wrong = bp.Activation(np.tanh, lambda z: 1 - np.tanh(z), name="bad_tanh")
-    with pytest.raises(ValueError, match=r"Activation\('bad_tanh'\): derivative does not "
+    wrong = bp.CustomActivation(np.tanh, lambda z: 1 - np.tanh(z), name="bad_tanh")
+    with pytest.raises(ValueError, match=r"CustomActivation\('bad_tanh'\): derivative does not "
                                          r"match.*worst at z = .*check_gradient=False"):
         bp.Network([bp.Dense(2, 3, wrong), bp.Dense(3, 1)])
-    relu_like = bp.Activation(lambda z: np.maximum(z, 0), lambda z: (z > 0) * 1.0)
+    relu_like = bp.CustomActivation(lambda z: np.maximum(z, 0), lambda z: (z > 0) * 1.0)
     bp.Network([bp.Dense(2, 3, relu_like), bp.Dense(3, 1)])  # kink at 0 skipped
-    unchecked = bp.Activation(np.tanh, lambda z: 1 - np.tanh(z), check_gradient=False)
+    unchecked = bp.CustomActivation(np.tanh, lambda z: 1 - np.tanh(z), check_gradient=False)
     bp.Network([bp.Dense(2, 3, unchecked), bp.Dense(3, 1)])
 
 
@@ -207,7 +207,7 @@ def test_exception_in_a_custom_activation_propagates_and_changes_nothing():
             raise FloatingPointError("user bug")
         return np.tanh(z)
 
-    net = bp.Network([bp.Dense(3, 4, bp.Activation(fn, tanh_derivative)), bp.Dense(4, 1)],
+    net = bp.Network([bp.Dense(3, 4, bp.CustomActivation(fn, tanh_derivative)), bp.Dense(4, 1)],
                      dtype="float64", seed=0)
     X, y = np.ones((5, 3)), np.zeros(5)
     opt = bp.SGD(lr=0.1, momentum=0.9)
@@ -228,14 +228,14 @@ def test_exception_in_a_custom_activation_propagates_and_changes_nothing():
 
 
 def test_custom_activation_output_shape_is_checked():
-    net = bp.Network([bp.Dense(3, 4, bp.Activation(lambda z: z[:, :2], lambda z: z,
+    net = bp.Network([bp.Dense(3, 4, bp.CustomActivation(lambda z: z[:, :2], lambda z: z,
                                                    check_gradient=False)), bp.Dense(4, 1)])
     with pytest.raises(ValueError, match=r"fn returned shape \(5, 2\), expected \(5, 4\)"):
         net.predict(np.ones((5, 3)))
 
 
 def test_custom_activation_save_and_export_are_refused_pickle_works(tmp_path):
-    net = bp.Network([bp.Dense(3, 4, bp.Activation(cube, cube_derivative)), bp.Dense(4, 1)],
+    net = bp.Network([bp.Dense(3, 4, bp.CustomActivation(cube, cube_derivative)), bp.Dense(4, 1)],
                      dtype="float64", seed=0)
     with pytest.raises(ValueError, match="custom Python activation.*cannot be saved"):
         bp.save(net, tmp_path / "model.npz")

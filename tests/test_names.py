@@ -21,7 +21,7 @@ def test_name_tables_follow_the_enums(enum, prefix, names):
 
 def test_python_lists_are_the_compiled_table():
     """bpfast.ACTIVATIONS and the command line's choices come from the compiled table."""
-    # every compiled name but "custom" (a Python bpfast.Activation), in code order
+    # every compiled name but "custom" (a Python bpfast.CustomActivation), in code order
     assert layers.ACTIVATIONS == tuple(n for n in core.ACTIVATIONS if n != "custom")
     assert bp.ACTIVATIONS is layers.ACTIVATIONS
     train = next(action for action in cli.build_parser()._subparsers._group_actions[0]

@@ -7,13 +7,13 @@ from . import callbacks, metrics, schedules
 from ._training import DivergenceError
 from .callbacks import History
 from .io import load, save
-from .layers import ACTIVATIONS, Activation, Dense
+from .layers import ACTIVATIONS, CustomActivation, Dense
 from .losses import L1, MSE, BinaryCrossEntropy, CrossEntropy, CustomLoss, Huber, Loss
 from .network import Network
 from .optimizers import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __all__ = [
-    "ACTIVATIONS", "Activation", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy",
+    "ACTIVATIONS", "CustomActivation", "Adagrad", "Adam", "AdamW", "BinaryCrossEntropy",
     "CrossEntropy", "CustomLoss", "Dense",
     "DivergenceError", "History", "Huber", "L1", "Loss", "MSE", "Network", "Optimizer",
     "RMSprop", "SGD", "callbacks", "get_num_threads", "load", "metrics", "save", "schedules",

@@ -131,7 +131,7 @@ def _log1p_exp(graph, z, name, prefix):
 
 
 def _custom_activation_error(layer, name, target):
-    """The error for a layer whose activation is Python code (bpfast.Activation)."""
+    """The error for a layer whose activation is Python code (bpfast.CustomActivation)."""
     return ValueError(f"{name} ({layer!r}) has a custom Python activation "
                       f"{layer.activation!r}: {target} cannot hold Python functions; use a "
                       f"named activation ({', '.join(_TORCH_MODULES)}) to export")

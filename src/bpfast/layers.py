@@ -20,7 +20,7 @@ ACTIVATION_ALIASES = {"linear": "identity", "none": "identity", "logistic": "sig
                       "soft_plus": "softplus"}
 
 
-class Activation:
+class CustomActivation:
     """A custom elementwise activation from two NumPy functions, for ``Dense``.
 
     Parameters
@@ -55,7 +55,7 @@ class Activation:
     ...     return z ** 3
     >>> def cube_derivative(z):
     ...     return 3 * z ** 2
-    >>> net = bp.Network([bp.Dense(2, 4, bp.Activation(cube, cube_derivative)),
+    >>> net = bp.Network([bp.Dense(2, 4, bp.CustomActivation(cube, cube_derivative)),
     ...                   bp.Dense(4, 1)], seed=0)
     >>> net.predict(np.zeros((1, 2))).shape
     (1, 1)
@@ -64,7 +64,7 @@ class Activation:
     def __init__(self, fn: Callable[[Any], Any], derivative: Callable[[Any], Any], *,
                  name: str | None = None, check_gradient: bool = True) -> None:
         if not callable(fn) or not callable(derivative):
-            raise TypeError("Activation(fn, derivative) takes two functions of z")
+            raise TypeError("CustomActivation(fn, derivative) takes two functions of z")
         self.fn = fn
         self.derivative = derivative
         self.name = str(name) if name is not None else getattr(fn, "__name__", "custom")
@@ -107,22 +107,22 @@ class Activation:
         self._checked = True
 
     def __repr__(self):
-        return f"Activation({self.name!r})"
+        return f"CustomActivation({self.name!r})"
 
     def __str__(self):
         return self.name
 
 
 def check_activation(activation):
-    """An activation name (canonical) or an Activation; ValueError listing the names."""
-    if isinstance(activation, Activation):
+    """An activation name (canonical) or a CustomActivation; ValueError listing the names."""
+    if isinstance(activation, CustomActivation):
         return activation
     name = canonical_name("identity" if activation is None else activation, ACTIVATIONS,
                           ACTIVATION_ALIASES)
     if name is None:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)} "
                          "(any case; also 'swish', 'linear', 'logistic'), or "
-                         "bpfast.Activation(fn, derivative)")
+                         "bpfast.CustomActivation(fn, derivative)")
     return name
 
 #: Weight initialisations by name; ``None`` picks He for the relu family, Glorot otherwise.
@@ -138,10 +138,10 @@ class Dense:
     ----------
     in_features, out_features : int
         Sizes of the input and output.
-    activation : str, Activation or None
+    activation : str, CustomActivation or None
         One of :data:`ACTIVATIONS` (any case; "swish" is "silu"); ``None`` is the
         identity (logits). ``"softmax"`` is only allowed on a network's last layer.
-        A :class:`Activation` is a custom one written in NumPy.
+        A :class:`CustomActivation` is a custom one written in NumPy.
     bias : bool
         Whether the layer has a bias vector.
     init : {"he", "glorot", "normal", "pytorch"} or None
@@ -168,7 +168,7 @@ class Dense:
 
     in_features: int
     out_features: int
-    activation: "str | Activation"
+    activation: "str | CustomActivation"
     use_bias: bool
     init: str | None
     activation_param: float
@@ -179,7 +179,7 @@ class Dense:
     _network: "Network | None"
 
     def __init__(self, in_features: int, out_features: int,
-                 activation: "str | Activation | None" = None, *,
+                 activation: "str | CustomActivation | None" = None, *,
                  bias: bool = True, init: str | None = None, negative_slope: float | None = None,
                  alpha: float | None = None) -> None:
         self.in_features = check_int("in_features", in_features, minimum=1)
@@ -223,7 +223,7 @@ class Dense:
 
     def engine_row(self, weight_offset: int, bias_offset: int) -> tuple:
         """This layer's row of the engine's layer table (kind code last)."""
-        if isinstance(self.activation, Activation):
+        if isinstance(self.activation, CustomActivation):
             return (self.in_features, self.out_features, _core.ACTIVATIONS.index("custom"),
                     0.0, weight_offset, bias_offset, _core.LAYER_KINDS.index("dense"),
                     self.activation)

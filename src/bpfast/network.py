@@ -33,7 +33,7 @@ from ._validation import (
     format_bytes,
 )
 from .callbacks import Callback, EarlyStopping, History
-from .layers import Activation, Dense, from_description
+from .layers import CustomActivation, Dense, from_description
 from .losses import Loss, get_loss
 from .optimizers import Optimizer, get_optimizer
 from .schedules import Schedule
@@ -103,7 +103,7 @@ class Network:
             if layer.activation == "softmax" and index != len(layers) - 1:
                 raise ValueError(f"softmax is only allowed on the last layer (layer {index} "
                                  "is hidden)")
-            if isinstance(layer.activation, Activation):
+            if isinstance(layer.activation, CustomActivation):
                 layer.activation._check_on_first_use()
         self.layers = layers
         self.seed = seed

@@ -25,7 +25,7 @@ cdef enum:
 cdef class PythonCallback:
     """A user's Python object called from the compiled loop, and the views it is handed.
 
-    function: a custom Loss (its value and gradient methods) or a bpfast.Activation
+    function: a custom Loss (its value and gradient methods) or a bpfast.CustomActivation
     (its fn and derivative). The views are read-only arrays over bpfast's buffers,
     valid only during the call (a function must copy what it keeps).
     """
