@@ -578,9 +578,33 @@ class Activation(Layer):
     -----
     The width is the previous layer's output width (the next layer's input width
     when it comes first), set when the layer joins a network.
+
+    ``Activation(fn, derivative, name=..., check_gradient=...)``, with a function
+    first, is a shorthand for ``CustomActivation(fn, derivative, ...)`` and returns
+    that CustomActivation, an activation function (not a layer), as
+    ``pathlib.Path(...)`` returns a ``PosixPath``: give it to ``Dense(...,
+    activation=act)`` or make it a layer with ``Activation(act)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import bpfast as bp
+    >>> act = bp.Activation(np.tanh, lambda z: 1 - np.tanh(z) ** 2, name="my_tanh")
+    >>> type(act).__name__
+    'CustomActivation'
+    >>> net = bp.Network([bp.Dense(2, 4, act), bp.Dense(4, 4), bp.Activation(act),
+    ...                   bp.Dense(4, 1)], seed=0)
+    >>> net.predict(np.zeros((1, 2))).shape
+    (1, 1)
     """
 
     kind = "activation"
+
+    def __new__(cls, activation: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # a function (not a name, not a CustomActivation): the CustomActivation shorthand
+        if callable(activation) and not isinstance(activation, (str, CustomActivation)):
+            return CustomActivation(activation, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, activation: "str | CustomActivation", *,
                  negative_slope: float | None = None, alpha: float | None = None) -> None:

@@ -103,6 +103,13 @@ class Network:
     def __init__(self, layers: Sequence[Layer], *,
                  dtype: DTypeLike = "float32", seed: int | None = None) -> None:
         layer_list = list(layers) if isinstance(layers, (list, tuple)) else None
+        for index, layer in enumerate(layer_list or ()):
+            if isinstance(layer, CustomActivation):
+                raise TypeError(
+                    f"layer {index} is {layer!r}, an activation function, not a layer: "
+                    "give it to a layer, as bpfast.Activation(act) (an activation layer) or "
+                    "bpfast.Dense(n_in, n_out, activation=act), act being that "
+                    "CustomActivation")
         if not layer_list or not all(isinstance(layer, Layer) for layer in layer_list):
             raise TypeError("layers must be a non-empty list of bpfast layers (Dense, "
                             "Dropout, BatchNorm1d, LayerNorm, Activation)")
