@@ -72,8 +72,17 @@ ACTIVATIONS = (
     "softplus",
     "gelu",
     "softmax",
+    "silu",
+    "mish",
+    "hardtanh",
+    "selu",
+    "softsign",
 )
 """Activation names understood by :func:`activation_forward`."""
+
+#: torch.nn.SELU's alpha and scale
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
 
 LOSSES = ("mse", "l1", "huber", "cross_entropy", "binary_cross_entropy")
 """Loss names understood by :func:`loss_forward`."""
@@ -209,6 +218,11 @@ def activation_forward(name, z, param=None):
           threshold=20)
         - gelu: ``z*0.5*(1+erf(z/sqrt(2)))`` (exact erf form)
         - softmax: ``exp(z - max)/sum(exp(z - max))`` along axis 1
+        - silu: ``z / (1 + exp(-z))``
+        - mish: ``z * tanh(log1p(exp(z)))`` (no threshold)
+        - hardtanh: ``clip(z, -1, 1)``
+        - selu: ``scale*z if z > 0 else scale*alpha*expm1(z)``
+        - softsign: ``z / (1 + |z|)``
     z : array_like
         Pre-activation; 2-D (n, k) for softmax, any shape otherwise.
     param : float, optional
@@ -243,6 +257,18 @@ def activation_forward(name, z, param=None):
         return z * 0.5 * (1.0 + erf(z * _SQRT1_2))
     if name == "softmax":
         return softmax(z)
+    with np.errstate(over="ignore"):  # exp(-z) = inf: silu's limit -0, as PyTorch's
+        if name == "silu":
+            return z / (1.0 + np.exp(-z))
+        if name == "mish":
+            return z * np.tanh(np.log1p(np.exp(z)))
+    if name == "hardtanh":
+        return np.clip(z, -1.0, 1.0)
+    if name == "selu":
+        return np.where(z > 0, SELU_SCALE * z,
+                        SELU_ALPHA * SELU_SCALE * np.expm1(np.minimum(z, 0.0)))
+    if name == "softsign":
+        return z / (1.0 + np.abs(z))
     raise AssertionError(name)  # pragma: no cover
 
 
@@ -263,6 +289,11 @@ def activation_derivative(name, z, a=None, param=None):
         - softplus: ``1 if z > 20 else e/(e+1)`` with ``e = exp(z)``
           (that is, sigmoid(z))
         - gelu: ``Phi(z) + z*phi(z)``, Phi the normal CDF, phi its density
+        - silu: ``s*(1 + z*(1 - s))``, s = sigmoid(z)
+        - mish: ``t + z*s*(1 - t*t)``, t = tanh(softplus(z)), s = sigmoid(z)
+        - hardtanh: ``1 if -1 < z < 1 else 0`` (0 at +-1, as PyTorch)
+        - selu: ``scale if z > 0 else scale*alpha*exp(z)`` (scale*alpha at 0)
+        - softsign: ``1 / (1 + |z|)**2``
     z : array_like
         Pre-activation.
     a : array_like, optional
@@ -297,6 +328,19 @@ def activation_derivative(name, z, a=None, param=None):
         cdf = 0.5 * (1.0 + erf(z * _SQRT1_2))
         pdf = np.exp(-0.5 * z * z) * _INV_SQRT_2PI
         return cdf + z * pdf
+    with np.errstate(over="ignore"):
+        s = 1.0 / (1.0 + np.exp(-z))
+        if name == "silu":
+            return s * (1.0 + z * (1.0 - s))
+        if name == "mish":
+            t = np.tanh(np.log1p(np.exp(z)))
+            return t + z * s * (1.0 - t * t)
+    if name == "hardtanh":
+        return np.where((z > -1.0) & (z < 1.0), 1.0, 0.0)
+    if name == "selu":
+        return np.where(z > 0, SELU_SCALE, SELU_ALPHA * SELU_SCALE * np.exp(np.minimum(z, 0.0)))
+    if name == "softsign":
+        return 1.0 / (1.0 + np.abs(z)) ** 2
     raise AssertionError(name)  # pragma: no cover
 
 

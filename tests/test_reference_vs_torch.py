@@ -39,6 +39,11 @@ TORCH_ACTIVATIONS = {
     "softplus": lambda z, p: F.softplus(z),
     "gelu": lambda z, p: F.gelu(z),
     "softmax": lambda z, p: torch.softmax(z, dim=1),
+    "silu": lambda z, p: F.silu(z),
+    "mish": lambda z, p: F.mish(z),
+    "hardtanh": lambda z, p: F.hardtanh(z),
+    "selu": lambda z, p: F.selu(z),
+    "softsign": lambda z, p: F.softsign(z),
 }
 
 

@@ -17,6 +17,12 @@ class Activation(IntEnum):
     ACT_SOFTPLUS = 6
     ACT_GELU = 7
     ACT_SOFTMAX = 8
+    ACT_SILU = 9
+    ACT_MISH = 10
+    ACT_HARDTANH = 11
+    ACT_SELU = 12
+    ACT_SOFTSIGN = 13
+    ACT_CUSTOM = 14
 
 class Loss(IntEnum):
     LOSS_MSE = 0
@@ -26,6 +32,7 @@ class Loss(IntEnum):
     LOSS_CROSS_ENTROPY_PROBS = 4
     LOSS_BINARY_CROSS_ENTROPY = 5
     LOSS_BINARY_CROSS_ENTROPY_PROBS = 6
+    LOSS_CUSTOM = 7
 
 class Reduction(IntEnum):
     REDUCTION_MEAN = 0
@@ -68,8 +75,16 @@ def ready_labels(labels: object, n_rows: int, n_classes: int) -> bool: ...
 BUSY_MESSAGE: str
 FITTING_MESSAGE: str
 
+class PythonCallback:
+    def __init__(self, function: object) -> None: ...
+    @property
+    def function(self) -> object: ...
+
 class LossConfig:
-    def __init__(self, name: str, param: float = ..., reduction: str = ...) -> None: ...
+    def __init__(self, name: str, param: float = ..., reduction: str = ...,
+                 custom: object = ...) -> None: ...
+    @property
+    def callback(self) -> PythonCallback | None: ...
     @property
     def name(self) -> str: ...
     @property

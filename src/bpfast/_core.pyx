@@ -91,12 +91,17 @@ cdef extern from *:
 cpdef enum Activation:
     ACT_IDENTITY, ACT_SIGMOID, ACT_TANH, ACT_RELU, ACT_LEAKY_RELU, ACT_ELU
     ACT_SOFTPLUS, ACT_GELU, ACT_SOFTMAX
+    ACT_SILU, ACT_MISH, ACT_HARDTANH, ACT_SELU, ACT_SOFTSIGN
+    # a Python function (bpfast.CustomActivation) called from the kernel: not a name users give
+    ACT_CUSTOM
 
 cpdef enum Loss:
     # the *_PROBS losses take probabilities (a softmax or sigmoid output), the others
     # logits: cross-entropy from logits is log-sum-exp, stable where log(p) is not
     LOSS_MSE, LOSS_L1, LOSS_HUBER, LOSS_CROSS_ENTROPY, LOSS_CROSS_ENTROPY_PROBS
     LOSS_BINARY_CROSS_ENTROPY, LOSS_BINARY_CROSS_ENTROPY_PROBS
+    # a Python loss (a bpfast.Loss subclass) called from the kernel
+    LOSS_CUSTOM
 
 cpdef enum Reduction:
     # how a loss combines its terms, as PyTorch's reduction= (the default is the mean)
@@ -172,6 +177,7 @@ def get_num_threads():
 # of dependence.
 include "_kernels/math.pxi"
 include "_kernels/blas.pxi"
+include "_kernels/callbacks.pxi"
 include "_kernels/activations.pxi"
 include "_kernels/losses.pxi"
 include "_kernels/optimizers.pxi"

@@ -67,14 +67,35 @@ def check_choice(name, value, choices):
     return value
 
 
-def instance_by_name(what, value, base, by_name):
-    """value if it is a base instance, else a default instance for the name value."""
+def canonical_name(value, names, aliases=None):
+    """The name in names that value spells, in any case and with "-" or " " for "_",
+    directly or through aliases ({other spelling: name}); None if it spells none."""
+    if not isinstance(value, str):
+        return None
+    key = value.strip().lower().replace("-", "_").replace(" ", "_")
+    if key in names:
+        return key
+    key = (aliases or {}).get(key, key)
+    if key in names:
+        return key
+    return None
+
+
+def instance_by_name(what, value, base, by_name, aliases=None):
+    """value if it is a base instance, else a default instance for the name value (any
+    case; aliases: {other spelling: name})."""
     if isinstance(value, base):
         return value
-    if isinstance(value, str) and value in by_name:
-        return by_name[value]()
+    name = canonical_name(value, by_name, aliases)
+    if name is not None:
+        return by_name[name]()
+    if isinstance(value, type) and issubclass(value, base):
+        raise ValueError(f"unknown {what} {value!r}: a class, not an instance (write "
+                         f"{value.__name__}()); valid: a {base.__name__} instance or one of "
+                         f"{', '.join(by_name)}")
+    also = f" (or {', '.join(sorted(aliases))})" if aliases else ""
     raise ValueError(f"unknown {what} {value!r}; valid: a {base.__name__} instance or one of "
-                     f"{', '.join(by_name)}")
+                     f"{', '.join(by_name)}{also}")
 
 
 def as_kernel_array(array, dtype):

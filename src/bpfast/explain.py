@@ -292,7 +292,9 @@ def _layer_passes(work, X, outputs, loss, targets, weights):
         delta_out = on_logits.gradient(forward[-1].z, targets, weights)
         grad_output = None
     else:
-        grad_output = loss.gradient(outputs[-1], targets, weights)
+        # Loss.gradient: dL/da as the engine takes it (a custom loss's own gradient
+        # method is the user's per-sample function)
+        grad_output = Loss.gradient(loss, outputs[-1], targets, weights)
     backward: list[Any] = [None] * len(layers)
     for index in range(len(layers) - 1, -1, -1):
         layer, passed = layers[index], forward[index]
@@ -504,7 +506,7 @@ class _Writer:
             self.update_lines()
 
     def activation_of(self, layer, z_name):
-        name = layer.activation
+        name = str(layer.activation)  # a CustomActivation's name
         if name == "identity":
             return _sym(z_name)
         tex = {"sigmoid": r"\sigma", "tanh": r"\tanh", "softmax": r"\mathrm{softmax}"}.get(
@@ -582,7 +584,8 @@ class _Writer:
             derivative_symbols.append(
                 derivative[0] if layer.activation in ("sigmoid", "tanh") else _Expr(
                     f"{layer.activation}'(z_{unit})",
-                    rf"\mathrm{{{layer.activation.replace('_', '')}}}'({_tex_name('z_' + unit)})"))
+                    rf"\mathrm{{{str(layer.activation).replace('_', '')}}}'"
+                    rf"({_tex_name('z_' + unit)})"))
         for j, unit in enumerate(units):
             for k in range(layer.in_features):
                 self.parameter_line(index, j, unit, names.weights[index][j, k], inputs[k],
@@ -921,7 +924,8 @@ def _derivative_formula(layer, unit, writer, a, z):
                      _Expr(f"sigmoid({z_text})")),
         "gelu": (_Expr(f"Phi(z_{u}) + z_{u} phi(z_{u})", rf"\Phi({zu}) + {zu}\,\varphi({zu})"),
                  None),
-    }[name]
+    }.get(name, (_Expr(f"{name}'(z_{u})", rf"\mathrm{{{str(name).replace('_', '')}}}'({zu})"),
+                 None))  # silu, mish, ..., and custom activations: g' by name
     return [symbolic] + ([numbers] if one and numbers is not None else [])
 
 

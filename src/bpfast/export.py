@@ -150,11 +150,58 @@ class _Graph:
         return output
 
 
+def _log1p_exp(graph, z, name, prefix):
+    """float64 log1p(exp(z)) in nodes: log1p(u) = u * log(w) / (w - 1) with w = 1 + u
+    (Goldberg), u where w rounds to 1; the Div's 0/0 only in the branch not taken."""
+    u = graph.node("Exp", [z])
+    w = graph.node("Add", [u, graph.scalar(f"{name}.{prefix}_one", 1.0)])
+    w_minus_1 = graph.node("Sub", [w, graph.scalar(f"{name}.{prefix}_one_", 1.0)])
+    ratio = graph.node("Div", [graph.node("Log", [w]), w_minus_1])
+    return graph.node("Where", [
+        graph.node("Equal", [w_minus_1, graph.scalar(f"{name}.{prefix}_zero", 0.0)]), u,
+        graph.node("Mul", [u, ratio])])
+
+
+def _custom_activation_error(layer, name, target):
+    """The error for a layer whose activation is Python code (bpfast.CustomActivation)."""
+    return ValueError(f"{name} ({layer!r}) has a custom Python activation "
+                      f"{layer.activation!r}: {target} cannot hold Python functions; use a "
+                      f"named activation ({', '.join(_TORCH_MODULES)}) to export")
+
+
 def _activation_onnx(layer, graph, z, name):
     """The nodes applying layer's activation to z (exactly as bpfast computes it)."""
     activation = layer.activation
+    if not isinstance(activation, str):
+        raise _custom_activation_error(layer, name, "an ONNX graph")
     if activation == "identity":
         return z
+    if activation == "silu":  # bpfast's (PyTorch's) formula: z / (1 + exp(-z))
+        return graph.node("Div", [z, graph.node("Add", [
+            graph.node("Exp", [graph.node("Neg", [z])]), graph.scalar(f"{name}.silu_one", 1.0)])])
+    if activation == "mish":  # z * tanh(log1p(exp(z))), no threshold
+        softplus = (graph.node("Softplus", [z]) if graph.dtype != np.float64
+                    else _log1p_exp(graph, z, name, "mish"))
+        return graph.node("Mul", [z, graph.node("Tanh", [softplus])])
+    if activation == "hardtanh":
+        return graph.node("Clip", [z, graph.scalar(f"{name}.hardtanh_min", -1.0),
+                                   graph.scalar(f"{name}.hardtanh_max", 1.0)])
+    if activation == "softsign":  # z / (|z| + 1), as bpfast (ONNX Runtime has no
+        # float64 Softsign)
+        return graph.node("Div", [z, graph.node("Add", [
+            graph.node("Abs", [z]), graph.scalar(f"{name}.softsign_one", 1.0)])])
+    if activation == "selu":
+        if graph.dtype != np.float64:
+            return graph.node("Selu", [z], alpha=_SELU_ALPHA, gamma=_SELU_SCALE)
+        # float64: the constants as float64 (attributes are float32), expm1 as for elu
+        expm1 = graph.node("Mul", [
+            graph.node("Tanh", [graph.node("Mul", [z, graph.scalar(f"{name}.selu_half", 0.5)])]),
+            graph.node("Add", [graph.node("Exp", [z]), graph.scalar(f"{name}.selu_one", 1.0)])])
+        return graph.node("Where", [
+            graph.node("Greater", [z, graph.scalar(f"{name}.selu_zero", 0.0)]),
+            graph.node("Mul", [z, graph.scalar(f"{name}.selu_scale", _SELU_SCALE)]),
+            graph.node("Mul", [expm1, graph.scalar(f"{name}.selu_alpha_scale",
+                                                   _SELU_ALPHA * _SELU_SCALE)])])
     simple = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
     if activation in simple:
         return graph.node(simple[activation], [z])
@@ -184,16 +231,7 @@ def _activation_onnx(layer, graph, z, name):
         # ONNX Softplus has no threshold; bpfast's (PyTorch's) returns z above 20
         if not double:
             return graph.node("Where", [positive, z, graph.node("Softplus", [z])])
-        # float64: log1p(exp(z)), log1p(u) = u * log(w) / (w - 1) with w = 1 + u
-        # (Goldberg), u where w rounds to 1; the Div's 0/0 only in the branch not taken
-        u = graph.node("Exp", [z])
-        w = graph.node("Add", [u, graph.scalar(f"{name}.softplus_one", 1.0)])
-        w_minus_1 = graph.node("Sub", [w, graph.scalar(f"{name}.softplus_one_", 1.0)])
-        ratio = graph.node("Div", [graph.node("Log", [w]), w_minus_1])
-        log1p = graph.node("Where", [
-            graph.node("Equal", [w_minus_1, graph.scalar(f"{name}.softplus_zero", 0.0)]), u,
-            graph.node("Mul", [u, ratio])])
-        return graph.node("Where", [positive, z, log1p])
+        return graph.node("Where", [positive, z, _log1p_exp(graph, z, name, "softplus")])
     if activation == "gelu":
         if graph.opset >= GELU_OPSET:
             return graph.node("Gelu", [z], approximate="none")
@@ -218,7 +256,15 @@ _TORCH_MODULES = {
     "softplus": ("Softplus", lambda layer: {"beta": 1.0, "threshold": SOFTPLUS_THRESHOLD}),
     "gelu": ("GELU", lambda layer: {"approximate": "none"}),
     "softmax": ("Softmax", lambda layer: {"dim": -1}),
+    "silu": ("SiLU", lambda layer: {}),
+    "mish": ("Mish", lambda layer: {}),
+    "hardtanh": ("Hardtanh", lambda layer: {}),
+    "selu": ("SELU", lambda layer: {}),
+    "softsign": ("Softsign", lambda layer: {}),
 }
+# torch.nn.SELU's constants (bpfast's kernels use the same)
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
 
 
 @dataclass(frozen=True)
@@ -251,6 +297,8 @@ def _dense_torch_modules(layer):
     modules = [("Linear", {"in_features": layer.in_features,
                            "out_features": layer.out_features, "bias": layer.use_bias},
                 parameters)]
+    if not isinstance(layer.activation, str):
+        raise _custom_activation_error(layer, "a layer", "a torch module")
     if layer.activation != "identity":
         class_name, arguments = _TORCH_MODULES[layer.activation]
         modules.append((class_name, arguments(layer), {}))
@@ -374,6 +422,8 @@ def _min_opset(layer):
 
 
 def _activation_torch_modules(layer):
+    if not isinstance(layer.activation, str):
+        raise _custom_activation_error(layer, "a layer", "a torch module")
     if layer.activation == "identity":
         return [("Identity", {}, {})]
     class_name, arguments = _TORCH_MODULES[layer.activation]
@@ -899,7 +949,8 @@ def _templates(onnx, dtype, opset):
     stand_ins = [(_activation_result(activation), _activation_onnx,
                   _fake_layer(Dense, activation=activation,
                               activation_param=_SENTINEL["activation_param"]))
-                 for activation in ("leaky_relu", "elu", "softplus")]
+                 for activation in ("leaky_relu", "elu", "softplus", "silu", "mish",
+                                    "hardtanh", "selu", "softsign")]
     if np.dtype(dtype) == np.float64:
         for affine in (True, False):
             stand_ins.append((_normalization_result(BatchNorm1d, affine, affine),
@@ -920,7 +971,8 @@ def _templates(onnx, dtype, opset):
     for make, write, layer in stand_ins:
         graph = _Graph(onnx, dtype, opset)
         write(layer, graph, "z", "template")
-        if len(graph.nodes) > 1:
+        # one operator without constants (LeakyRelu, Elu, Selu) is read by its op type
+        if len(graph.nodes) > 1 or graph.initializers:
             constants = {init.name: onnx.numpy_helper.to_array(init).ravel()[0]
                          for init in graph.initializers}
             templates.append((make, graph.nodes, constants))
@@ -944,6 +996,16 @@ def _softmax_axis(reader, node, attributes):
     return "softmax", None
 
 
+def _selu(node, attributes):
+    alpha = attributes.get("alpha", _SELU_ALPHA)
+    gamma = attributes.get("gamma", _SELU_SCALE)
+    if np.float32(alpha) != np.float32(_SELU_ALPHA) or \
+            np.float32(gamma) != np.float32(_SELU_SCALE):
+        raise ValueError(f"{_describe(node)}: Selu(alpha={alpha}, gamma={gamma}); bpfast's "
+                         "selu has PyTorch's constants")
+    return "selu", None
+
+
 def _gelu(reader, node, attributes):
     if attributes.get("approximate", b"none") not in (b"none", "none"):
         raise ValueError(f"{_describe(node)}: Gelu(approximate='tanh') is not bpfast's gelu "
@@ -964,6 +1026,9 @@ _ONNX_ACTIVATIONS = {
     "Softplus": lambda reader, node, attributes: ("softplus", None),
     "Gelu": _gelu,
     "Softmax": _softmax_axis,
+    "Softsign": lambda reader, node, attributes: ("softsign", None),
+    "Mish": lambda reader, node, attributes: ("mish", None),
+    "Selu": lambda reader, node, attributes: _selu(node, attributes),
 }
 
 
@@ -1225,7 +1290,19 @@ _TORCH_ACTIVATIONS = {
     "Softplus": _softplus_module,
     "GELU": _gelu_module,
     "Softmax": _softmax_module,
+    "SiLU": lambda module, where: ("silu", None),
+    "Mish": lambda module, where: ("mish", None),
+    "Hardtanh": lambda module, where: _hardtanh_module(module, where),
+    "SELU": lambda module, where: ("selu", None),
+    "Softsign": lambda module, where: ("softsign", None),
 }
+
+
+def _hardtanh_module(module, where):
+    if module.min_val != -1 or module.max_val != 1:
+        raise ValueError(f"{where}: Hardtanh(min_val={module.min_val}, "
+                         f"max_val={module.max_val}); bpfast's hardtanh clamps to [-1, 1]")
+    return "hardtanh", None
 
 
 def _flat_modules(torch, module, prefix=""):

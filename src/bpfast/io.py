@@ -122,6 +122,12 @@ def save(network: Network, path: PathType, *, optimizer: Optimizer | None = None
         raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a bpfast Optimizer, got {type(optimizer).__name__}")
+    for index, layer in enumerate(network.layers):
+        if not isinstance(layer.activation, str):
+            raise ValueError(f"layer {index} has a custom Python activation "
+                             f"{layer.activation!r}: a model file holds no Python code, so "
+                             "it cannot be saved; pickle the network instead (its functions "
+                             "are pickled by reference), or use a named activation")
     state = network._get_state(optimizer)  # one consistent snapshot, see Network._get_state
     dense_only = all(spec["kind"] == "dense" for spec in state["layers"])
     header = {

@@ -1,18 +1,131 @@
-"""The layers: Dense, Dropout, BatchNorm1d, LayerNorm, Activation; the activation names."""
+"""The layers: Dense, Dropout, BatchNorm1d, LayerNorm, Activation; the activation names
+and custom activations."""
 import numbers
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ._compiled import core as _core
-from ._validation import check_bool, check_choice, check_int, check_real
+from ._validation import canonical_name, check_bool, check_choice, check_int, check_real
 
 if TYPE_CHECKING:
     from .network import Network
 
-#: Activation names a Dense layer accepts (``None`` means "identity").
-ACTIVATIONS = _core.ACTIVATIONS
+#: Activation names a Dense layer accepts, in any case (``None`` means "identity").
+ACTIVATIONS = tuple(name for name in _core.ACTIVATIONS if name != "custom")
+#: other spellings of those names (lower case, "-" or " " read as "_")
+ACTIVATION_ALIASES = {"linear": "identity", "none": "identity", "logistic": "sigmoid",
+                      "leakyrelu": "leaky_relu", "lrelu": "leaky_relu", "swish": "silu",
+                      "hard_tanh": "hardtanh", "soft_sign": "softsign",
+                      "soft_plus": "softplus"}
+
+
+class CustomActivation:
+    """A custom elementwise activation from two NumPy functions, for ``Dense``.
+
+    Parameters
+    ----------
+    fn : callable ``z -> array``
+        The activation, elementwise: given the (n, width) pre-activations of a batch
+        (a read-only array of the network's dtype, valid during the call only), an
+        array of the same shape.
+    derivative : callable ``z -> array``
+        Its derivative ``fn'(z)``, elementwise, same shape.
+    name : str, optional
+        Shown by ``repr`` and ``Network.summary`` (default: fn's ``__name__``).
+    check_gradient : bool
+        When a Network is first built with it, compare ``derivative`` with central
+        differences of ``fn`` on a grid of points in [-6, 6] (kinks, where the one-sided
+        differences disagree, are skipped); a mismatch is a ValueError naming the worst
+        point.
+
+    Notes
+    -----
+    The compiled step calls ``fn`` and (in training) ``derivative`` once per batch
+    and layer, and keeps ``derivative(z)`` for the backward pass, which stays
+    compiled. A network with a custom activation pickles (its functions by
+    reference, so module-level functions, not lambdas) but cannot be saved with
+    ``bpfast.save`` or exported to ONNX or PyTorch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import bpfast as bp
+    >>> def cube(z):
+    ...     return z ** 3
+    >>> def cube_derivative(z):
+    ...     return 3 * z ** 2
+    >>> net = bp.Network([bp.Dense(2, 4, bp.CustomActivation(cube, cube_derivative)),
+    ...                   bp.Dense(4, 1)], seed=0)
+    >>> net.predict(np.zeros((1, 2))).shape
+    (1, 1)
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], derivative: Callable[[Any], Any], *,
+                 name: str | None = None, check_gradient: bool = True) -> None:
+        if not callable(fn) or not callable(derivative):
+            raise TypeError("CustomActivation(fn, derivative) takes two functions of z")
+        self.fn = fn
+        self.derivative = derivative
+        self.name = str(name) if name is not None else getattr(fn, "__name__", "custom")
+        self.check_gradient = check_bool("check_gradient", check_gradient)
+        self._checked = False
+
+    def __call__(self, z: Any) -> Any:
+        return self.fn(z)
+
+    def _check_on_first_use(self) -> None:
+        """derivative against central differences of fn, once (see check_gradient)."""
+        if self._checked or not self.check_gradient:
+            return
+        z = np.concatenate([np.linspace(-6.0, 6.0, 241), np.linspace(-0.5, 0.5, 41)[1:-1]
+                            + 0.0123]).reshape(-1, 4)
+        z.flags.writeable = False  # as the compiled loop hands it
+        values = np.asarray(self.fn(z), dtype=np.float64)
+        derivative = np.asarray(self.derivative(z), dtype=np.float64)
+        for what, array in (("fn", values), ("derivative", derivative)):
+            if array.shape != z.shape:
+                raise ValueError(f"{self!r}: {what} must return an array of its input's "
+                                 f"shape (it works elementwise): got {array.shape} for "
+                                 f"{z.shape}")
+        step = 1e-6 * np.maximum(1.0, np.abs(z))
+        plus = np.asarray(self.fn(z + step), dtype=np.float64)
+        minus = np.asarray(self.fn(z - step), dtype=np.float64)
+        central = (plus - minus) / (2 * step)
+        smooth = np.abs((plus - values) - (values - minus)) / step <= \
+            1e-3 * np.maximum(1.0, np.abs(central))
+        excess = np.where(smooth & np.isfinite(central),
+                          np.abs(derivative - central) - 1e-4 * np.maximum(1.0, np.abs(central)),
+                          -np.inf)
+        worst = np.unravel_index(np.argmax(excess), z.shape)
+        if excess[worst] > 0 or not np.isfinite(derivative[smooth]).all():
+            raise ValueError(
+                f"{self!r}: derivative does not match central differences of fn: worst at "
+                f"z = {z[worst]:.6g}, where derivative gives {derivative[worst]:.6g} and "
+                f"central differences {central[worst]:.6g}. Fix derivative, or pass "
+                "check_gradient=False to skip this check")
+        self._checked = True
+
+    def __repr__(self):
+        return f"CustomActivation({self.name!r})"
+
+    def __str__(self):
+        return self.name
+
+
+def check_activation(activation):
+    """An activation name (canonical) or a CustomActivation; ValueError listing the names."""
+    if isinstance(activation, CustomActivation):
+        return activation
+    name = canonical_name("identity" if activation is None else activation, ACTIVATIONS,
+                          ACTIVATION_ALIASES)
+    if name is None:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)} "
+                         "(any case; also 'swish', 'linear', 'logistic'), or "
+                         "bpfast.CustomActivation(fn, derivative)")
+    return name
 
 #: Weight initialisations by name; ``None`` picks He for the relu family, Glorot otherwise.
 INITS = ("he", "glorot", "normal", "pytorch")
@@ -32,7 +145,7 @@ class Layer:
     kind: str = ""
     in_features: int
     out_features: int
-    activation: str = "identity"
+    activation: "str | CustomActivation" = "identity"
     activation_param: float = 0.0
     _network: "Network | None"
 
@@ -61,7 +174,12 @@ class Layer:
                    ) -> tuple:
         """This layer's row of the engine's layer table: (n_in, n_out, activation code,
         activation parameter, weight offset, bias offset, kind code, eps, momentum
-        (-1: cumulative average), dropout p, buffer offset (-1: none))."""
+        (-1: cumulative average), dropout p, buffer offset (-1: none)[, the
+        CustomActivation for the code "custom"])."""
+        if isinstance(self.activation, CustomActivation):
+            return (self.in_features, self.out_features, _core.ACTIVATIONS.index("custom"),
+                    0.0, weight_offset, bias_offset, _core.LAYER_KINDS.index(self.kind),
+                    *self._engine_fields(), buffer_offset, self.activation)
         return (self.in_features, self.out_features,
                 _core.ACTIVATIONS.index(self.activation), self.activation_param,
                 weight_offset, bias_offset, _core.LAYER_KINDS.index(self.kind),
@@ -78,9 +196,10 @@ class Dense(Layer):
     ----------
     in_features, out_features : int
         Sizes of the input and output.
-    activation : str or None
-        One of :data:`ACTIVATIONS`; ``None`` is the identity (logits).
-        ``"softmax"`` is only allowed on a network's last layer.
+    activation : str, CustomActivation or None
+        One of :data:`ACTIVATIONS` (any case; "swish" is "silu"); ``None`` is the
+        identity (logits). ``"softmax"`` is only allowed on a network's last layer.
+        A :class:`CustomActivation` is a custom one written in NumPy.
     bias : bool
         Whether the layer has a bias vector.
     init : {"he", "glorot", "normal", "pytorch"} or None
@@ -113,13 +232,13 @@ class Dense(Layer):
     grad_weight: NDArray[np.floating] | None
     grad_bias: NDArray[np.floating] | None
 
-    def __init__(self, in_features: int, out_features: int, activation: str | None = None, *,
+    def __init__(self, in_features: int, out_features: int,
+                 activation: "str | CustomActivation | None" = None, *,
                  bias: bool = True, init: str | None = None, negative_slope: float | None = None,
                  alpha: float | None = None) -> None:
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.out_features = check_int("out_features", out_features, minimum=1)
-        self.activation = check_choice(
-            "activation", "identity" if activation is None else activation, ACTIVATIONS)
+        self.activation = check_activation(activation)
         self.use_bias = check_bool("bias", bias)
         self.init = None if init is None else check_choice("init", init, INITS)
         if negative_slope is not None and self.activation != "leaky_relu":
@@ -448,8 +567,10 @@ class Activation(Layer):
 
     Parameters
     ----------
-    activation : str
-        One of :data:`ACTIVATIONS`; ``"softmax"`` only as a network's last layer.
+    activation : str or CustomActivation
+        One of :data:`ACTIVATIONS` (any case; "swish" is "silu"); ``"softmax"``
+        only as a network's last layer. A :class:`CustomActivation` makes a layer
+        applying it.
     negative_slope, alpha : float, optional
         As for :class:`Dense`.
 
@@ -457,12 +578,36 @@ class Activation(Layer):
     -----
     The width is the previous layer's output width (the next layer's input width
     when it comes first), set when the layer joins a network.
+
+    ``Activation(fn, derivative, name=..., check_gradient=...)``, with a function
+    first, is a shorthand for ``CustomActivation(fn, derivative, ...)`` and returns
+    that CustomActivation, an activation function (not a layer), as
+    ``pathlib.Path(...)`` returns a ``PosixPath``: give it to ``Dense(...,
+    activation=act)`` or make it a layer with ``Activation(act)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import bpfast as bp
+    >>> act = bp.Activation(np.tanh, lambda z: 1 - np.tanh(z) ** 2, name="my_tanh")
+    >>> type(act).__name__
+    'CustomActivation'
+    >>> net = bp.Network([bp.Dense(2, 4, act), bp.Dense(4, 4), bp.Activation(act),
+    ...                   bp.Dense(4, 1)], seed=0)
+    >>> net.predict(np.zeros((1, 2))).shape
+    (1, 1)
     """
 
     kind = "activation"
 
-    def __init__(self, activation: str, *, negative_slope: float | None = None,
-                 alpha: float | None = None) -> None:
+    def __new__(cls, activation: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # a function (not a name, not a CustomActivation): the CustomActivation shorthand
+        if callable(activation) and not isinstance(activation, (str, CustomActivation)):
+            return CustomActivation(activation, *args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, activation: "str | CustomActivation", *,
+                 negative_slope: float | None = None, alpha: float | None = None) -> None:
         probe = Dense(1, 1, activation, negative_slope=negative_slope, alpha=alpha)
         self.activation, self.activation_param = probe.activation, probe.activation_param
         self.in_features = self.out_features = 0  # set by the network

@@ -212,6 +212,14 @@ _CLASSIFICATION = {"accuracy": _accuracy, "log_loss": _log_loss,
                       for suffix in ("", "_macro", "_binary")}}
 
 
+#: other spellings of the metric names (lower case), as Keras and scikit-learn write them
+_ALIASES = {"acc": "accuracy", "mean_absolute_error": "mae", "mean_squared_error": "mse",
+            "root_mean_squared_error": "rmse", "r2_score": "r2", "roc_auc": "auc",
+            "f1_score": "f1", "precision_score": "precision", "recall_score": "recall",
+            "accuracy_score": "accuracy", "cross_entropy": "log_loss",
+            "crossentropy": "log_loss"}
+
+
 def get_metric(metric, loss, n_outputs):
     """(name, function(output, data) -> float) for a metric name or callable, for a
     network of n_outputs trained with loss.
@@ -225,7 +233,10 @@ def get_metric(metric, loss, n_outputs):
         raise TypeError(f"a metric must be a name or a callable f(y_true, y_pred) -> float, "
                         f"got {metric!r}")
     name = metric
-    key = "top_5_accuracy" if name == "top_k_accuracy" else name
+    # any case, "-" or " " for "_", and the usual other spellings; recorded as given
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    key = _ALIASES.get(key, key)
+    key = "top_5_accuracy" if key == "top_k_accuracy" else key
     classification = isinstance(loss, (CrossEntropy, BinaryCrossEntropy))
     binary_output = isinstance(loss, BinaryCrossEntropy)
     top_k = _TOP_K.fullmatch(key)

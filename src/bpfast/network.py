@@ -37,6 +37,7 @@ from .callbacks import Callback, EarlyStopping, History
 from .layers import (
     WIDTH_FROM_NETWORK,
     BatchNorm1d,
+    CustomActivation,
     Dense,
     Layer,
     LayerNorm,
@@ -102,6 +103,13 @@ class Network:
     def __init__(self, layers: Sequence[Layer], *,
                  dtype: DTypeLike = "float32", seed: int | None = None) -> None:
         layer_list = list(layers) if isinstance(layers, (list, tuple)) else None
+        for index, layer in enumerate(layer_list or ()):
+            if isinstance(layer, CustomActivation):
+                raise TypeError(
+                    f"layer {index} is {layer!r}, an activation function, not a layer: "
+                    "give it to a layer, as bpfast.Activation(act) (an activation layer) or "
+                    "bpfast.Dense(n_in, n_out, activation=act), act being that "
+                    "CustomActivation")
         if not layer_list or not all(isinstance(layer, Layer) for layer in layer_list):
             raise TypeError("layers must be a non-empty list of bpfast layers (Dense, "
                             "Dropout, BatchNorm1d, LayerNorm, Activation)")
@@ -110,6 +118,9 @@ class Network:
             seed = check_int("seed", seed, minimum=0)
         layers = layer_list
         widths = _layer_widths(layers)  # checks everything before a layer changes
+        for layer in layers:
+            if isinstance(layer.activation, CustomActivation):
+                layer.activation._check_on_first_use()
         self.layers = layers
         self.seed = seed
         before = [(layer.in_features, layer.out_features) for layer in layers]
@@ -290,7 +301,15 @@ class Network:
             NDArray[np.floating], NDArray[np.floating] | None, NDArray[np.intp] | None]:
         X = self._check_input(X)
         target, labels = loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype)
+        self._check_custom_loss(loss, X, target)
         return X, target, labels
+
+    def _check_custom_loss(self, loss, X, target):
+        """A custom loss's gradient check on its first use (Loss.check_gradient), on
+        this network's output for the first rows of X."""
+        if loss.is_custom and loss.check_gradient and \
+                not loss.__dict__.get("_gradient_checked"):
+            loss._check_gradient_on(self.predict(X[:16]), target[:16])
 
     # ------------------------------------------------------------------ step by step
     def forward(self, X: ArrayLike, training: bool = True) -> NDArray[np.floating]:
@@ -420,6 +439,9 @@ class Network:
         X : array (n_samples, n_inputs)
         y : targets for ``loss`` (class labels (n,) or an (n, n_outputs) array)
         loss : Loss or str
+            A name in any case ("mse", "CrossEntropy", "categorical_crossentropy",
+            ...), a built-in Loss, or a custom one written in NumPy (a Loss subclass
+            or ``bpfast.CustomLoss``; see docs/extending.rst).
         optimizer : Optimizer or str
             A name ("adam") gives an optimizer with its default hyperparameters that
             this network keeps: fit, partial_fit and train_step calls with that name
@@ -606,6 +628,7 @@ class Network:
                 raise type(error)(f"validation_data: {error}") from None
         optimizer._bind_check(self)
         self._check_fit_batch(data.n_samples, batch_size)
+        self._check_custom_loss(loss, data.X, data.dense)
         rng_state = self._rng.bit_generator.state
         try:
             if validation_split is not None:
@@ -798,7 +821,7 @@ class Network:
         for index, layer in enumerate(self.layers):
             name = type(layer).__name__
             rows.append((f"{layer.kind}_{index} ({name})", f"(None, {layer.out_features})",
-                         layer.activation, f"{layer.n_parameters:,}"))
+                         str(layer.activation), f"{layer.n_parameters:,}"))
         widths = [max(len(row[column]) for row in rows) + 3 for column in range(4)]
         rule = "=" * sum(widths)
 

@@ -1,6 +1,10 @@
 # Bias + activation forward and the activation derivative, row blocks under OpenMP.
 # Included by _core.pyx.
 
+# torch.nn.SELU's constants (alpha and scale of "Self-Normalizing Neural Networks")
+cdef double SELU_ALPHA = 1.6732632423543772848170429916717
+cdef double SELU_SCALE = 1.0507009873554804934193349852946
+
 cdef void bias_activation_rows(floating* z, floating* a, const floating* bias,
                                Py_ssize_t row_begin, Py_ssize_t row_end,
                                Py_ssize_t width, int activation,
@@ -47,6 +51,31 @@ cdef void bias_activation_rows(floating* z, floating* a, const floating* bias,
             for j in range(width):
                 v = zr[j]
                 ar[j] = v * <floating>0.5 * (1 + _erf(v * <floating>SQRT1_2))
+        elif activation == ACT_SILU:
+            # PyTorch's silu: x / (1 + exp(-x))
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v / (1 + _exp(-v))
+        elif activation == ACT_MISH:
+            # PyTorch's mish: x * tanh(log1p(exp(x))), softplus without a threshold
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v * _tanh(_log1p(_exp(v)))
+        elif activation == ACT_HARDTANH:
+            # clamp to [-1, 1]; NaN passes, as torch.clamp's
+            for j in range(width):
+                v = zr[j]
+                ar[j] = -1 if v < -1 else (1 if v > 1 else v)
+        elif activation == ACT_SELU:
+            # PyTorch's elu kernel with scale: expm1(x) * (alpha * scale) at x <= 0
+            for j in range(width):
+                v = zr[j]
+                ar[j] = (v * <floating>SELU_SCALE if v > 0 else
+                         _expm1(v) * (<floating>SELU_ALPHA * <floating>SELU_SCALE))
+        elif activation == ACT_SOFTSIGN:
+            for j in range(width):
+                v = zr[j]
+                ar[j] = v / (fabs(v) + 1)
         elif activation == ACT_SOFTMAX:
             row_max = zr[0]
             for j in range(1, width):
@@ -67,8 +96,9 @@ cdef void activation_backward_rows(floating* grad, const floating* a, const floa
     """grad = dL/da -> dL/dz in place, on rows [row_begin, row_end).
 
     Uses the output a where the derivative is a function of it (sigmoid, tanh,
-    relu, softmax) and the pre-activation z otherwise (leaky_relu, elu, softplus,
-    gelu), so every derivative is exact for any parameter value.
+    relu, hardtanh, softmax) and the pre-activation z otherwise (leaky_relu, elu,
+    softplus, gelu, silu, mish, selu, softsign), so every derivative is exact for any
+    parameter value. For a custom (Python) activation z holds g'(z) itself.
     """
     cdef Py_ssize_t i, j
     cdef floating *gr
@@ -108,6 +138,39 @@ cdef void activation_backward_rows(floating* grad, const floating* a, const floa
                 v = zr[j]
                 gr[j] = gr[j] * (<floating>0.5 * (1 + _erf(v * <floating>SQRT1_2))
                                  + v * <floating>GELU_PDF_SCALE * _exp(v * v * <floating>-0.5))
+        elif activation == ACT_SILU:
+            # PyTorch's silu_backward: s * (1 + x * (1 - s)), s = 1 / (1 + exp(-x))
+            for j in range(width):
+                v = zr[j]
+                e = 1 / (1 + _exp(-v))
+                gr[j] = gr[j] * e * (1 + v * (1 - e))
+        elif activation == ACT_MISH:
+            # PyTorch's mish_backward: t + x * s * (1 - t^2), t = tanh(softplus(x))
+            for j in range(width):
+                v = zr[j]
+                e = 1 / (1 + _exp(-v))
+                dot = _tanh(_log1p(_exp(v)))
+                gr[j] = gr[j] * (dot + v * e * (1 - dot * dot))
+        elif activation == ACT_HARDTANH:
+            # PyTorch's hardtanh_backward: 0 at and beyond the bounds; from the output,
+            # which is at a bound exactly where the input is
+            for j in range(width):
+                gr[j] = 0 if (ar[j] <= -1 or ar[j] >= 1) else gr[j]
+        elif activation == ACT_SELU:
+            # PyTorch's elu_backward on the input: alpha * scale * exp(x) at x <= 0
+            for j in range(width):
+                v = zr[j]
+                gr[j] = (gr[j] * (<floating>SELU_ALPHA * <floating>SELU_SCALE) * _exp(v)
+                         if v <= 0 else gr[j] * <floating>SELU_SCALE)
+        elif activation == ACT_SOFTSIGN:
+            # d/dx x / (1 + |x|) = 1 / (1 + |x|)^2 (1 at 0, as PyTorch's autograd)
+            for j in range(width):
+                e = fabs(zr[j]) + 1
+                gr[j] = gr[j] / (e * e)
+        elif activation == ACT_CUSTOM:
+            # the forward pass left the derivative g'(z) where z was (custom_activation)
+            for j in range(width):
+                gr[j] = gr[j] * zr[j]
         elif activation == ACT_SOFTMAX:
             # Jacobian-vector product of softmax: a * (g - <g, a>).
             dot = 0
@@ -118,12 +181,20 @@ cdef void activation_backward_rows(floating* grad, const floating* a, const floa
 
 
 # Parallel drivers: split rows (or columns) into one contiguous block per thread.
-cdef void bias_activation(floating* z, floating* a, const floating* bias, Py_ssize_t n_rows,
-                          Py_ssize_t width, int activation, double param) noexcept nogil:
+cdef int bias_activation(floating* z, floating* a, const floating* bias, Py_ssize_t n_rows,
+                         Py_ssize_t width, int activation, double param,
+                         PyObject* callback) except -1 nogil:
+    """z += bias, a = g(z). A custom activation (callback: its PythonCallback) runs as
+    one Python call on the whole block; an exception there propagates (-1)."""
     cdef PassTimer timer
-    cdef int t, n_threads = pass_threads(PASS_BIAS_ACTIVATION,
-                                         n_rows * width if n_rows > 1 else 0,
-                                         floating is double, &timer)
+    cdef int t, n_threads
+    if activation == ACT_CUSTOM:
+        # the bias as its own (timed) pass, then the Python call, which is not timed
+        if bias != NULL:
+            bias_activation(z, z, bias, n_rows, width, ACT_IDENTITY, param, NULL)
+        return custom_activation(callback, z, a, n_rows, width)
+    n_threads = pass_threads(PASS_BIAS_ACTIVATION, n_rows * width if n_rows > 1 else 0,
+                             floating is double, &timer)
     if n_threads == 1:
         bias_activation_rows(z, a, bias, 0, n_rows, width, activation, param)
     else:
@@ -131,6 +202,7 @@ cdef void bias_activation(floating* z, floating* a, const floating* bias, Py_ssi
             bias_activation_rows(z, a, bias, t * n_rows // n_threads,
                                  (t + 1) * n_rows // n_threads, width, activation, param)
     pass_done(&timer)
+    return 0
 
 
 cdef void activation_backward(floating* grad, const floating* a, const floating* z,

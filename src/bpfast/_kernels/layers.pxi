@@ -9,6 +9,7 @@ cdef struct LayerSpec:
     int n_in, n_out
     int activation
     double param               # leaky_relu slope or elu alpha
+    PyObject* callback         # ACT_CUSTOM: its PythonCallback (the Engine keeps it alive)
     Py_ssize_t weight_offset   # into the flat parameter / gradient buffers; -1: none
     Py_ssize_t bias_offset     # -1: no bias
     Py_ssize_t n_weights       # the weights l2 applies to, from weight_offset
@@ -54,16 +55,16 @@ cdef inline floating* _layer_z(const LayerSpec* layer, const Workspace* ws, floa
     return zs + ws.capacity * layer.z_column
 
 
-cdef void dense_forward(const LayerSpec* layer, const floating* params, const floating* x,
-                        Py_ssize_t n_rows, floating* z, floating* a) noexcept nogil:
+cdef int dense_forward(const LayerSpec* layer, const floating* params, const floating* x,
+                       Py_ssize_t n_rows, floating* z, floating* a) except -1 nogil:
     """z = x W^T + b, a = g(z); a may alias z. One GEMM (GEMV for one row), one pass over z."""
     if n_rows == 1:
         matvec(params + layer.weight_offset, layer.n_out, layer.n_in, x, z)
     else:
         gemm(False, True, <int>n_rows, layer.n_out, layer.n_in, x, layer.n_in,
              params + layer.weight_offset, layer.n_in, 0, z, layer.n_out)
-    bias_activation(z, a, params + layer.bias_offset if layer.bias_offset >= 0 else NULL,
-                    n_rows, layer.n_out, layer.activation, layer.param)
+    return bias_activation(z, a, params + layer.bias_offset if layer.bias_offset >= 0 else NULL,
+                           n_rows, layer.n_out, layer.activation, layer.param, layer.callback)
 
 
 cdef void dense_backward(const LayerSpec* layer, const floating* params, floating* grads,
@@ -493,12 +494,13 @@ cdef void layer_norm_backward(const LayerSpec* layer, const floating* params,
 
 
 # --------------------------------------------------------------------------- activation
-cdef void activation_layer_forward(const LayerSpec* layer, const floating* x,
-                                   Py_ssize_t n_rows, floating* z, floating* a) noexcept nogil:
-    """a = g(x); z (a copy of x) where the kind keeps it, else computed in place in a."""
+cdef int activation_layer_forward(const LayerSpec* layer, const floating* x,
+                                  Py_ssize_t n_rows, floating* z, floating* a) except -1 nogil:
+    """a = g(x); z (a copy of x) where the kind keeps it, else computed in place in a.
+    -1: a custom activation raised."""
     memcpy(z, x, n_rows * layer.n_out * sizeof(floating))
-    bias_activation(z, a, <const floating*>NULL, n_rows, layer.n_out, layer.activation,
-                    layer.param)
+    return bias_activation(z, a, <const floating*>NULL, n_rows, layer.n_out,
+                           layer.activation, layer.param, layer.callback)
 
 
 cdef void activation_layer_backward(const LayerSpec* layer, const floating* a,
@@ -511,16 +513,16 @@ cdef void activation_layer_backward(const LayerSpec* layer, const floating* a,
 
 
 # --------------------------------------------------------------------------- dispatch
-cdef inline void layer_forward(const LayerSpec* layer, const floating* params,
-                               floating* buffers, double* stats, const PassMode* mode,
-                               const Workspace* ws, const floating* x, Py_ssize_t n_rows,
-                               floating* z, floating* a) noexcept nogil:
+cdef inline int layer_forward(const LayerSpec* layer, const floating* params,
+                              floating* buffers, double* stats, const PassMode* mode,
+                              const Workspace* ws, const floating* x, Py_ssize_t n_rows,
+                              floating* z, floating* a) except -1 nogil:
     """a = the layer applied to x (n_rows rows); z: what the backward pass needs
     (Dense's pre-activation, Dropout's mask, x_hat), or a itself where nothing is kept
     (inference). ws is NULL in inference (nothing kept beyond z); stats: the batch
-    statistics of BatchNorm1d (scratch in inference)."""
+    statistics of BatchNorm1d (scratch in inference). -1: a custom activation raised."""
     if layer.kind == KIND_DENSE:
-        dense_forward(layer, params, x, n_rows, z, a)
+        return dense_forward(layer, params, x, n_rows, z, a)
     elif layer.kind == KIND_DROPOUT:
         dropout_forward(layer, mode, x, n_rows, z, a)
     elif layer.kind == KIND_BATCH_NORM1D:
@@ -530,7 +532,8 @@ cdef inline void layer_forward(const LayerSpec* layer, const floating* params,
         layer_norm_forward(layer, params, x, n_rows, z, a,
                            z + ws.capacity * layer.n_out if ws != NULL else NULL)
     elif layer.kind == KIND_ACTIVATION:
-        activation_layer_forward(layer, x, n_rows, z, a)
+        return activation_layer_forward(layer, x, n_rows, z, a)
+    return 0
 
 
 cdef inline void layer_backward(const LayerSpec* layer, const floating* params,

@@ -4,6 +4,7 @@ cdef struct LossParams:
     int kind
     double param          # MSE: 1 or 1/2 (half); Huber: delta
     int reduction         # REDUCTION_MEAN or REDUCTION_SUM
+    PyObject* callback    # LOSS_CUSTOM: its PythonCallback (the LossConfig keeps it alive)
 
 
 cdef void loss_rows(const LossParams* loss, const floating* out, const floating* target,

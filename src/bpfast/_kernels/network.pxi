@@ -1,12 +1,13 @@
 # Whole-network passes: forward, backward, loss at the output, the training step and
 # epoch, inference in chunks. Included by _core.pyx.
 
-cdef void network_forward(const LayerSpec* layers, int n_layers, const Workspace* ws,
-                          floating* acts, floating* zs, const floating* params,
-                          floating* buffers, double* stats, PassMode* mode,
-                          const floating* x, Py_ssize_t n_rows) noexcept nogil:
+cdef int network_forward(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                         floating* acts, floating* zs, const floating* params,
+                         floating* buffers, double* stats, PassMode* mode,
+                         const floating* x, Py_ssize_t n_rows) except -1 nogil:
     """Every layer's output (and what its backward pass needs) into the workspaces, in
-    mode; a training pass moves Dropout's stream on by one."""
+    mode; a training pass moves Dropout's stream on by one. -1 when a custom activation
+    raised (the stream is then not moved on)."""
     cdef int l
     cdef const floating* inp = x
     for l in range(n_layers):
@@ -15,6 +16,7 @@ cdef void network_forward(const LayerSpec* layers, int n_layers, const Workspace
         inp = _layer_output(&layers[l], ws, acts)
     if mode.training:
         mode.stream_counter += 1
+    return 0
 
 
 cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspace* ws,
@@ -50,12 +52,14 @@ cdef void network_backward(const LayerSpec* layers, int n_layers, const Workspac
         spare = swap
 
 
-cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Workspace* ws,
-                                 floating* acts, floating* zs, floating* delta,
-                                 const LossParams* loss, const floating* target,
-                                 const intp* labels, const double* weights,
-                                 Py_ssize_t n_rows, bint* fused_out) noexcept nogil:
-    """The loss of the last forward pass, and its gradient in delta buffer 0.
+cdef int output_loss_gradient(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                              floating* acts, floating* zs, floating* delta,
+                              const LossParams* loss, const floating* target,
+                              const intp* labels, const double* weights,
+                              Py_ssize_t n_rows, bint* fused_out,
+                              double* value) except -1 nogil:
+    """The loss of the last forward pass into value[0], and its gradient in delta
+    buffer 0; -1 when a custom loss raised.
 
     softmax + cross-entropy on probabilities and sigmoid + binary cross-entropy on
     probabilities are fused: the loss is taken from the logits z by log-sum-exp and
@@ -73,40 +77,55 @@ cdef double output_loss_gradient(const LayerSpec* layers, int n_layers, const Wo
     elif loss.kind == LOSS_BINARY_CROSS_ENTROPY_PROBS and last.activation == ACT_SIGMOID:
         fused.kind = LOSS_BINARY_CROSS_ENTROPY
     fused_out[0] = fused.kind != loss.kind
+    if loss.kind == LOSS_CUSTOM:
+        return custom_loss(loss.callback, loss.reduction == REDUCTION_SUM, out, target,
+                           weights, dz, n_rows, last.n_out, value)
     if fused_out[0]:
-        return loss_and_gradient(&fused, z, target, labels, weights, dz, ws.row_loss, n_rows,
-                                 last.n_out)
-    return loss_and_gradient(loss, out, target, labels, weights, dz, ws.row_loss, n_rows,
-                             last.n_out)
+        value[0] = loss_and_gradient(&fused, z, target, labels, weights, dz, ws.row_loss,
+                                     n_rows, last.n_out)
+    else:
+        value[0] = loss_and_gradient(loss, out, target, labels, weights, dz, ws.row_loss,
+                                     n_rows, last.n_out)
+    return 0
 
 
-cdef double training_step(const LayerSpec* layers, int n_layers, const Workspace* ws,
-                          floating* acts, floating* zs, floating* delta, floating* params,
-                          floating* grads, floating* buffers, double* stats, PassMode* mode,
-                          const floating* x,
-                          const floating* target, const intp* labels, const double* weights,
-                          Py_ssize_t n_rows, const LossParams* loss,
-                          const StepOptions* options, const OptimizerParams* optimizer,
-                          long long step, floating* state,
-                          Py_ssize_t n_params) noexcept nogil:
+cdef int training_step(const LayerSpec* layers, int n_layers, const Workspace* ws,
+                       floating* acts, floating* zs, floating* delta, floating* params,
+                       floating* grads, floating* buffers, double* stats, PassMode* mode,
+                       const floating* x,
+                       const floating* target, const intp* labels, const double* weights,
+                       Py_ssize_t n_rows, const LossParams* loss,
+                       const StepOptions* options, const OptimizerParams* optimizer,
+                       long long step, floating* state,
+                       Py_ssize_t n_params, double* value) except -1 nogil:
     """Forward, loss, backward and (if optimizer != NULL) one update: one training step.
 
-    Returns the loss of the forward pass (with the L2 term), before the update. When
-    that loss (or the clipped gradient's norm) is not finite the update is skipped:
-    the parameters stay as they were, for the caller to report the divergence.
+    value[0] is the loss of the forward pass (with the L2 term), before the update.
+    When that loss (or the clipped gradient's norm) is not finite the update is
+    skipped: the parameters stay as they were, for the caller to report the
+    divergence. -1: a custom loss or activation raised, in the forward pass or the
+    loss, before any gradient, parameter or optimizer state changed, and with
+    Dropout's stream where it was (BatchNorm1d layers before a custom activation
+    that raised, or before a custom loss that raised, have counted the batch in
+    their running statistics).
     """
-    cdef double value
-    cdef bint output_is_dz
+    cdef bint output_is_dz, loss_done = False
     network_forward(layers, n_layers, ws, acts, zs, params, buffers, stats, mode, x, n_rows)
-    value = output_loss_gradient(layers, n_layers, ws, acts, zs, delta, loss, target, labels,
-                                 weights, n_rows, &output_is_dz)
+    try:
+        output_loss_gradient(layers, n_layers, ws, acts, zs, delta, loss, target, labels,
+                             weights, n_rows, &output_is_dz, value)
+        loss_done = True
+    finally:
+        # a custom loss raised: Dropout's stream does not count this pass either
+        if not loss_done and mode.training:
+            mode.stream_counter -= 1
     network_backward(layers, n_layers, ws, acts, zs, delta, params, grads, stats, mode, x,
                      n_rows, output_is_dz, <floating*>NULL)
     if options != NULL:
-        value += regularize_and_clip(layers, n_layers, options, params, grads, n_params)
-    if optimizer != NULL and isfinite(value):
+        value[0] += regularize_and_clip(layers, n_layers, options, params, grads, n_params)
+    if optimizer != NULL and isfinite(value[0]):
         optimizer_update(optimizer, step, params, grads, state, n_params)
-    return value
+    return 0
 
 
 cdef void gather_rows(const floating* source, const intp* rows, Py_ssize_t n_rows,
@@ -158,7 +177,8 @@ cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* 
     given, is the learning rate of each batch (a per-step schedule). Stops after a
     batch whose loss is not finite (result.diverged). With check_signals, Python's
     signal handlers run between batches, so Ctrl-C raises KeyboardInterrupt at a
-    batch boundary, with every finished batch's update applied.
+    batch boundary, with every finished batch's update applied; so does an exception
+    from a custom loss or activation (-1), the batch that raised it changing nothing.
     """
     cdef Py_ssize_t begin = 0, n_rows, batch = 0
     cdef int n_in = layers[0].n_in, n_out = layers[n_layers - 1].n_out
@@ -199,10 +219,12 @@ cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* 
                 wb = weight_batch
         if batch_lrs != NULL:
             scheduled.lr = batch_lrs[batch]
+        # counted once it ran: an exception from a custom loss or activation propagates
+        # from here (except -1) with no update made and the count unchanged
+        training_step(layers, n_layers, ws, acts, zs, delta, params, grads, buffers, stats,
+                      mode, xb, tb, lb, wb, n_rows, loss, options, &scheduled, step[0] + 1,
+                      state, n_params, &value)
         step[0] += 1
-        value = training_step(layers, n_layers, ws, acts, zs, delta, params, grads, buffers,
-                              stats, mode, xb, tb, lb, wb, n_rows, loss, options, &scheduled,
-                              step[0], state, n_params)
         if not isfinite(value):
             step[0] -= 1   # the update was skipped
             result.diverged = True
@@ -217,12 +239,13 @@ cdef int training_epoch(const LayerSpec* layers, int n_layers, const Workspace* 
     return 0
 
 
-cdef void predict_chunk(const LayerSpec* layers, int n_layers, const floating* params,
-                        floating* buffers, double* stats, const floating* x,
-                        Py_ssize_t n_rows, floating* scratch, Py_ssize_t scratch_width,
-                        floating* out) noexcept nogil:
+cdef int predict_chunk(const LayerSpec* layers, int n_layers, const floating* params,
+                       floating* buffers, double* stats, const floating* x,
+                       Py_ssize_t n_rows, floating* scratch, Py_ssize_t scratch_width,
+                       floating* out) except -1 nogil:
     """Inference on n_rows rows: hidden layers ping-pong in scratch, the last into out.
-    buffers are only read; stats is the caller's own scratch."""
+    buffers are only read; stats is the caller's own scratch. -1: a custom activation
+    raised."""
     cdef PassMode inference
     inference.training = False
     inference.stream_key = 0
@@ -238,3 +261,4 @@ cdef void predict_chunk(const LayerSpec* layers, int n_layers, const floating* p
         layer_forward(&layers[l], params, buffers, stats, &inference, <const Workspace*>NULL,
                       inp, n_rows, dest, dest)
         inp = dest
+    return 0

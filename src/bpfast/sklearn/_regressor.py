@@ -4,11 +4,13 @@ from sklearn.base import RegressorMixin
 from sklearn.metrics import r2_score
 
 from .._validation import check_choice
-from ..losses import MSE
+from ..losses import MSE, Loss
 from ._base import _BaseMLP
 
 
 def _check_loss(name, value):
+    if isinstance(value, Loss):
+        return value
     if isinstance(value, str) and value == "poisson":
         raise ValueError(f"{name}='poisson' is not available in bpfast.sklearn; use "
                          f"{name}='squared_error' or scikit-learn's MLPRegressor")
@@ -24,8 +26,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     Parameters
     ----------
-    loss : {"squared_error"}, default="squared_error"
-        The loss; scikit-learn's "poisson" is not available in bpfast.
+    loss : {"squared_error"} or bpfast.Loss, default="squared_error"
+        The loss; scikit-learn's "poisson" is not available in bpfast. A
+        :class:`bpfast.Loss` instance (a built-in one, or a custom loss written in
+        NumPy, see docs/extending.rst) is minimised as it is (``loss_`` is then its
+        value, not scaled by the number of outputs).
     hidden_layer_sizes, activation, solver, alpha, batch_size, learning_rate, \
 learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose, \
 warm_start, momentum, nesterovs_momentum, early_stopping, validation_fraction, \
@@ -79,6 +84,8 @@ n_outputs_, network_
         the sum over outputs, which is n_outputs times it. ``targets``: the target
         attributes of the fit being planned (default: the fitted ones).
         """
+        if isinstance(self.loss, Loss):
+            return self.loss, 1.0
         targets = self.__dict__ if targets is None else targets
         return MSE(half=True), float(targets["n_outputs_"])
 
