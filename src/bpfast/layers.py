@@ -1,5 +1,6 @@
 """The layers: Dense, Dropout, BatchNorm1d, LayerNorm, Activation; the activation names
 and custom activations."""
+import inspect
 import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -639,6 +640,12 @@ class Activation(Layer):
 
 
 #: The layer classes by their ``describe()["kind"]``.
+# The signature that help(), Sphinx and numpydoc show is the layer's (__init__'s), not
+# the shorthand-dispatching __new__'s (activation, *args, **kwargs).
+Activation.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    list(inspect.signature(Activation.__init__).parameters.values())[1:])
+
+
 LAYER_CLASSES: dict[str, type[Layer]] = {
     "dense": Dense, "dropout": Dropout, "batch_norm1d": BatchNorm1d, "layer_norm": LayerNorm,
     "activation": Activation}
