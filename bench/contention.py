@@ -15,7 +15,9 @@ best of the three (must be <= 1.25) and, on the estimator rows, scikit-learn / b
 default (must be >= 1).
 
 The three settings are timed in alternation, round after round (so drift of the
-machine falls on all alike), each in its own network, and the median is reported.
+machine falls on all alike), each in its own network, and the median is reported;
+scikit-learn's fits (a bar with a wide margin, and up to 30 s each under load) are
+timed in fewer rounds, after bpfast's.
 Not a test: timings belong to the machine (run it on a quiet one).
 """
 import argparse
@@ -91,7 +93,7 @@ def _network(problem, dtype):
 
 
 def network_workload(shape, kind, dtype, sample_s):
-    """One sample function per setting: a number of train_steps, or one epoch of fit."""
+    """One sample function per setting: train_steps, or fit epochs, for about sample_s."""
     bp = common.import_bpfast()
     problem = common.Problem(shape, 8)
     X, y = problem.X.astype(dtype), problem.y
@@ -100,24 +102,25 @@ def network_workload(shape, kind, dtype, sample_s):
     def make():
         net, loss = _network(problem, dtype), bp.CrossEntropy()
         optimizer = bpfast_steps.optimizer("sgd")
-        if kind == "fit":
-            return lambda: net.fit(X, y, loss=loss, optimizer=optimizer, epochs=1,
-                                   batch_size=problem.batch, shuffle=True)
-        state = {"i": 0}
+        state = {"i": 0, "n": 1}  # n: steps (or epochs) per sample
 
         def steps():
-            for _ in range(state.setdefault("n", 1)):
+            for _ in range(state["n"]):
                 state["i"] = (state["i"] + 1) % len(batches)
                 net.train_step(*batches[state["i"]], loss, optimizer)
+
+        def epochs():
+            net.fit(X, y, loss=loss, optimizer=optimizer, epochs=state["n"],
+                    batch_size=problem.batch, shuffle=True)
+        sample = epochs if kind == "fit" else steps
         start = time.perf_counter()
-        steps()
+        sample()
         state["n"] = max(1, int(sample_s / max(time.perf_counter() - start, 1e-6)))
-        return steps, state
+        return sample, state
     per_call = {}
     calls = {}
     for name in SETTINGS:
-        made = make()
-        calls[name], per_call[name] = (made, None) if kind == "fit" else made
+        calls[name], per_call[name] = make()
     return calls, per_call, problem.n_batches
 
 
@@ -147,8 +150,12 @@ def time_rounds(calls, n_all, rounds, per_sample=None, warmup=2):
         with Setting(name, n_all):
             for _ in range(warmup):
                 fn()
-    for _ in range(rounds):
-        for name, fn in calls.items():
+    for round_ in range(rounds):
+        names = list(calls)
+        # each round in another order: what one setting leaves behind (spinning
+        # workers, a scheduler's debt) falls on each of the others alike
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = calls[name]
             with Setting(name, n_all) if name in SETTINGS else _nothing():
                 start = time.perf_counter()
                 fn()
@@ -206,8 +213,10 @@ def main():
     warnings.filterwarnings("ignore")  # ConvergenceWarning of the short fits
     n_all = bp.get_num_threads()
     count, reason = _threads.default_num_threads()
-    rounds = 3 if args.quick else 7
-    sample_s = 0.02 if args.quick else 0.05
+    # under load one step's time is a whole number of scheduler ticks (4 ms here): long
+    # samples and many rounds, or the medians' noise alone exceeds the 1.25 limit
+    rounds = 3 if args.quick else 9
+    sample_s = 0.02 if args.quick else 0.1
     loads = sorted({0, 1, n_all})
     print(f"bpfast {bp.__version__}, default {count} threads ({reason}); "
           f"{rounds} rounds, median")
@@ -233,8 +242,13 @@ def main():
                         worst = max(worst, ratio)
                         results.append({"busy": n_busy, "row": label, "seconds": times})
                 for name in ("digits", "breast_cancer"):
-                    times = time_rounds(estimator_workload(name, dtype), n_all,
-                                        max(1, rounds // 2), warmup=1)
+                    calls = estimator_workload(name, dtype)
+                    # scikit-learn only sets the bar (>= 1x), with a wide margin, and
+                    # takes up to 30 s a fit under load: a few rounds of it, after
+                    sklearn_fit = calls.pop("scikit-learn")
+                    times = time_rounds(calls, n_all, rounds, warmup=1)
+                    times.update(time_rounds({"scikit-learn": sklearn_fit}, n_all,
+                                             max(1, rounds // 3), warmup=0))
                     label = f"{name} fit {dtype}"
                     line, ratio = report_line(label, times, 1, "s per fit")
                     print(line, flush=True)

@@ -11,6 +11,9 @@
 * Large products are split into fixed blocks: the result equals NumPy's product for
   every transpose and split direction, and it is bit-identical for 1, 2 and 3 threads
   and for the timed choice, in both dtypes.
+* A training step chooses its way (one thread, or threaded) as a whole, timed per
+  shape; outside steps each product and elementwise pass times its own; a step that
+  raises leaves no way set behind it.
 * ``set_num_threads(100000)`` warns and clamps, and a large step then runs (it
   segfaulted): in a subprocess, so that a crash fails the test, not the session.
 """
@@ -269,35 +272,88 @@ def test_split_products_give_the_same_bits_for_any_thread_count(dtype):
 
 @pytest.mark.skipif(not OPENMP, reason="a serial build always has one thread")
 def test_elementwise_passes_are_timed_on_their_own():
-    """The optimizer update of a network with more than PARALLEL_MIN_WORK parameters
-    keeps its own timing (not the products'), and gets its threaded way timed too once
-    its probe is due; the results stay those of one thread."""
-    optimizer_pass = _core.ELEMENTWISE_PASSES.index("optimizer") + 1
+    """Outside a training step (forward, predict) the bias-and-activation pass of a
+    layer with more than PARALLEL_MIN_WORK outputs keeps its own timing, not the
+    products', and gets its threaded way timed too once its probe is due; the output
+    stays that of one thread."""
+    bias_pass = _core.ELEMENTWISE_PASSES.index("bias_activation") + 1
     rng = np.random.default_rng(4)
-    X = rng.standard_normal((8, 301))  # Dense(301, 520): a size no other test uses
-    y = rng.standard_normal((8, 520))
-    net = bp.Network([bp.Dense(301, 520)], seed=0)
-    assert net.n_parameters >= _core.PARALLEL_MIN_WORK
+    X = rng.standard_normal((300, 301))  # Dense(301, 520): a size no other test uses
+    net = bp.Network([bp.Dense(301, 520, activation="tanh")], seed=0)
+    work = X.shape[0] * 520
+    assert work >= _core.PARALLEL_MIN_WORK
 
     def timing():
-        return [t for t in _core.product_timings()
-                if t[:3] == (net.n_parameters, 0, optimizer_pass)]
+        return [t for t in _core.product_timings() if t[:3] == (work, 0, bias_pass)]
     with bp.threads(1):
-        serial = bp.Network([bp.Dense(301, 520)], seed=0)
-        serial_opt = bp.SGD(lr=1e-3)
-        for _ in range(5):
-            serial.train_step(X, y, bp.MSE(), serial_opt)
+        serial = net.forward(X)
     assert not timing()  # one thread: nothing to choose, nothing timed
-    opt = bp.SGD(lr=1e-3)
     with bp.threads(2):
-        for step in range(5000):
-            net.train_step(X, y, bp.MSE(), opt)
-            if step == 4:
-                np.testing.assert_array_equal(net.parameters, serial.parameters)
+        for _ in range(5000):
+            np.testing.assert_array_equal(net.forward(X), serial)
             if timing() and timing()[0][4] > 0:
                 break
     (_, _, _, serial_s, parallel_s, _), = timing()
     assert serial_s > 0 and parallel_s > 0, "the threaded way was never probed"
+
+
+def _step_timing(net, rows):
+    return [t for t in _core.product_timings()
+            if t[:3] == (rows, net.n_parameters, len(net.layers))]
+
+
+@pytest.mark.skipif(not OPENMP, reason="a serial build always has one thread")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_training_steps_choose_their_way_as_a_whole(dtype):
+    """A train_step is timed as a whole, on one thread and threaded (the threaded way
+    probed once its turn comes), and the products inside it are not timed one by one;
+    whichever way each step took, the parameters are those of one thread, bit for bit."""
+    rows = 136 if dtype == "float32" else 140  # batches no other test uses
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((rows, 300)).astype(dtype)
+    y = rng.standard_normal((rows, 260)).astype(dtype)
+    with bp.threads(1):
+        serial, serial_opt = _two_layer_net(dtype, seed=5), bp.SGD(lr=1e-3)
+    net, opt = _two_layer_net(dtype, seed=5), bp.SGD(lr=1e-3)
+    with bp.threads(2):
+        for _ in range(5000):
+            net.train_step(X, y, bp.MSE(), opt)
+            with bp.threads(1):
+                serial.train_step(X, y, bp.MSE(), serial_opt)
+            if _step_timing(net, rows) and _step_timing(net, rows)[0][4] > 0:
+                break
+    (_, _, _, serial_s, parallel_s, _), = _step_timing(net, rows)
+    assert serial_s > 0 and parallel_s > 0, "the threaded way was never probed"
+    np.testing.assert_array_equal(net.parameters, serial.parameters)
+    step_products = {(rows, 520, 300), (rows, 260, 520), (520, 300, rows),
+                     (260, 520, rows), (rows, 520, 260)}  # forward, dW, dX
+    assert not step_products & {tuple(t[:3]) for t in _core.product_timings()}, \
+        "a product inside a step was timed"
+
+
+@pytest.mark.skipif(not OPENMP, reason="a serial build always has one thread")
+def test_a_step_that_raises_leaves_no_way_behind():
+    """A custom loss that raises ends the step: its way (one thread or threaded) must
+    not stay set for what the thread runs next, so a later forward times its products
+    again, on its own."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((392, 300))  # 392 rows: a shape no other test uses
+
+    class Broken(bp.Loss):
+        def value(self, output, target):
+            raise RuntimeError("broken loss")
+
+        def gradient(self, output, target):
+            raise RuntimeError("broken loss")
+    with bp.threads(2):
+        net = _two_layer_net("float64")
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="broken loss"):
+                net.train_step(X, np.zeros((392, 260)), Broken(), bp.SGD(lr=0.1))
+        assert not any(m == 392 and n == 520 for m, n, *_ in _core.product_timings())
+        for _ in range(3):
+            net.forward(X)
+        assert any(m == 392 and n == 520 for m, n, *_ in _core.product_timings())
 
 
 @pytest.mark.skipif(not OPENMP, reason="a serial build always has one thread")

@@ -10,17 +10,27 @@
 # on the shape only, so both ways (and any thread count) give the same bits. Which way
 # is faster depends on the load: on a quiet machine the threads win up to 1.7x, but
 # when other processes keep the cores busy every join waits a scheduler slice for a
-# descheduled worker and the threaded product is up to 10x slower. So each shape keeps
-# a running time of both ways and uses the faster: it starts on one thread and times
-# the other way again once PROBE_RATIO times that way's estimated cost (at least
-# PROBE_FLOOR_S) has been spent on the chosen one, so probing costs about
-# 1/PROBE_RATIO of the time. SciPy's OpenBLAS is held at one thread
+# descheduled worker and the threaded product is up to 10x slower. So a training step
+# (step_begin) keeps a running time of both ways, for the whole step, and uses the
+# faster; outside steps (forward, predict) each product shape and elementwise pass
+# does the same on its own. Either starts on one thread and times the other way again
+# once PROBE_RATIO times that way's estimated cost (at least PROBE_FLOOR_S) has been
+# spent on the chosen one, so probing costs about 1/PROBE_RATIO of the time. SciPy's
+# OpenBLAS is held at one thread
 # while bpfast calls it (through the set/get functions _threads.py finds); where those
 # are unknown (another BLAS), products are not split and BLAS threads itself. A
 # lower BLAS count set from outside (threadpoolctl) caps the products' threads too.
 cdef extern from *:
     """
     #include <time.h>
+    /* the way of the training step the calling thread runs (step_begin): 0 none */
+    #if defined(_MSC_VER)
+    static __declspec(thread) int bpfast_step_way = 0;
+    #else
+    static __thread int bpfast_step_way = 0;
+    #endif
+    static int bpfast_get_step_way(void) { return bpfast_step_way; }
+    static void bpfast_set_step_way(int way) { bpfast_step_way = way; }
     typedef void (*bpfast_blas_set_fn)(int);
     typedef int (*bpfast_blas_get_fn)(void);
     static bpfast_blas_set_fn bpfast_blas_set = NULL;
@@ -75,6 +85,8 @@ cdef extern from *:
     bpfast_blas_set_fn bpfast_blas_set
     bpfast_blas_get_fn bpfast_blas_get
     double bpfast_seconds() noexcept nogil
+    int bpfast_get_step_way() noexcept nogil
+    void bpfast_set_step_way(int way) noexcept nogil
     int bpfast_blas_enter() noexcept nogil
     void bpfast_blas_leave() noexcept nogil
     void bpfast_blas_set_count(int n) noexcept nogil
@@ -91,6 +103,17 @@ cdef enum:
     PROBE_RATIO = 16
     TIMING_SLOTS = 256  # shapes remembered (a network has 3 per layer, and a last batch)
 cdef double PROBE_FLOOR_S = 1e-3
+# Running times: the chosen way is timed every call and moves its estimate by 1/16 of
+# each sample, so that the scheduler ticks a busy machine adds to some calls (4 ms on a
+# 1 ms step) do not flip the choice; a probe of the other way moves it by 1/2, so a
+# change of load shows at once.
+cdef double CHOSEN_WEIGHT = 1.0 / 16
+cdef double PROBE_WEIGHT = 0.5
+# the ways a training step runs (step_begin below)
+cdef enum:
+    STEP_NONE = 0       # not in a training step: each product and pass chooses
+    STEP_SERIAL = 1
+    STEP_THREADED = 2
 # for tests: (SPLIT_MIN_WORK, BLOCK_WIDTH, MAX_BLOCKS)
 PRODUCT_SPLIT = (SPLIT_MIN_WORK, BLOCK_WIDTH, MAX_BLOCKS)
 
@@ -139,7 +162,8 @@ def product_timings():
     """The shapes timed so far: (m, n, k, serial_s, parallel_s, uses_threads) each.
 
     An elementwise pass over `work` elements appears as (work, 0, pass), pass i + 1
-    being ELEMENTWISE_PASSES[i] (work below 2**30)."""
+    being ELEMENTWISE_PASSES[i] (work below 2**30); a training step as (batch rows,
+    parameters, layers), serial_s/parallel_s being its time on one thread/threaded."""
     return [(t.m, t.n, t.k, t.serial_s, t.parallel_s, bool(t.parallel))
             for t in _timings[:TIMING_SLOTS] if t.flags != 0]
 
@@ -206,7 +230,7 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     cdef char tb = b'T' if trans_b else b'N'
     cdef bint split_rows = m > n
     cdef int n_blocks = (m if split_rows else n) // BLOCK_WIDTH
-    cdef int block, n_threads = _n_threads, flags
+    cdef int block, n_threads = _n_threads, flags, way
     cdef bint parallel
     cdef double start, elapsed
     cdef ShapeTiming* timing = NULL
@@ -222,8 +246,9 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
             bpfast_blas_leave()
         return
     n_threads = min(n_threads, bpfast_blas_enter())  # and at most BLAS's own count
-    parallel = n_threads > 1
-    if parallel and _adaptive:
+    way = bpfast_get_step_way()  # a training step's way, chosen for the whole step
+    parallel = n_threads > 1 and way != STEP_SERIAL
+    if parallel and _adaptive and way == STEP_NONE:
         flags = 1 + trans_a + 2 * trans_b + (4 if floating is float else 8)
         timing = _timing_for(m, n, k, flags)
         parallel = _choose_parallel(timing)
@@ -248,17 +273,15 @@ cdef inline double _running(double previous, double sample, double weight) noexc
 
 cdef void _record(ShapeTiming* timing, bint parallel, double elapsed) noexcept nogil:
     global _passes_threaded
-    # the chosen way is timed every call (weight 1/4); a probe of the other counts 1/2
+    cdef double weight = CHOSEN_WEIGHT if parallel == timing.parallel else PROBE_WEIGHT
     if parallel == timing.parallel:
         timing.since_probe_s += elapsed
     else:
         timing.since_probe_s = 0
     if parallel:
-        timing.parallel_s = _running(timing.parallel_s, elapsed,
-                                     0.25 if timing.parallel else 0.5)
+        timing.parallel_s = _running(timing.parallel_s, elapsed, weight)
     else:
-        timing.serial_s = _running(timing.serial_s, elapsed,
-                                   0.5 if timing.parallel else 0.25)
+        timing.serial_s = _running(timing.serial_s, elapsed, weight)
     timing.parallel = timing.parallel_s != 0 and timing.parallel_s < timing.serial_s
     if timing.parallel_s != 0:
         _passes_threaded = timing.parallel
@@ -307,10 +330,11 @@ cdef int pass_threads(int pass_id, Py_ssize_t work, bint double_precision,
     """Threads for one elementwise pass over `work` elements: one below
     PARALLEL_MIN_WORK, otherwise the faster way for this pass and size as timed (see
     gemm). Every call must be followed by pass_done(timer) once the pass is over."""
+    cdef int way = bpfast_get_step_way()
     timer.timing = NULL
-    if work < _parallel_min_work or _n_threads == 1:
+    if work < _parallel_min_work or _n_threads == 1 or way == STEP_SERIAL:
         return 1
-    if not _adaptive:
+    if not _adaptive or way == STEP_THREADED:
         return _n_threads
     timer.timing = _timing_for(<int>(work & 0x3FFFFFFF), <int>(work >> 30), pass_id,
                                64 + 2 * pass_id + double_precision)
@@ -327,7 +351,51 @@ cdef inline void pass_done(PassTimer* timer) noexcept nogil:
 cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
     # an untimed pass follows the last timed product or pass: one thread while the
     # threaded way loses (a busy machine), since its join would wait just the same
-    return 1 if work < _parallel_min_work or not _passes_threaded else _n_threads
+    cdef int way = bpfast_get_step_way()
+    if work < _parallel_min_work or way == STEP_SERIAL:
+        return 1
+    return _n_threads if way == STEP_THREADED or _passes_threaded else 1
+
+
+# A training step chooses its way as a whole, timed as above per network shape and
+# batch size: every product and pass large enough threaded, or everything on one
+# thread. Timing each product apart misleads: one threaded product among serial ones
+# wakes sleeping workers and is timed slower than a run of threaded products, which
+# keep them awake (quiet M: 0.37 ms a step all threaded, 0.54 ms on one thread, while
+# each product alone timed its threads slower); under load, workers still spinning
+# after one threaded product take a core from the next serial one.
+cdef struct StepTimer:
+    ShapeTiming* timing   # NULL: this step is not timed (one thread, or nested)
+    double start
+    bint parallel
+    bint holds_blas       # the step holds BLAS at one thread for all its products
+
+
+cdef void step_begin(StepTimer* timer, Py_ssize_t n_rows, Py_ssize_t n_parameters,
+                     int n_layers, bint double_precision) noexcept nogil:
+    """Choose the way of the training step about to run; step_end(timer) must follow."""
+    timer.timing = NULL
+    timer.holds_blas = _split_products
+    if timer.holds_blas:  # one change of BLAS's count a step, not two per product
+        bpfast_blas_enter()
+    if _n_threads == 1 or not _adaptive or bpfast_get_step_way() != STEP_NONE:
+        return
+    timer.timing = _timing_for(<int>min(n_rows, 0x3FFFFFFF), <int>(n_parameters & 0x3FFFFFFF),
+                               n_layers, 128 + double_precision)
+    timer.parallel = _choose_parallel(timer.timing)
+    bpfast_set_step_way(STEP_THREADED if timer.parallel else STEP_SERIAL)
+    timer.start = bpfast_seconds()
+
+
+cdef void step_end(StepTimer* timer, bint completed) noexcept nogil:
+    """After the step: record its time (if it completed) and leave its way."""
+    if timer.holds_blas:
+        bpfast_blas_leave()
+    if timer.timing == NULL:
+        return
+    bpfast_set_step_way(STEP_NONE)
+    if completed:
+        _record(timer.timing, timer.parallel, bpfast_seconds() - timer.start)
 
 
 cdef inline void matvec(const floating* w, int n_out, int n_in, const floating* x,

@@ -109,22 +109,30 @@ cdef int training_step(const LayerSpec* layers, int n_layers, const Workspace* w
     that raised, or before a custom loss that raised, have counted the batch in
     their running statistics).
     """
-    cdef bint output_is_dz, loss_done = False
-    network_forward(layers, n_layers, ws, acts, zs, params, buffers, stats, mode, x, n_rows)
+    cdef bint output_is_dz, loss_done = False, completed = False
+    cdef StepTimer timer
+    step_begin(&timer, n_rows, n_params, n_layers, floating is double)
     try:
-        output_loss_gradient(layers, n_layers, ws, acts, zs, delta, loss, target, labels,
-                             weights, n_rows, &output_is_dz, value)
-        loss_done = True
+        network_forward(layers, n_layers, ws, acts, zs, params, buffers, stats, mode, x,
+                        n_rows)
+        try:
+            output_loss_gradient(layers, n_layers, ws, acts, zs, delta, loss, target,
+                                 labels, weights, n_rows, &output_is_dz, value)
+            loss_done = True
+        finally:
+            # a custom loss raised: Dropout's stream does not count this pass either
+            if not loss_done and mode.training:
+                mode.stream_counter -= 1
+        network_backward(layers, n_layers, ws, acts, zs, delta, params, grads, stats, mode,
+                         x, n_rows, output_is_dz, <floating*>NULL)
+        if options != NULL:
+            value[0] += regularize_and_clip(layers, n_layers, options, params, grads,
+                                            n_params)
+        if optimizer != NULL and isfinite(value[0]):
+            optimizer_update(optimizer, step, params, grads, state, n_params)
+        completed = True
     finally:
-        # a custom loss raised: Dropout's stream does not count this pass either
-        if not loss_done and mode.training:
-            mode.stream_counter -= 1
-    network_backward(layers, n_layers, ws, acts, zs, delta, params, grads, stats, mode, x,
-                     n_rows, output_is_dz, <floating*>NULL)
-    if options != NULL:
-        value[0] += regularize_and_clip(layers, n_layers, options, params, grads, n_params)
-    if optimizer != NULL and isfinite(value[0]):
-        optimizer_update(optimizer, step, params, grads, state, n_params)
+        step_end(&timer, completed)
     return 0
 
 
