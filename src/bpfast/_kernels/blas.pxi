@@ -380,6 +380,9 @@ cdef void step_begin(StepTimer* timer, Py_ssize_t n_rows, Py_ssize_t n_parameter
         bpfast_blas_enter()
     if _n_threads == 1 or not _adaptive or bpfast_get_step_way() != STEP_NONE:
         return
+    # no product (m n k <= rows x parameters) or pass in it is large enough to thread
+    if <double>n_rows * n_parameters < _parallel_min_work:
+        return
     timer.timing = _timing_for(<int>min(n_rows, 0x3FFFFFFF), <int>(n_parameters & 0x3FFFFFFF),
                                n_layers, 128 + double_precision)
     timer.parallel = _choose_parallel(timer.timing)
