@@ -287,8 +287,9 @@ def show_config(file=None):
         f"OpenMP: {'on' if _core.openmp_enabled() else 'off (serial build)'}, "
         f"{_core.get_num_threads()} threads",
         f"default threads: {count} ({reason}); at most {max_num_threads()}",
-        "matrix products: " + ("split in blocks, each on one BLAS thread; run on 1 or "
-                               "all threads, whichever is faster per shape (timed)"
+        "matrix products: " + ("split in blocks, each on one BLAS thread; a training "
+                               "step runs on 1 or all threads, whichever is faster for "
+                               "its shape (timed)"
                                if _blas is not None else "one BLAS call each"),
         f"BLAS (through scipy.linalg.cython_blas): {_blas_info()}",
     ]

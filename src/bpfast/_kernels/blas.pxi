@@ -122,6 +122,7 @@ ctypedef struct ShapeTiming:
     double serial_s           # running time per call, blocks one after the other
     double parallel_s         # the same under OpenMP; 0 = not timed yet
     double since_probe_s      # time spent on the chosen way since the other was timed
+    int serial_calls, parallel_calls  # calls timed each way (counted up to 2)
     bint parallel             # the chosen way
 
 # Racy by design: threads may update one slot at once. A torn update only misleads
@@ -183,6 +184,7 @@ cdef ShapeTiming* _timing_for(int m, int n, int k, int flags) noexcept nogil:
     # a new shape: the empty slot found, or (these four being taken) the last of them
     t.m, t.n, t.k, t.flags = m, n, k, flags
     t.serial_s = t.parallel_s = t.since_probe_s = 0
+    t.serial_calls = t.parallel_calls = 0
     t.parallel = False
     return t
 
@@ -274,9 +276,15 @@ cdef inline double _running(double previous, double sample, double weight) noexc
 cdef void _record(ShapeTiming* timing, bint parallel, double elapsed) noexcept nogil:
     global _passes_threaded
     cdef double weight = CHOSEN_WEIGHT if parallel == timing.parallel else PROBE_WEIGHT
+    cdef int* calls = &timing.parallel_calls if parallel else &timing.serial_calls
+    # A way's first call warms it up (page faults in fresh buffers, a worker's first
+    # BLAS call): the second replaces its time, and a probe is repeated until then.
+    if calls[0] < 2:
+        calls[0] += 1
+        weight = 1
     if parallel == timing.parallel:
         timing.since_probe_s += elapsed
-    else:
+    elif calls[0] == 2:
         timing.since_probe_s = 0
     if parallel:
         timing.parallel_s = _running(timing.parallel_s, elapsed, weight)
