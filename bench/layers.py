@@ -14,6 +14,10 @@ weights, float32, cross-entropy). Variants:
 
 each timed as one train_step (SGD with momentum 0.9 and Adam, as run.py) in bpfast and
 in PyTorch eager (nn.Sequential of Linear, Dropout, BatchNorm1d, ReLU; torch.optim).
+The GEMM floor of each shape is its step's matrix products alone (forward, dW, and dX
+but the first layer's), each one NumPy matmul on OpenBLAS's own threads: no step that
+multiplies with this machine's BLAS is faster, so torch / floor bounds the speed-up
+over torch that any implementation could reach.
 Each library runs in its own fresh process per round (this file with --worker),
 the libraries alternating, so that neither's thread pools affect the other's and slow
 drift falls on both. Reported: the median over rounds of each process's median time,
@@ -106,11 +110,37 @@ def torch_step(problem, extra, opt):
     return step
 
 
+def floor_step(problem, extra, opt):
+    """The step's matrix products only (the same for every variant of a shape)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    widths, rows = problem.widths, problem.batch
+    weights = [rng.standard_normal((n_out, n_in)).astype(np.float32)
+               for n_in, n_out in zip(widths[:-1], widths[1:])]
+    acts = [rng.standard_normal((rows, width)).astype(np.float32) for width in widths]
+
+    def step():
+        for layer, weight in enumerate(weights):
+            np.matmul(acts[layer], weight.T)                   # forward
+        for layer in range(len(weights) - 1, -1, -1):
+            np.matmul(acts[layer + 1].T, acts[layer])          # dW = dz^T a
+            if layer > 0:
+                np.matmul(acts[layer + 1], weights[layer])     # dx = dz W
+    return step
+
+
 def worker(library, threads, quick):
     """Time every variant with this library; print {variant/opt: [microseconds]}."""
     import common
     common.configure_threads(threads)
     from common import Problem, measure, timing
+    if library == "floor":
+        out = {}
+        for shape in ("M", "L"):
+            step = floor_step(Problem(shape, 4), None, None)
+            out[f"{shape} floor"] = [t * 1e6 for t in measure(step, timing(quick))]
+        print(json.dumps(out))
+        return
     builder = bpfast_step if library == "bpfast" else torch_step
     if library == "torch":
         import torch
@@ -145,15 +175,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="short timings (a check)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--worker", choices=("bpfast", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("bpfast", "torch", "floor"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.threads, args.quick)
         return
-    libraries = ("bpfast", "torch")
+    libraries = ("bpfast", "torch", "floor")
     medians = {library: {} for library in libraries}
     for round_index in range(args.rounds):
-        order = libraries if round_index % 2 == 0 else libraries[::-1]
+        order = libraries[round_index % 3:] + libraries[:round_index % 3]
         for library in order:
             result = run_worker(library, args)
             for key, samples in (result or {}).items():
@@ -173,9 +204,9 @@ def report(medians):
     """Print the table (markdown) and return its rows."""
     rows = []
     header = ("| variant | opt | bpfast us | vs plain (<= 1.15x) | torch us | "
-              "torch / bpfast (>= 2x) |")
+              "torch / bpfast (>= 2x) | GEMM floor us | torch / floor |")
     print(header)
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for variant, (shape, extra) in VARIANTS.items():
         for opt in OPTIMIZER_NAMES:
             key = f"{variant}/{opt}"
@@ -186,6 +217,9 @@ def report(medians):
             torch_us = statistics.median(theirs) if theirs else None
             overhead = ours_us / statistics.median(plain) if ours and plain else None
             speedup = torch_us / ours_us if ours_us and torch_us else None
+            floor = medians["floor"].get(f"{shape} floor")
+            floor_us = statistics.median(floor) if floor else None
+            bound = torch_us / floor_us if torch_us and floor_us else None
 
             def cell(value, fmt, target=None, at_most=True):
                 if value is None:
@@ -198,7 +232,8 @@ def report(medians):
 
             row = (variant, opt, cell(ours_us, ".0f"),
                    cell(overhead, ".3f", TARGET_OVERHEAD if extra else None),
-                   cell(torch_us, ".0f"), cell(speedup, ".2f", TARGET_SPEEDUP, False))
+                   cell(torch_us, ".0f"), cell(speedup, ".2f", TARGET_SPEEDUP, False),
+                   cell(floor_us, ".0f"), cell(bound, ".2f"))
             rows.append(row)
             print("| " + " | ".join(row) + " |")
     return rows

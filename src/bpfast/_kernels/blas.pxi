@@ -297,11 +297,15 @@ cdef void _record(ShapeTiming* timing, bint parallel, double elapsed) noexcept n
 
 cdef bint _choose_parallel(const ShapeTiming* timing) noexcept nogil:
     """The way to run this call: the faster so far, or the other once it is due a probe.
-    An untimed way counts as costing PROBE_FLOOR_S: under load one threaded call can
-    wait a scheduler slice, whatever its size."""
+    One thread comes first; the threaded way is first tried once that warm-up is over
+    (two calls), so a short fit or a fresh process learns its way within a few calls.
+    Later probes wait PROBE_RATIO times the other way's cost, at least PROBE_FLOOR_S:
+    under load one threaded call can wait a scheduler slice, whatever its size."""
     cdef double other_s
     if timing.serial_s == 0:
         return False
+    if timing.parallel_s == 0:
+        return timing.serial_calls >= 2
     other_s = timing.serial_s if timing.parallel else timing.parallel_s
     if timing.since_probe_s >= PROBE_RATIO * max(other_s, PROBE_FLOOR_S):
         return not timing.parallel
