@@ -344,9 +344,13 @@ cdef int pass_threads(int pass_id, Py_ssize_t work, bint double_precision,
     gemm). Every call must be followed by pass_done(timer) once the pass is over."""
     cdef int way = bpfast_get_step_way()
     timer.timing = NULL
-    if work < _parallel_min_work or _n_threads == 1 or way == STEP_SERIAL:
+    if _n_threads == 1 or way == STEP_SERIAL:
         return 1
-    if not _adaptive or way == STEP_THREADED:
+    if way == STEP_THREADED:
+        return _threaded_step_pass(work)
+    if work < _parallel_min_work:
+        return 1
+    if not _adaptive:
         return _n_threads
     timer.timing = _timing_for(<int>(work & 0x3FFFFFFF), <int>(work >> 30), pass_id,
                                64 + 2 * pass_id + double_precision)
@@ -364,9 +368,18 @@ cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
     # an untimed pass follows the last timed product or pass: one thread while the
     # threaded way loses (a busy machine), since its join would wait just the same
     cdef int way = bpfast_get_step_way()
+    if way == STEP_THREADED:
+        return _threaded_step_pass(work)
     if work < _parallel_min_work or way == STEP_SERIAL:
         return 1
-    return _n_threads if way == STEP_THREADED or _passes_threaded else 1
+    return _n_threads if _passes_threaded else 1
+
+
+cdef inline int _threaded_step_pass(Py_ssize_t work) noexcept nogil:
+    # In a threaded step the workers are awake between products: passes from 1/8 of
+    # PARALLEL_MIN_WORK gain too, and one run serially between two threaded products
+    # lets the workers fall asleep, so that the next product pays their wake-up.
+    return _n_threads if work >= _parallel_min_work // 8 else 1
 
 
 # A training step chooses its way as a whole, timed as above per network shape and
