@@ -77,22 +77,15 @@ def bpfast_step(problem, extra, opt):
 
 def torch_step(problem, extra, opt):
     import torch
-    hidden = len(problem.weights) - 1
-    modules = []
-    for index, (W, b) in enumerate(zip(problem.weights, problem.biases)):
-        linear = torch.nn.Linear(W.shape[1], W.shape[0])
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(W.copy()))
-            linear.bias.copy_(torch.from_numpy(b.copy()))
-        modules.append(linear)
-        if index == hidden:
-            break
-        if extra == "batchnorm":
-            modules.append(torch.nn.BatchNorm1d(W.shape[0]))
+    from competitors import torch_eager
+
+    def hidden_block(width):
+        modules = [torch.nn.BatchNorm1d(width)] if extra == "batchnorm" else []
         modules.append(torch.nn.ReLU())
         if extra == "dropout":
             modules.append(torch.nn.Dropout(DROPOUT_P))
-    net = torch.nn.Sequential(*modules).train()
+        return modules
+    net = torch_eager.model(problem, hidden_block).train()
     loss_fn = torch.nn.CrossEntropyLoss()
     optimizer = (torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9) if opt == "sgd"
                  else torch.optim.Adam(net.parameters(), lr=1e-3))
@@ -110,7 +103,7 @@ def torch_step(problem, extra, opt):
     return step
 
 
-def floor_step(problem, extra, opt):
+def floor_step(problem):
     """The step's matrix products only (the same for every variant of a shape)."""
     import numpy as np
     rng = np.random.default_rng(0)
@@ -137,7 +130,7 @@ def worker(library, threads, quick):
     if library == "floor":
         out = {}
         for shape in ("M", "L"):
-            step = floor_step(Problem(shape, 4), None, None)
+            step = floor_step(Problem(shape, 4))
             out[f"{shape} floor"] = [t * 1e6 for t in measure(step, timing(quick))]
         print(json.dumps(out))
         return

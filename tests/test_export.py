@@ -366,6 +366,27 @@ def test_from_torch_refuses_what_bpfast_cannot_represent():
         bp.Network.from_torch(nn.Linear(3, 4))
 
 
+
+# the data of the side-by-side trajectories: 4 batches of 8 rows, 5 features, 3 classes
+_trajectory_rng = np.random.default_rng(3)
+TRAJECTORY_X = _trajectory_rng.normal(size=(32, 5))
+TRAJECTORY_Y = _trajectory_rng.integers(0, 3, 32)
+
+
+def _train_side_by_side(torch, ours, bp_optimizer, module, torch_optimizer):
+    """20 steps of cross-entropy on the same batches in bpfast and in torch; torch's
+    state_dict afterwards, as NumPy arrays."""
+    X, y = TRAJECTORY_X, TRAJECTORY_Y
+    loss_function = torch.nn.CrossEntropyLoss()
+    for step in range(20):
+        rows = slice(8 * (step % 4), 8 * (step % 4) + 8)
+        ours.train_step(X[rows], y[rows], bp.CrossEntropy(), bp_optimizer)
+        torch_optimizer.zero_grad()
+        loss_function(module(torch.from_numpy(X[rows])), torch.from_numpy(y[rows])).backward()
+        torch_optimizer.step()
+    return {key: value.detach().numpy() for key, value in module.state_dict().items()}
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_torch_round_trip_then_same_training_trajectory(optimizer):
     torch = pytest.importorskip("torch")
@@ -378,16 +399,7 @@ def test_torch_round_trip_then_same_training_trajectory(optimizer):
     else:
         bp_optimizer = bp.Adam(lr=0.01)
         torch_optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
-    rng = np.random.default_rng(3)
-    X, y = rng.normal(size=(32, 5)), rng.integers(0, 3, 32)
-    loss_function = torch.nn.CrossEntropyLoss()
-    for step in range(20):
-        rows = slice(8 * (step % 4), 8 * (step % 4) + 8)
-        ours.train_step(X[rows], y[rows], bp.CrossEntropy(), bp_optimizer)
-        torch_optimizer.zero_grad()
-        loss_function(module(torch.from_numpy(X[rows])), torch.from_numpy(y[rows])).backward()
-        torch_optimizer.step()
-    trained = {key: value.detach().numpy() for key, value in module.state_dict().items()}
+    trained = _train_side_by_side(torch, ours, bp_optimizer, module, torch_optimizer)
     assert not np.allclose(trained["0.weight"], network.state_dict()["0.weight"])
     for key, value in ours.state_dict().items():
         np.testing.assert_allclose(value, trained[key], rtol=1e-10, atol=1e-12)
@@ -771,22 +783,14 @@ def test_torch_round_trip_with_normalization_then_same_training_trajectory():
     ours = bp.Network.from_torch(bp.Network.from_torch(module).to_torch())
     bp_optimizer = bp.SGD(lr=0.05, momentum=0.9)
     torch_optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
-    rng = np.random.default_rng(3)
-    X, y = rng.normal(size=(32, 5)), rng.integers(0, 3, 32)
-    loss_function = torch.nn.CrossEntropyLoss()
     module.train()
-    for step in range(20):
-        rows = slice(8 * (step % 4), 8 * (step % 4) + 8)
-        ours.train_step(X[rows], y[rows], bp.CrossEntropy(), bp_optimizer)
-        torch_optimizer.zero_grad()
-        loss_function(module(torch.from_numpy(X[rows])), torch.from_numpy(y[rows])).backward()
-        torch_optimizer.step()
-    trained = {key: value.detach().numpy() for key, value in module.state_dict().items()}
+    trained = _train_side_by_side(torch, ours, bp_optimizer, module, torch_optimizer)
     assert trained["2.num_batches_tracked"] == 20
     for key, value in ours.state_dict().items():
         np.testing.assert_allclose(value, trained[key], rtol=1e-10, atol=1e-12, err_msg=key)
     module.eval()
     with torch.no_grad():
+        X = TRAJECTORY_X
         np.testing.assert_allclose(ours.predict(X), module(torch.from_numpy(X)).numpy(),
                                    rtol=1e-10, atol=1e-12)
 

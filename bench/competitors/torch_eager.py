@@ -5,7 +5,9 @@ import itertools
 LIBRARIES = {"torch": lambda: importlib.import_module("torch")}
 
 
-def model(p):
+def model(p, hidden_block=None):
+    """nn.Sequential of p's Linear layers (its weights); after each hidden one, the
+    modules hidden_block(width) returns (default: a ReLU)."""
     import torch
     mods = []
     for i, (W, b) in enumerate(zip(p.weights, p.biases)):
@@ -15,7 +17,7 @@ def model(p):
             lin.bias.copy_(torch.from_numpy(b.copy()))
         mods.append(lin)
         if i < len(p.weights) - 1:
-            mods.append(torch.nn.ReLU())
+            mods += hidden_block(W.shape[0]) if hidden_block else [torch.nn.ReLU()]
     return torch.nn.Sequential(*mods)
 
 

@@ -170,11 +170,7 @@ class Network:
 
     @parameters.setter
     def parameters(self, values: ArrayLike) -> None:
-        values = np.asarray(values)
-        if values.shape != self._parameters.shape:
-            raise ValueError(f"parameters must have shape {self._parameters.shape}, "
-                             f"got {values.shape}")
-        values = as_float_array("parameters", values, self.dtype, 1, "index")
+        values = self._flat_values("parameters", values, self._parameters)
         self._engine.assign_parameters(values)  # not while another thread computes
 
     @property
@@ -190,14 +186,18 @@ class Network:
 
     @buffers.setter
     def buffers(self, values: ArrayLike) -> None:
+        values = self._flat_values("buffers", values, self._buffers)
+        if values.shape[0] > 0:
+            self._engine.assign_buffers(values)  # checked there, under the lock
+
+    def _flat_values(self, name: str, values: ArrayLike,
+                     current: NDArray[np.floating]) -> NDArray[np.floating]:
+        """values for the flat array `current`: its shape, this network's dtype, finite
+        (nothing to convert when it is empty)."""
         values = np.asarray(values)
-        if values.shape != self._buffers.shape:
-            raise ValueError(f"buffers must have shape {self._buffers.shape}, "
-                             f"got {values.shape}")
-        if values.shape[0] == 0:
-            return
-        values = as_float_array("buffers", values, self.dtype, 1, "index")
-        self._engine.assign_buffers(values)  # checked there, under the lock
+        if values.shape != current.shape:
+            raise ValueError(f"{name} must have shape {current.shape}, got {values.shape}")
+        return as_float_array(name, values, self.dtype, 1, "index") if values.size else values
 
     @property
     def n_parameters(self) -> int:
